@@ -1,0 +1,24 @@
+"""The errors fxmem raises. Every one says what was wrong and what to do instead."""
+
+from __future__ import annotations
+
+__all__ = ["FxmemError", "CaptureError", "StepInputError"]
+
+
+class FxmemError(Exception):
+    """Base class of fxmem's own errors."""
+
+
+class StepInputError(FxmemError, ValueError):
+    """The model, its inputs or its output cannot make a training step (no loss, wrong device...)."""
+
+
+class CaptureError(FxmemError, RuntimeError):
+    """The training step cannot be captured as one graph.
+
+    ``graph_breaks`` lists ``(reason, location)`` pairs when they could be found.
+    """
+
+    def __init__(self, message: str, graph_breaks: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.graph_breaks = list(graph_breaks or [])

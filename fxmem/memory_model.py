@@ -1,0 +1,178 @@
+"""Simulate the bytes a step holds over time, at the level of storages, on plain data.
+
+This module knows nothing of torch.fx: a step is a list of ops, each creating and reading
+storages (views and in-place ops share one storage; a multi-output op creates several). The
+adapter in :mod:`fxmem.storages` builds this data from a captured graph; the solver can build it
+from anything.
+
+Rules, matching eager PyTorch:
+- resident storages (parameters, buffers, inputs) live from the start to the end;
+- a storage is allocated when the op that creates it runs, and freed right after the last op that
+  reads it, unless it is pinned (graph outputs: the loss, held outputs, gradients);
+- while an op runs, its inputs and outputs are all live: the live bytes *at* an op include its
+  outputs before its dead inputs are freed;
+- gradient accumulation (``a + b`` in the backward where ``a`` dies there) reuses ``a``'s storage,
+  as autograd's input buffer accumulates in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["CATEGORIES", "StepStorages", "MemoryTimeline", "simulate"]
+
+CATEGORIES = (
+    "parameters",
+    "buffers",
+    "gradients",
+    "optimizer state",
+    "inputs",
+    "saved activations",
+    "outputs",
+    "temporaries",
+)
+_CAT = {c: i for i, c in enumerate(CATEGORIES)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStorages:
+    """A step as plain data. Op ``i`` creates ``creates[i]`` and reads ``reads[i]`` (storage ids)."""
+
+    op_names: tuple[str, ...]
+    creates: tuple[tuple[int, ...], ...]
+    reads: tuple[tuple[int, ...], ...]
+    nbytes: tuple[int, ...]  # per storage, as the device's allocator counts it
+    category: tuple[str, ...]  # per storage, one of CATEGORIES
+    resident: frozenset[int]  # alive from start to end, never allocated by an op
+    pinned: frozenset[int]  # never freed before the end of the step
+    accumulates: Mapping[int, tuple[int, ...]]  # created storage -> inputs it may take over
+    backward_start: int  # index of the first backward op (== len(op_names) if none)
+
+    def __post_init__(self):
+        n = len(self.op_names)
+        if len(self.creates) != n or len(self.reads) != n:
+            raise ValueError("creates and reads need one entry per op")
+        if len(self.nbytes) != len(self.category):
+            raise ValueError("nbytes and category need one entry per storage")
+        bad = set(self.category) - set(CATEGORIES)
+        if bad:
+            raise ValueError(f"unknown categories {sorted(bad)}; known: {CATEGORIES}")
+
+    @property
+    def num_storages(self) -> int:
+        return len(self.nbytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryTimeline:
+    """Live bytes at every point of a step, by category.
+
+    ``live[i, c]`` is the bytes of category ``CATEGORIES[c]`` live while point ``i`` runs (its
+    outputs allocated, its dead inputs not yet freed).
+    """
+
+    labels: tuple[str, ...]
+    live: np.ndarray  # shape (len(labels), len(CATEGORIES)), int64
+    backward_start: int
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.live.sum(axis=1)
+
+    @property
+    def peak_index(self) -> int:
+        return int(np.argmax(self.total)) if len(self.labels) else 0
+
+    @property
+    def peak(self) -> int:
+        return int(self.total[self.peak_index]) if len(self.labels) else 0
+
+    @property
+    def peak_label(self) -> str:
+        return self.labels[self.peak_index]
+
+    def breakdown(self, index: int | None = None) -> dict[str, int]:
+        """Bytes by category at a point (the peak by default)."""
+        i = self.peak_index if index is None else index
+        return {c: int(self.live[i, k]) for k, c in enumerate(CATEGORIES)}
+
+
+def simulate(
+    step: StepStorages,
+    *,
+    order: Sequence[int] | None = None,
+    constant: Mapping[str, int] | None = None,
+    epilogue: Sequence[tuple[str, Mapping[str, int]]] = (),
+) -> MemoryTimeline:
+    """Run the step's ops in ``order`` (default: as given) and record the live bytes at each.
+
+    ``constant`` adds bytes present throughout (e.g. optimizer state); ``epilogue`` appends points
+    after the last op, each adding its own bytes to what is live at the end (e.g. an optimizer
+    step's temporaries).
+    """
+    n_ops = len(step.op_names)
+    order = list(range(n_ops)) if order is None else list(order)
+    if sorted(order) != list(range(n_ops)):
+        raise ValueError("order must be a permutation of the ops")
+    position = {op: t for t, op in enumerate(order)}
+
+    creator = {}
+    for op, created in enumerate(step.creates):
+        for s in created:
+            creator[s] = op
+    last_use = {}
+    for op, read in enumerate(step.reads):
+        for s in read:
+            last_use[s] = max(last_use.get(s, -1), position[op])
+    for s, op in creator.items():  # a storage nobody reads dies right after it is made
+        last_use[s] = max(last_use.get(s, -1), position[op])
+    for s in step.pinned | step.resident:
+        last_use[s] = len(order)
+
+    cat = np.array([_CAT[c] for c in step.category], dtype=np.int64)
+    nbytes = np.array(step.nbytes, dtype=np.int64)
+    live_by_cat = np.zeros(len(CATEGORIES), dtype=np.int64)
+    for s in step.resident:
+        live_by_cat[cat[s]] += nbytes[s]
+    for c, b in (constant or {}).items():
+        live_by_cat[_CAT[c]] += int(b)
+
+    frees_at: dict[int, list[int]] = {}
+    for s, t in last_use.items():
+        if s not in step.resident:
+            frees_at.setdefault(t, []).append(s)
+
+    taken_over: set[int] = set()  # storages whose bytes an accumulation now holds
+    rows = np.zeros((len(order) + len(epilogue), len(CATEGORIES)), dtype=np.int64)
+    for t, op in enumerate(order):
+        for s in step.creates[op]:
+            taken = next(
+                (a for a in step.accumulates.get(s, ()) if last_use.get(a) == t
+                 and a not in step.pinned and a not in step.resident
+                 and nbytes[a] == nbytes[s] and a not in taken_over),
+                None,
+            )
+            if taken is not None:  # s takes over a's bytes: move them to s's category
+                taken_over.add(taken)
+                live_by_cat[cat[taken]] -= nbytes[taken]
+            live_by_cat[cat[s]] += nbytes[s]
+        rows[t] = live_by_cat
+        for s in frees_at.get(t, ()):
+            if s in taken_over:
+                continue  # its bytes now belong to the storage that accumulated into it
+            live_by_cat[cat[s]] -= nbytes[s]
+
+    for k, (_, extra) in enumerate(epilogue):
+        row = live_by_cat.copy()
+        for c, b in extra.items():
+            row[_CAT[c]] += int(b)
+        rows[len(order) + k] = row
+
+    labels = tuple(step.op_names[op] for op in order) + tuple(label for label, _ in epilogue)
+    backward_start = min(
+        (t for t, op in enumerate(order) if op >= step.backward_start), default=len(order)
+    )
+    return MemoryTimeline(labels=labels, live=rows, backward_start=backward_start)
