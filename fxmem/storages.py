@@ -105,10 +105,10 @@ def step_storages(step: CapturedStep, device: torch.device | None = None) -> Ste
             category.append("gradients")
         elif op in backward_ops:
             category.append("temporaries")
+        elif s in held:  # held by the caller whether or not the backward reads it
+            category.append("outputs")
         elif s in read_by_backward:
             category.append("saved activations")
-        elif s in held:
-            category.append("outputs")
         else:
             category.append("temporaries")
 

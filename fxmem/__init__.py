@@ -1,0 +1,34 @@
+"""fxmem: fit a PyTorch training step into an absolute memory budget.
+
+Capture the step as a joint forward+backward FX graph, predict its peak bytes with a storage-level
+memory model, and measure what the allocator really saw.
+"""
+
+from .budget import BudgetError, format_bytes, parse_budget
+from .capture import CapturedStep, Role, capture_step, loss_from_output
+from .errors import CaptureError, FxmemError, StepInputError
+from .estimate import MemoryEstimate, estimate
+from .measure import MeasuredMemory, measure_memory, measure_peak
+from .workload import Workload, load_workload
+
+__all__ = [
+    "BudgetError",
+    "CaptureError",
+    "CapturedStep",
+    "FxmemError",
+    "MeasuredMemory",
+    "MemoryEstimate",
+    "Role",
+    "StepInputError",
+    "Workload",
+    "capture_step",
+    "estimate",
+    "format_bytes",
+    "load_workload",
+    "loss_from_output",
+    "measure_memory",
+    "measure_peak",
+    "parse_budget",
+]
+
+__version__ = "0.1.0"
