@@ -35,8 +35,8 @@ __all__ = ["MeasuredMemory", "measure_memory", "measure_peak", "live_tensor_byte
 class MeasuredMemory:
     """What the allocator saw while ``fn`` ran.
 
-    ``times_s`` and ``live`` are the timeline: seconds since the start, and the absolute bytes live
-    after each allocation or free event.
+    ``times_s``, ``live`` and ``allocated`` are the timeline: seconds since the start, the absolute
+    bytes live after each allocation or free event, and the bytes allocated so far.
     """
 
     peak: int
@@ -46,6 +46,7 @@ class MeasuredMemory:
     method: str
     times_s: np.ndarray
     live: np.ndarray
+    allocated: np.ndarray
     result: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
@@ -111,13 +112,18 @@ def _event_on(event, device: torch.device) -> bool:
     return device.type == "cpu" or device.index is None or event.device_index() == device.index
 
 
-def _timeline(events, start: int) -> tuple[np.ndarray, np.ndarray]:
+def _timeline(events, start: int) -> dict[str, np.ndarray]:
     if not events:
-        return np.zeros(1), np.array([start], dtype=np.int64)
+        return {"times_s": np.zeros(1), "live": np.array([start], dtype=np.int64),
+                "allocated": np.zeros(1, dtype=np.int64)}
     t0 = events[0][0]
     times = np.array([(t - t0) / 1e9 for t, _ in events])
-    live = start + np.cumsum(np.array([b for _, b in events], dtype=np.int64))
-    return np.concatenate([[0.0], times]), np.concatenate([[start], live])
+    deltas = np.array([b for _, b in events], dtype=np.int64)
+    return {
+        "times_s": np.concatenate([[0.0], times]),
+        "live": np.concatenate([[start], start + np.cumsum(deltas)]),
+        "allocated": np.concatenate([[0], np.cumsum(np.maximum(deltas, 0))]),
+    }
 
 
 def _measure_cpu(fn, device, baseline) -> MeasuredMemory:
@@ -129,16 +135,15 @@ def _measure_cpu(fn, device, baseline) -> MeasuredMemory:
     else:
         start = live_tensor_bytes(device, roots=baseline)
     result, events = _profile(fn, device)
-    times, live = _timeline(events, start)
+    timeline = _timeline(events, start)
     return MeasuredMemory(
-        peak=int(live.max()),
+        peak=int(timeline["live"].max()),
         start=start,
-        end=int(live[-1]),
+        end=int(timeline["live"][-1]),
         device=device,
         method="cpu: bytes live at start + max running sum of profiler [memory] events",
-        times_s=times,
-        live=live,
         result=result,
+        **timeline,
     )
 
 
@@ -149,16 +154,14 @@ def _measure_cuda(fn, device) -> MeasuredMemory:
     start = torch.cuda.memory_allocated(device)
     result, events = _profile(fn, device)
     peak = torch.cuda.max_memory_allocated(device)
-    times, live = _timeline(events, start)
     return MeasuredMemory(
         peak=int(peak),
         start=int(start),
         end=int(torch.cuda.memory_allocated(device)),
         device=device,
         method="cuda: torch.cuda.max_memory_allocated after reset_peak_memory_stats",
-        times_s=times,
-        live=live,
         result=result,
+        **_timeline(events, start),
     )
 
 

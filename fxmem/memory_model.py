@@ -77,6 +77,7 @@ class MemoryTimeline:
     labels: tuple[str, ...]
     live: np.ndarray  # shape (len(labels), len(CATEGORIES)), int64
     backward_start: int
+    allocated: np.ndarray  # bytes allocated from the start up to and including each point
 
     @property
     def total(self) -> np.ndarray:
@@ -147,6 +148,8 @@ def simulate(
 
     taken_over: set[int] = set()  # storages whose bytes an accumulation now holds
     rows = np.zeros((len(order) + len(epilogue), len(CATEGORIES)), dtype=np.int64)
+    allocated = np.zeros(len(order) + len(epilogue), dtype=np.int64)
+    total_allocated = 0
     for t, op in enumerate(order):
         for s in step.creates[op]:
             taken = next(
@@ -158,8 +161,11 @@ def simulate(
             if taken is not None:  # s takes over a's bytes: move them to s's category
                 taken_over.add(taken)
                 live_by_cat[cat[taken]] -= nbytes[taken]
+            else:
+                total_allocated += int(nbytes[s])
             live_by_cat[cat[s]] += nbytes[s]
         rows[t] = live_by_cat
+        allocated[t] = total_allocated
         for s in frees_at.get(t, ()):
             if s in taken_over:
                 continue  # its bytes now belong to the storage that accumulated into it
@@ -169,10 +175,12 @@ def simulate(
         row = live_by_cat.copy()
         for c, b in extra.items():
             row[_CAT[c]] += int(b)
+            total_allocated += int(b)
         rows[len(order) + k] = row
+        allocated[len(order) + k] = total_allocated
 
     labels = tuple(step.op_names[op] for op in order) + tuple(label for label, _ in epilogue)
     backward_start = min(
         (t for t, op in enumerate(order) if op >= step.backward_start), default=len(order)
     )
-    return MemoryTimeline(labels=labels, live=rows, backward_start=backward_start)
+    return MemoryTimeline(labels=labels, live=rows, backward_start=backward_start, allocated=allocated)

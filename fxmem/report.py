@@ -55,6 +55,11 @@ def format_comparison(rows: Sequence[dict], markdown: bool = False) -> str:
                       *map(fmt, body[len(CATEGORIES):])])
 
 
+def _fraction(allocated: np.ndarray) -> np.ndarray:
+    total = float(allocated[-1]) if len(allocated) and allocated[-1] > 0 else 1.0
+    return allocated / total
+
+
 def _measured(row) -> str:
     return "-" if row.get("measured") is None else format_bytes(row["measured"].peak)
 
@@ -69,8 +74,9 @@ def _error(row) -> str:
 def plot_memory(est, measured=None, path: str | Path = "memory.png", title: str = "") -> Path:
     """Stacked predicted bytes by category over the step, with the measured live bytes on top.
 
-    Both are drawn against progress through the step (0 to 1): the predicted timeline by op, the
-    measured one by allocator event.
+    Both are drawn against the bytes allocated so far in the step (as a fraction of the step's
+    total), an axis the prediction and the allocator share: when the model is right, the same
+    allocations happen in the same order, whatever each op costs in time.
     """
     try:
         import matplotlib
@@ -82,25 +88,25 @@ def plot_memory(est, measured=None, path: str | Path = "memory.png", title: str 
 
     mib = 2.0**20
     live = est.timeline.live / mib
-    x = np.linspace(0.0, 1.0, len(live))
+    x = _fraction(est.timeline.allocated)
     fig, ax = plt.subplots(figsize=(9, 4.8))
     keep = [k for k in range(len(CATEGORIES)) if live[:, k].any()]
     ax.stackplot(x, live[:, keep].T, labels=[CATEGORIES[k] for k in keep], alpha=0.75, step="post")
     ax.axhline(est.peak / mib, color="k", ls="--", lw=0.8,
-               label=f"predicted peak {format_bytes(est.peak)}")
+               label=f"predicted peak {format_bytes(est.peak)} at {est.peak_at}")
     if measured is not None:
-        xm = np.linspace(0.0, 1.0, len(measured.live))
-        ax.plot(xm, measured.live / mib, color="crimson", lw=1.2, drawstyle="steps-post",
-                label=f"measured ({format_bytes(measured.peak)} peak)")
+        ax.plot(_fraction(measured.allocated), measured.live / mib, color="crimson", lw=1.0,
+                drawstyle="steps-post", label=f"measured ({format_bytes(measured.peak)} peak)")
     if 0 < est.timeline.backward_start < len(live):
-        ax.axvline(x[est.timeline.backward_start], color="grey", lw=0.8, ls=":")
-        ax.text(x[est.timeline.backward_start], ax.get_ylim()[1] * 0.97, " backward",
-                va="top", fontsize=8, color="grey")
-    ax.set_xlabel("progress through the step (predicted: by op; measured: by allocator event)")
+        xb = x[est.timeline.backward_start]
+        ax.axvline(xb, color="grey", lw=0.8, ls=":")
+        ax.text(xb, est.peak / mib * 0.5, " backward", fontsize=8, color="grey")
+    ax.set_xlabel("bytes allocated so far in the step (fraction of the step's total)")
     ax.set_ylabel("MiB live on " + str(est.device))
     ax.set_title(title or "fxmem: predicted vs measured memory")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
+    ax.set_xlim(0, 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
