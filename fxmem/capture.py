@@ -41,6 +41,7 @@ class Role(str, enum.Enum):
     ACTIVATION = "activation"  # computed by the forward
     LOSS = "loss"
     GRADIENT = "gradient"  # computed by the backward (gradients of activations and of parameters)
+    TANGENT = "tangent"  # the gradient flowing into the backward (AOTAutograd joint graphs)
 
 
 @dataclasses.dataclass

@@ -50,6 +50,7 @@ class StepStorages:
     pinned: frozenset[int]  # never freed before the end of the step
     accumulates: Mapping[int, tuple[int, ...]]  # created storage -> inputs it may take over
     backward_start: int  # index of the first backward op (== len(op_names) if none)
+    node_storages: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.op_names)

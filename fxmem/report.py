@@ -112,3 +112,26 @@ def plot_memory(est, measured=None, path: str | Path = "memory.png", title: str 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def format_plan(plan) -> str:
+    """What a plan saves and recomputes, and its predicted peak against the budget."""
+    sol = plan.solution
+    lines = [
+        f"budget {format_bytes(plan.budget)}: predicted peak {format_bytes(plan.predicted_peak)} "
+        f"(unoptimised {format_bytes(plan.unoptimized_peak)}, "
+        f"{100.0 * (1 - plan.predicted_peak / plan.unoptimized_peak):.1f}% less)",
+        f"strategy {sol.strategy} ({sol.status}"
+        + (f", gap {100 * sol.gap:.2f}%" if sol.gap is not None else "")
+        + f", {sol.solve_seconds:.2f}s over {plan.candidates} candidates)",
+        f"recompute: {plan.record.summary()}; predicted extra time "
+        f"{1e3 * sol.recompute_time:.2f} ms",
+        "levers used: " + ("recompute" if sol.num_recomputed else "none")
+        + " (exact: gradients equal eager PyTorch's)",
+        "at the predicted peak:",
+    ]
+    width = max(len(c) for c in CATEGORIES)
+    for cat, b in plan.timeline.breakdown().items():
+        if b:
+            lines.append(f"  {cat:<{width}}  {format_bytes(b):>12}")
+    return "\n".join(lines)

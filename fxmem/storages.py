@@ -20,7 +20,12 @@ __all__ = ["step_storages", "allocation_bytes"]
 
 _CUDA_ROUND = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 _ACCUMULATING_OPS = {torch.ops.aten.add.Tensor}
-_RESIDENT_CATEGORY = {Role.PARAMETER: "parameters", Role.BUFFER: "buffers", Role.INPUT: "inputs"}
+_RESIDENT_CATEGORY = {
+    Role.PARAMETER: "parameters",
+    Role.BUFFER: "buffers",
+    Role.INPUT: "inputs",
+    Role.TANGENT: "temporaries",
+}
 
 
 def allocation_bytes(nbytes: int, device: torch.device) -> int:
@@ -129,4 +134,5 @@ def step_storages(step: CapturedStep, device: torch.device | None = None) -> Ste
         pinned=frozenset(pinned),
         accumulates=accumulates,
         backward_start=min(backward_ops, default=len(op_nodes)),
+        node_storages=node_storages,
     )

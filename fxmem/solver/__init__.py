@@ -1,3 +1,20 @@
-"""Optimisation over plain data (node ids, sizes, costs). Solvers never import torch.fx."""
+"""Optimisation over plain data (node ids, sizes, costs). Solvers never import torch.fx.
 
-__all__: list[str] = []
+Every strategy returns a :class:`RecomputeSolution`, so they can be swapped and compared.
+"""
+
+from .baselines import checkpoint_blocks, greedy, save_all
+from .ilp import min_peak, solve_ilp
+from .problem import Decision, RecomputeProblem
+from .result import RecomputeSolution
+
+__all__ = [
+    "Decision",
+    "RecomputeProblem",
+    "RecomputeSolution",
+    "checkpoint_blocks",
+    "greedy",
+    "min_peak",
+    "save_all",
+    "solve_ilp",
+]

@@ -1,0 +1,131 @@
+"""Recompute pass: split a joint graph into forward and backward graphs that save only a chosen
+set of values; everything else the backward needs is recomputed inside it.
+
+The split is AOTAutograd's own (``_extract_fwd_bwd_modules``): the backward graph is traced from
+the saved values, the primals and the tangents to the gradients, so the forward ops it needs and
+cannot read are copied into it. This pass then sinks every copied op to just before its first use
+(recursively, last first), so a recomputed value lives only while it is needed, and returns a
+record of what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.fx
+from torch._functorch.partitioners import _extract_fwd_bwd_modules
+
+from ..joint import forward_node_names
+
+__all__ = ["RecomputeRecord", "split_with_saved", "sink_recomputed", "remove_dead"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecomputeRecord:
+    """What the pass did: which forward values the backward receives, which forward ops it runs
+    again, and how many it moved to their first use."""
+
+    saved: tuple[str, ...]
+    recomputed: tuple[str, ...]  # forward ops that compute again in the backward
+    views: tuple[str, ...]  # forward views re-derived in the backward (free)
+    moved: int
+
+    def summary(self) -> str:
+        return (f"{len(self.saved)} values saved for backward, {len(self.recomputed)} forward ops "
+                f"recomputed in backward, {len(self.views)} views re-derived "
+                f"({self.moved} moved to their first use)")
+
+
+def _is_sym(node: torch.fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def split_with_saved(
+    joint: torch.fx.GraphModule, saved: Iterable[str], *, num_fwd_outputs: int
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, RecomputeRecord]:
+    """Forward and backward graphs of ``joint`` that pass exactly ``saved`` (node names) plus the
+    primals and forward outputs the backward reads; the rest is recomputed."""
+    joint.graph.lint()
+    nodes = {n.name: n for n in joint.graph.nodes}
+    forward = forward_node_names(joint, num_fwd_outputs)
+    missing = [s for s in saved if s not in nodes or s not in forward]
+    if missing:
+        raise ValueError(f"cannot save nodes that are not forward nodes of the joint graph: {missing[:5]}")
+    output = next(n for n in joint.graph.nodes if n.op == "output")
+    fwd_outputs = [n for n in output.args[0][:num_fwd_outputs] if isinstance(n, torch.fx.Node)]
+    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and n.name in forward]
+    saved_values = list(dict.fromkeys(
+        [nodes[s] for s in saved] + primals + [n for n in fwd_outputs if n.op != "placeholder"]
+    ))
+    saved_sym = [n for n in joint.graph.nodes if n.name in forward and _is_sym(n)]
+    saved_values = [n for n in saved_values if not _is_sym(n)]
+    fw, bw = _extract_fwd_bwd_modules(
+        joint, saved_values, saved_sym, num_fwd_outputs=num_fwd_outputs
+    )
+    remove_dead(bw)
+    copied = [n for n in bw.graph.nodes if n.op == "call_function" and n.name in forward]
+    moved = sink_recomputed(bw, {n.name for n in copied})
+    recomputed = [n.name for n in copied if not _is_view(n)]
+    views = [n.name for n in copied if _is_view(n)]
+    received = tuple(n.name for n in bw.graph.nodes if n.op == "placeholder" and n.name in forward
+                     and n.name not in {p.name for p in primals})
+    record = RecomputeRecord(saved=received, recomputed=tuple(recomputed), views=tuple(views),
+                             moved=moved)
+    log.debug("recompute pass: %s", record.summary())
+    return fw, bw, record
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    target = node.target
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return bool(target._schema.returns) and all(
+        r.alias_info is not None and not r.alias_info.is_write for r in target._schema.returns
+    ) or target in _VIEW_LIKE
+
+
+_VIEW_LIKE = {torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default}
+
+
+def remove_dead(gm: torch.fx.GraphModule) -> int:
+    """Delete nodes whose results nobody reads, random ones included (FX keeps those as impure);
+    only ops that write to an argument stay. A backward that reran a forward random op just to
+    drop it would also advance the global RNG, so later steps' dropout would differ from eager."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op != "call_function" or node.users:
+            continue
+        target = node.target
+        writes = isinstance(target, torch._ops.OpOverload) and any(
+            a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments
+        )
+        if not writes:
+            gm.graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+def sink_recomputed(gm: torch.fx.GraphModule, names: set[str]) -> int:
+    """Move each named node to just before its first user, last nodes first; returns moves."""
+    moved = 0
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in reversed([n for n in gm.graph.nodes if n.name in names]):
+        users = list(node.users)
+        if not users:
+            continue
+        first = min(users, key=lambda u: order[u])
+        if node.next is not first:
+            first.prepend(node)
+            moved += 1
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    gm.graph.lint()
+    gm.recompile()
+    return moved

@@ -1,0 +1,149 @@
+"""Adapter: forward + backward graphs of a plan -> :class:`StepStorages`, so the same simulation
+predicts the rewritten step.
+
+The forward graph runs first; the values it saves stay live until the backward's last read of
+them (AOTAutograd clears its saved tensors before the backward runs, and the backward is called
+boxed, so each input is freed after its last use). Backward graphs copy forward nodes with their
+fake tensors, so a backward op's output is a new storage unless it aliases one of the backward's
+own inputs or earlier values (a view).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .capture import CapturedStep, Role
+from .memory_model import StepStorages
+from .storages import _RESIDENT_CATEGORY, _tensors, allocation_bytes
+
+__all__ = ["plan_storages"]
+
+
+def plan_storages(
+    step: CapturedStep, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, *, num_fwd_outputs: int
+) -> StepStorages:
+    """Storages of the forward then the backward graph. ``step`` is the labelled joint graph the
+    two were split from (for roles); the forward's first ``num_fwd_outputs`` outputs are the
+    caller's, the rest are saved for the backward."""
+    device = step.device
+    nbytes: list[int] = []
+    category: list[str] = []
+    resident: set[int] = set()
+    op_names: list[str] = []
+    creates: list[tuple[int, ...]] = []
+    reads: list[tuple[int, ...]] = []
+    phase_of: list[str] = []  # per storage: "fw" or "bw"
+
+    def new_storage(t: torch.Tensor, phase: str) -> int:
+        nbytes.append(allocation_bytes(int(t.untyped_storage().nbytes()), device))
+        category.append("temporaries")
+        phase_of.append(phase)
+        return len(nbytes) - 1
+
+    fw_ids: dict[StorageWeakRef, int] = {}
+    fw_nodes: dict[str, tuple[int, ...]] = {}
+    for node in fw.graph.nodes:
+        tensors = _tensors(node.meta.get("val"))
+        if node.op in ("placeholder", "get_attr"):
+            ids = []
+            for t in tensors:
+                key = StorageWeakRef(t.untyped_storage())
+                if key not in fw_ids:
+                    fw_ids[key] = new_storage(t, "fw")
+                    resident.add(fw_ids[key])
+                    role = step.roles.get(node.name, Role.BUFFER if node.op == "get_attr" else Role.INPUT)
+                    category[fw_ids[key]] = _RESIDENT_CATEGORY.get(role, "inputs")
+                ids.append(fw_ids[key])
+            fw_nodes[node.name] = tuple(ids)
+        elif node.op == "call_function":
+            before = len(nbytes)
+            ids = []
+            for t in tensors:
+                key = StorageWeakRef(t.untyped_storage())
+                if key not in fw_ids:
+                    fw_ids[key] = new_storage(t, "fw")
+                ids.append(fw_ids[key])
+            fw_nodes[node.name] = tuple(ids)
+            if node.target is not operator.getitem:
+                op_names.append(node.name)
+                creates.append(tuple(range(before, len(nbytes))))
+                reads.append(_reads(node, fw_nodes))
+            elif len(nbytes) > before:  # a getitem whose storage its op did not list
+                creates[-1] = creates[-1] + tuple(range(before, len(nbytes)))
+    fw_out = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+    user_outputs = {s for n in fw_out[:num_fwd_outputs] if isinstance(n, torch.fx.Node)
+                    for s in fw_nodes[n.name]}
+    backward_start = len(op_names)
+
+    bw_ids: dict[StorageWeakRef, int] = {}
+    bw_nodes: dict[str, tuple[int, ...]] = {}
+    for node in bw.graph.nodes:
+        tensors = _tensors(node.meta.get("val"))
+        if node.op == "placeholder":
+            ids = []
+            for t in tensors:
+                key = StorageWeakRef(t.untyped_storage())
+                if key in fw_ids:
+                    ids.append(fw_ids[key])
+                else:  # a tangent: made by autograd just before the backward
+                    ids.append(new_storage(t, "bw"))
+                    resident.add(ids[-1])
+                bw_ids[key] = ids[-1]
+            bw_nodes[node.name] = tuple(ids)
+        elif node.op == "call_function":
+            before = len(nbytes)
+            ids = []
+            for t in tensors:
+                key = StorageWeakRef(t.untyped_storage())
+                if node.target is operator.getitem or key in _input_keys(node):
+                    ids.append(bw_ids[key] if key in bw_ids else new_storage(t, "bw"))
+                else:
+                    ids.append(new_storage(t, "bw"))
+                bw_ids[key] = ids[-1]
+            bw_nodes[node.name] = tuple(ids)
+            if node.target is not operator.getitem:
+                op_names.append(node.name)
+                creates.append(tuple(range(before, len(nbytes))))
+                reads.append(_reads(node, bw_nodes))
+            elif len(nbytes) > before:
+                creates[-1] = creates[-1] + tuple(range(before, len(nbytes)))
+    bw_out = next(n for n in bw.graph.nodes if n.op == "output").args[0]
+    grads = {s for n in bw_out if isinstance(n, torch.fx.Node) for s in bw_nodes[n.name]}
+
+    read_in_bw = {s for r in reads[backward_start:] for s in r}
+    for s in range(len(nbytes)):
+        if s in resident:
+            continue
+        if s in grads:
+            category[s] = "gradients"
+        elif s in user_outputs:
+            category[s] = "outputs"
+        elif phase_of[s] == "fw" and s in read_in_bw:
+            category[s] = "saved activations"
+    return StepStorages(
+        op_names=tuple(op_names),
+        creates=tuple(creates),
+        reads=tuple(reads),
+        nbytes=tuple(nbytes),
+        category=tuple(category),
+        resident=frozenset(resident),
+        pinned=frozenset(user_outputs | grads),
+        accumulates={},  # eager FX backward ops allocate their outputs; nothing accumulates in place
+        backward_start=backward_start,
+    )
+
+
+def _input_keys(node: torch.fx.Node) -> set[StorageWeakRef]:
+    keys = set()
+    for inp in node.all_input_nodes:
+        for t in _tensors(inp.meta.get("val")):
+            keys.add(StorageWeakRef(t.untyped_storage()))
+    return keys
+
+
+def _reads(node: torch.fx.Node, env: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    return tuple(sorted({s for inp in node.all_input_nodes for s in env.get(inp.name, ())}))

@@ -1,0 +1,189 @@
+"""Plan a joint graph under a byte budget: choose what to save, split, and check the result.
+
+1. Label the joint graph and price its nodes (cost model).
+2. Build the recompute problem (plain data) and solve it for the budget.
+3. Split the joint graph with the chosen save-set (recompute pass) and simulate the forward and
+   backward graphs with the memory model -- the exact check of the solver's linear model. If the
+   simulated peak is over budget, tighten the solver's budget by the excess and solve again.
+
+A budget at or above the unoptimised peak recomputes nothing. A budget under the smallest peak
+any plan reaches raises :class:`BudgetError` naming that floor and what holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+
+import torch
+import torch.fx
+
+from .budget import BudgetError, format_bytes
+from .cost_model import DeviceSpec, graph_costs, spec_for
+from .joint import step_from_joint
+from .memory_model import MemoryTimeline, simulate
+from .passes.recompute import RecomputeRecord, split_with_saved
+from .plan_memory import plan_storages
+from .recompute_problem import build_problem, saved_nodes
+from .solver import checkpoint_blocks, greedy, min_peak, save_all, solve_ilp
+from .solver.result import RecomputeSolution
+
+__all__ = ["PlanOptions", "Plan", "plan_joint", "LEVERS"]
+
+log = logging.getLogger(__name__)
+
+LEVERS = frozenset({"recompute", "microbatch", "precision", "sparse"})
+_IMPLEMENTED = frozenset({"recompute"})
+STRATEGIES = ("ilp", "greedy", "checkpoint-blocks", "save-all")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """How to plan. ``optimizer_state`` and ``optimizer_step`` are the bytes an optimizer holds
+    throughout and allocates in ``step()`` (see :mod:`fxmem.optimizer_memory`)."""
+
+    budget: int
+    allow: frozenset[str] = frozenset({"recompute"})
+    strategy: str = "ilp"
+    time_limit: float = 30.0
+    gap: float = 0.02
+    safety_margin: float = 0.0
+    optimizer_state: int = 0
+    optimizer_step: int = 0
+    device_spec: DeviceSpec | None = None
+    max_rounds: int = 6
+
+    def __post_init__(self):
+        unknown = set(self.allow) - LEVERS
+        if unknown:
+            raise ValueError(f"unknown levers {sorted(unknown)}; the levers are {sorted(LEVERS)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        if not 0.0 <= self.safety_margin < 0.5:
+            raise ValueError("safety_margin must be in [0, 0.5)")
+
+
+@dataclasses.dataclass
+class Plan:
+    """The decision for one input signature and what it predicts."""
+
+    options: PlanOptions
+    solution: RecomputeSolution
+    record: RecomputeRecord
+    predicted_peak: int
+    unoptimized_peak: int
+    timeline: MemoryTimeline
+    graphs: dict[str, torch.fx.GraphModule]
+    candidates: int
+    plan_seconds: float
+
+    @property
+    def budget(self) -> int:
+        return self.options.budget
+
+    def report(self) -> str:
+        from .report import format_plan
+
+        return format_plan(self)
+
+
+def _solve(strategy: str, problem, target: int, options: PlanOptions) -> RecomputeSolution:
+    if strategy == "ilp":
+        return solve_ilp(problem, target, time_limit=options.time_limit, gap=options.gap)
+    if strategy == "greedy":
+        return greedy(problem, target)
+    if strategy == "checkpoint-blocks":
+        return checkpoint_blocks(problem, target)
+    return save_all(problem, target)
+
+
+def plan_joint(
+    joint: torch.fx.GraphModule,
+    *,
+    num_fwd_outputs: int,
+    static_input_indices: set[int] | frozenset[int],
+    options: PlanOptions,
+) -> Plan:
+    """Plan ``joint`` (an AOTAutograd joint graph) under ``options.budget``."""
+    t0 = time.perf_counter()
+    unsupported = set(options.allow) - _IMPLEMENTED
+    if unsupported:
+        log.info("levers %s are not implemented yet; planning with recompute only", sorted(unsupported))
+    step = step_from_joint(joint, num_fwd_outputs=num_fwd_outputs,
+                           static_input_indices=static_input_indices)
+    spec = options.device_spec or spec_for(step.device)
+    constant = {"optimizer state": options.optimizer_state} if options.optimizer_state else {}
+    epilogue = [("optimizer.step", {"temporaries": options.optimizer_step})] \
+        if options.optimizer_step else []
+    pmap = build_problem(step, graph_costs(joint, spec), constant=constant, epilogue=epilogue)
+    problem = pmap.problem
+
+    def realise(solution: RecomputeSolution):
+        names = saved_nodes(pmap, solution.decision.saved)
+        fw, bw, record = split_with_saved(joint, names, num_fwd_outputs=num_fwd_outputs)
+        storages = plan_storages(step, fw, bw, num_fwd_outputs=num_fwd_outputs)
+        return fw, bw, record, simulate(storages, constant=constant, epilogue=epilogue)
+
+    base_solution = save_all(problem, options.budget)
+    fw, bw, record, timeline = realise(base_solution)
+    unoptimized = timeline.peak
+    solution = base_solution
+    if unoptimized > options.budget:
+        if "recompute" not in options.allow:
+            raise BudgetError(
+                f"the step needs {format_bytes(unoptimized)} without recomputation, over the budget "
+                f"of {format_bytes(options.budget)}, and allow= does not include 'recompute'",
+                floor=unoptimized, holders=timeline.breakdown(),
+            )
+        target = int(options.budget * (1.0 - options.safety_margin))
+        best = None
+        for round_ in range(options.max_rounds):
+            solution = _solve(options.strategy, problem, target, options)
+            if not solution.feasible:
+                break
+            fw, bw, record, timeline = realise(solution)
+            log.debug("plan round %d: model peak %d, simulated %d, budget %d", round_,
+                      solution.peak, timeline.peak, options.budget)
+            if timeline.peak <= options.budget:
+                best = (solution, fw, bw, record, timeline)
+                break
+            target -= timeline.peak - options.budget + 1
+        if best is None:
+            raise _budget_error(problem, realise, options)
+        solution, fw, bw, record, timeline = best
+    graphs = {"joint": joint, "forward": fw, "backward": bw}
+    return Plan(options=options, solution=solution, record=record, predicted_peak=timeline.peak,
+                unoptimized_peak=unoptimized, timeline=timeline, graphs=graphs,
+                candidates=problem.num_candidates, plan_seconds=time.perf_counter() - t0)
+
+
+def _budget_error(problem, realise, options: PlanOptions) -> BudgetError:
+    floor_solution = min_peak(problem, time_limit=options.time_limit)
+    *_, timeline = realise(floor_solution)
+    floor = timeline.peak
+    holders = {k: v for k, v in timeline.breakdown().items() if v}
+    held = " + ".join(f"{k} {format_bytes(v)}" for k, v in
+                      sorted(holders.items(), key=lambda kv: -kv[1]))
+    return BudgetError(
+        f"no plan fits the budget of {format_bytes(options.budget)} "
+        f"(strategy {options.strategy}): the smallest feasible budget is about "
+        f"{format_bytes(floor)} ({floor} bytes), held by {held}",
+        floor=floor, holders=holders,
+    )
+
+
+def optimizer_bytes(optimizer, model, grad_params) -> tuple[int, int]:
+    """(state bytes, step temporaries) of an optimizer, for PlanOptions."""
+    from .optimizer_memory import optimizer_memory
+
+    if optimizer is None:
+        return 0, 0
+    with_grad = {id(p) for p in grad_params}
+    mem = optimizer_memory(optimizer, has_grad=lambda p: id(p) in with_grad)
+    return mem.state_bytes, mem.step_peak_bytes
+
+
+def budget_breakdown(timeline: MemoryTimeline) -> Mapping[str, int]:
+    return {k: v for k, v in timeline.breakdown().items() if v}

@@ -1,0 +1,187 @@
+"""Adapter: a labelled joint graph -> :class:`~fxmem.solver.RecomputeProblem`, and back.
+
+Candidates are the storages forward ops create that the step does not keep anyway (parameters,
+inputs and outputs are kept). Each is named by the node that creates it (a getitem for a
+multi-output op). Views are never candidates: they are remade from their base for free.
+
+- ``never_save``: a pointwise op's output read only by pointwise forward ops, never directly by
+  the backward -- Inductor fuses it into its consumer, so saving it alone is never worth it;
+- ``must_save``: outputs of random ops (unless the pass can replay their RNG state), of in-place
+  or mutating ops, and of ops with no tensor metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.fx
+
+from .capture import CapturedStep
+from .memory_model import simulate
+from .solver.problem import RecomputeProblem
+from .storages import step_storages
+
+__all__ = ["ProblemMap", "build_problem", "saved_nodes"]
+
+_BLOCK_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # "model.blocks.3.attn" -> "model.blocks.3"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemMap:
+    problem: RecomputeProblem
+    candidate_nodes: tuple[str, ...]  # candidate index -> node name
+
+
+def _tag(node: torch.fx.Node, tag) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and tag in node.target.tags
+
+
+def is_random(node: torch.fx.Node) -> bool:
+    return _tag(node, torch.Tag.nondeterministic_seeded)
+
+
+def _is_mutating(node: torch.fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return target is not operator.getitem
+    return any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
+
+
+def _block_of(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for path, _ in stack.values():
+        match = _BLOCK_RE.match(str(path).replace("L['self'].", "").replace("L__self___", ""))
+        if match:
+            return match.group(1)
+    return None
+
+
+def build_problem(
+    step: CapturedStep,
+    costs: Mapping[str, float],
+    *,
+    constant: Mapping[str, int] | None = None,
+    epilogue=(),
+    replay_random: bool = False,
+) -> ProblemMap:
+    """The recompute problem of a captured (joint) step. ``costs`` maps node names to seconds."""
+    storages = step_storages(step)
+    timeline = simulate(storages, constant=constant, epilogue=epilogue)
+    nodes = {n.name: n for n in step.gm.graph.nodes}
+    op_nodes = [nodes[name] for name in storages.op_names]
+    position = {name: i for i, name in enumerate(storages.op_names)}
+    n_fwd = storages.backward_start
+
+    # the node that creates each storage, and each storage's readers (positions)
+    creator: dict[int, str] = {}
+    for i, created in enumerate(storages.creates):
+        for s in created:
+            creator[s] = op_nodes[i].name
+    for node in step.gm.graph.nodes:  # multi-output ops: name each storage by its getitem
+        if node.op == "call_function" and node.target is operator.getitem:
+            for s in storages.node_storages.get(node.name, ()):
+                if creator.get(s) == node.args[0].name:
+                    creator[s] = node.name
+    readers: dict[int, list[int]] = {}
+    for i, read in enumerate(storages.reads):
+        for s in read:
+            readers.setdefault(s, []).append(i)
+
+    kept = storages.pinned | storages.resident
+    cands = [s for s, op in sorted(creator.items(), key=lambda kv: position.get(kv[1], 0))
+             if s not in kept and _op_position(creator[s], nodes, position) < n_fwd]
+    index = {s: k for k, s in enumerate(cands)}
+    n = len(cands)
+    size = np.array([storages.nbytes[s] for s in cands], dtype=np.int64)
+    producer = np.array([_op_position(creator[s], nodes, position) for s in cands])
+    fwd_reads = [[p for p in readers.get(s, []) if p < n_fwd] for s in cands]
+    bwd_reads = [[p for p in readers.get(s, []) if p >= n_fwd] for s in cands]
+    fwd_end = np.array([max([producer[k], *fwd_reads[k]]) for k in range(n)], dtype=np.int64)
+    direct = np.array([bool(r) for r in bwd_reads])
+    need_start = np.array([min(r) if r else np.iinfo(np.int64).max for r in bwd_reads], dtype=np.int64)
+    need_end = np.array([max(r) if r else -1 for r in bwd_reads], dtype=np.int64)
+
+    inputs = []
+    for k, s in enumerate(cands):
+        ins = {index[t] for t in storages.reads[producer[k]] if t in index and t != s}
+        inputs.append(tuple(sorted(ins)))
+    # A value the backward reads is made (saved or recomputed) for its first read. A value only a
+    # recomputation reads is needed when its consumers are first needed: propagate through such
+    # values only, consumers first. Propagating through directly-read values too would date every
+    # value back to the first backward op (recompute the loss -> the logits -> ... -> layer 0).
+    consumers: dict[int, list[int]] = {}
+    for k in range(n):
+        for j in inputs[k]:
+            consumers.setdefault(j, []).append(k)
+    for k in sorted(range(n), key=lambda k: -producer[k]):
+        starts = [need_start[c] for c in consumers.get(k, ()) if need_end[c] >= 0]
+        if not starts:
+            continue
+        if not direct[k]:
+            need_start[k] = min(starts)
+        need_end[k] = max(need_end[k], max(starts))
+    needed = need_end >= 0
+    keep_idx = np.flatnonzero(needed)
+    remap = {int(old): new for new, old in enumerate(keep_idx)}
+
+    must_save, never_save, cost, block_names = [], [], [], []
+    for k in keep_idx:
+        s = cands[k]
+        op = op_nodes[producer[k]]
+        random = is_random(op)
+        must_save.append((random and not replay_random) or _is_mutating(op)
+                         or not isinstance(op.meta.get("val"), (torch.Tensor, tuple, list)))
+        consumers = [op_nodes[p] for p in fwd_reads[k]]
+        never_save.append(
+            not must_save[-1] and not direct[k] and _tag(op, torch.Tag.pointwise)
+            and all(_tag(c, torch.Tag.pointwise) for c in consumers)
+        )
+        cost.append(float(costs.get(op.name, 0.0)))
+        block_names.append(_block_of(op))
+    blocks = {b: i for i, b in enumerate(dict.fromkeys(b for b in block_names if b))}
+
+    # base: the joint timeline minus every candidate's life past its forward use
+    total = timeline.total.astype(np.int64)
+    delta = np.zeros(len(total) + 1, dtype=np.int64)
+    for k in range(n):
+        last = max(fwd_end[k], max(bwd_reads[k], default=-1))
+        if last > fwd_end[k]:
+            delta[fwd_end[k] + 1] -= size[k]
+            delta[last + 1] += size[k]
+    base = total + np.cumsum(delta[:-1])
+
+    problem = RecomputeProblem(
+        names=tuple(creator[cands[k]] for k in keep_idx),
+        size=size[keep_idx],
+        cost=np.array(cost, dtype=np.float64),
+        fwd_end=fwd_end[keep_idx],
+        need_start=need_start[keep_idx],
+        need_end=need_end[keep_idx],
+        direct=direct[keep_idx],
+        inputs=tuple(tuple(remap[j] for j in inputs[k] if j in remap) for k in keep_idx),
+        must_save=np.array(must_save, dtype=bool),
+        never_save=np.array(never_save, dtype=bool),
+        base=base,
+        backward_start=n_fwd,
+        block=np.array([blocks.get(b, -1) if b else -1 for b in block_names], dtype=np.int64),
+    )
+    return ProblemMap(problem=problem, candidate_nodes=problem.names)
+
+
+def _op_position(name: str, nodes, position) -> int:
+    node = nodes[name]
+    if node.target is operator.getitem:
+        return position[node.args[0].name]
+    return position[name]
+
+
+def saved_nodes(pmap: ProblemMap, saved: np.ndarray) -> list[str]:
+    """Names of the candidate nodes a decision saves."""
+    return [pmap.candidate_nodes[i] for i in np.flatnonzero(saved)]

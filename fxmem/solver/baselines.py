@@ -1,0 +1,66 @@
+"""Baseline strategies: save everything, checkpoint every block, and a greedy under a budget."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .problem import RecomputeProblem
+from .result import RecomputeSolution, solution_for
+
+__all__ = ["save_all", "checkpoint_blocks", "greedy"]
+
+
+def save_all(problem: RecomputeProblem, budget: int | None = None) -> RecomputeSolution:
+    """What eager autograd does: keep every value the backward reads."""
+    t0 = time.perf_counter()
+    decision = problem.normalise(~problem.never_save)
+    return solution_for(problem, decision, strategy="save-all", budget=budget,
+                        solve_seconds=time.perf_counter() - t0, status="heuristic")
+
+
+def checkpoint_blocks(problem: RecomputeProblem, budget: int | None = None) -> RecomputeSolution:
+    """``torch.utils.checkpoint`` around every block: inside a block nothing is saved except what
+    may not be recomputed; values outside blocks and values leaving a block are saved."""
+    t0 = time.perf_counter()
+    block = problem.block
+    leaves_block = np.zeros(problem.num_candidates, dtype=bool)
+    for j, ins in enumerate(problem.inputs):
+        for k in ins:
+            if block[k] != block[j]:
+                leaves_block[k] = True
+    saved = (block < 0) | leaves_block
+    decision = problem.normalise(saved & ~problem.never_save)
+    return solution_for(problem, decision, strategy="checkpoint-blocks", budget=budget,
+                        solve_seconds=time.perf_counter() - t0, status="heuristic")
+
+
+def greedy(problem: RecomputeProblem, budget: int, max_steps: int | None = None) -> RecomputeSolution:
+    """Start from save-all; while the peak is over budget, stop saving the value alive at the peak
+    that frees the most bytes per second of recomputation."""
+    t0 = time.perf_counter()
+    saved = problem.normalise(~problem.never_save).saved.copy()
+    steps = 0
+    limit = max_steps or 4 * problem.num_candidates
+    while steps < limit:
+        decision = problem.normalise(saved)
+        memory = problem.memory(decision)
+        t = int(np.argmax(memory))
+        if memory[t] <= budget:
+            break
+        lo, hi = problem.fwd_end + 1, problem.need_end
+        alive = decision.saved & (lo <= t) & (t <= hi) & ~problem.must_save
+        if not alive.any():
+            break
+        # recomputing i frees its keep window at t unless t falls in its recompute window
+        frees = problem.size * ~((problem.need_start <= t) & (t <= problem.need_end))
+        score = np.where(alive, frees / (problem.cost + 1e-9), -np.inf)
+        best = int(np.argmax(score))
+        if not np.isfinite(score[best]) or frees[best] <= 0:
+            break
+        saved[best] = False
+        steps += 1
+    decision = problem.normalise(saved)
+    return solution_for(problem, decision, strategy="greedy", budget=budget,
+                        solve_seconds=time.perf_counter() - t0, status="heuristic")

@@ -1,0 +1,220 @@
+"""The recompute ILP: least recomputation time with the memory under the budget everywhere.
+
+Variables per candidate ``i``: ``save[i]`` (binary), ``need[i]`` and ``again[i]`` (continuous in
+[0, 1], integral whenever ``save`` is)::
+
+    minimise   sum_i cost[i] * again[i]
+    subject to need[i] = 1                        if the backward reads i
+               need[k] >= need[i] - save[i]       for every input k of i (recomputing needs inputs)
+               again[i] >= need[i] - save[i]
+               save[i] <= need[i]
+               base[t] + sum_i size[i] * (save[i] * keep[i,t] + again[i] * again_window[i,t]) <= B
+
+The memory rows are many (one per position) and dense, so they are generated lazily: solve with
+the rows at the worst positions of the warm start, evaluate the answer at every position, add the
+violated rows, solve again. CBC (shipped with PuLP) solves; a greedy answer warm-starts it; the
+time limit returns the best feasible answer found, with CBC's optimality gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+
+import numpy as np
+
+from .baselines import greedy, save_all
+from .problem import Decision, RecomputeProblem
+from .result import RecomputeSolution, solution_for
+
+__all__ = ["solve_ilp", "min_peak"]
+
+log = logging.getLogger(__name__)
+_SCALE = float(2**20)  # constraint coefficients in MiB keep CBC's numerics sane
+
+
+def _pulp():
+    try:
+        import pulp
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ImportError("the ILP solver needs PuLP: pip install pulp") from exc
+    return pulp
+
+
+class _Model:
+    """The ILP with its lazily grown set of memory rows."""
+
+    def __init__(self, problem: RecomputeProblem, objective: str):
+        pulp = _pulp()
+        self.p = problem
+        self.pulp = pulp
+        self.lp = pulp.LpProblem("fxmem_recompute", pulp.LpMinimize)
+        n = problem.num_candidates
+        self.save, self.need, self.again = [], [], []
+        for i in range(n):
+            if problem.must_save[i]:
+                s = 1
+            elif problem.never_save[i]:
+                s = 0
+            else:
+                s = pulp.LpVariable(f"s{i}", cat="Binary")
+            self.save.append(s)
+            self.need.append(1 if problem.direct[i] else pulp.LpVariable(f"n{i}", 0, 1))
+            self.again.append(pulp.LpVariable(f"a{i}", 0, 1))
+        for i in range(n):
+            self.lp += self.again[i] >= self.need[i] - self.save[i]
+            if not isinstance(self.save[i], int):
+                self.lp += self.save[i] <= self.need[i]
+            for k in problem.inputs[i]:
+                if not problem.direct[k]:
+                    self.lp += self.need[k] >= self.need[i] - self.save[i]
+        self.peak_var = None
+        if objective == "time":
+            self.lp += pulp.lpSum(float(problem.cost[i]) * self.again[i] for i in range(n))
+        else:  # minimise the peak
+            self.peak_var = pulp.LpVariable("peak", 0)
+            self.lp += self.peak_var
+        self.rows: set[int] = set()
+
+    def add_row(self, t: int, budget_mib: float | None) -> None:
+        if t in self.rows:
+            return
+        self.rows.add(t)
+        p = self.p
+        keep = (p.fwd_end < t) & (t <= p.need_end)
+        again = (p.need_start <= t) & (t <= p.need_end)
+        terms = [float(p.size[i]) / _SCALE * self.save[i] for i in np.flatnonzero(keep)]
+        terms += [float(p.size[i]) / _SCALE * self.again[i] for i in np.flatnonzero(again)]
+        bound = self.peak_var if budget_mib is None else budget_mib
+        self.lp += self.pulp.lpSum(terms) + float(p.base[t]) / _SCALE <= bound, f"mem_{t}"
+
+    def warm_start(self, decision: Decision) -> None:
+        for i, s in enumerate(self.save):
+            if not isinstance(s, int):
+                s.setInitialValue(int(decision.saved[i]))
+
+    def solve(self, time_limit: float, gap: float) -> tuple[str, Decision | None, float | None]:
+        fd, log_path = tempfile.mkstemp(suffix=".log", prefix="fxmem_cbc_")
+        os.close(fd)
+        solver = self.pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit)), gapRel=gap,
+                                        warmStart=True, logPath=log_path, threads=1)
+        try:
+            status = self.lp.solve(solver)
+            text = open(log_path).read()
+        finally:
+            os.unlink(log_path)
+        name = self.pulp.LpStatus[status]
+        if name != "Optimal":  # PuLP says "Optimal" also for a feasible answer at the time limit
+            return name.lower(), None, None
+        saved = np.array([s if isinstance(s, int) else (s.value() or 0) > 0.5 for s in self.save])
+        return _cbc_status(text), self.p.normalise(saved), _cbc_gap(text)
+
+
+def _cbc_gap(text: str) -> float | None:
+    obj = re.findall(r"Objective value:\s*([-+0-9.eE]+)", text)
+    bound = re.findall(r"Lower bound:\s*([-+0-9.eE]+)", text)
+    if obj and bound:
+        o, b = float(obj[-1]), float(bound[-1])
+        return 0.0 if abs(o) < 1e-12 else max(0.0, (o - b) / abs(o))
+    return 0.0 if "Optimal solution found" in text else None
+
+
+def _cbc_status(text: str) -> str:
+    return "optimal" if "Optimal solution found" in text else "feasible"
+
+
+def solve_ilp(
+    problem: RecomputeProblem,
+    budget: int,
+    *,
+    time_limit: float = 30.0,
+    gap: float = 0.01,
+    initial_rows: int = 24,
+    max_rounds: int = 30,
+) -> RecomputeSolution:
+    """The cheapest recomputation whose linear-model peak is at most ``budget`` bytes."""
+    t0 = time.perf_counter()
+    warm = greedy(problem, budget)
+    if save_all(problem).peak <= budget:  # nothing to recompute
+        sol = save_all(problem, budget)
+        return solution_for(problem, sol.decision, strategy="ilp", budget=budget,
+                            solve_seconds=time.perf_counter() - t0, status="optimal", gap=0.0)
+    model = _Model(problem, "time")
+    budget_mib = budget / _SCALE
+    start = save_all(problem).decision
+    for t in _worst_positions(problem, [start, warm.decision], budget, initial_rows):
+        model.add_row(t, budget_mib)
+    if warm.feasible:
+        model.warm_start(warm.decision)
+    best: tuple[str, Decision, float | None] | None = None
+    for round_ in range(max_rounds):
+        remaining = time_limit - (time.perf_counter() - t0)
+        if remaining <= 0.5:
+            break
+        status, decision, g = model.solve(remaining, gap)
+        if decision is None:
+            log.debug("ILP round %d: %s", round_, status)
+            break
+        memory = problem.memory(decision)
+        violated = np.flatnonzero(memory > budget)
+        log.debug("ILP round %d: %s, %d rows, %d positions over budget", round_, status,
+                  len(model.rows), len(violated))
+        if not len(violated):
+            best = (status, decision, g)
+            break
+        for t in violated[np.argsort(-memory[violated])][:initial_rows]:
+            model.add_row(int(t), budget_mib)
+        model.warm_start(warm.decision if warm.feasible else decision)
+    seconds = time.perf_counter() - t0
+    if best is None:
+        if warm.feasible:
+            return solution_for(problem, warm.decision, strategy="ilp", budget=budget,
+                                solve_seconds=seconds, status="feasible", gap=None)
+        return solution_for(problem, warm.decision, strategy="ilp", budget=budget,
+                            solve_seconds=seconds, status="infeasible", gap=None)
+    status, decision, g = best
+    if warm.feasible and problem.recompute_time(warm.decision) < problem.recompute_time(decision):
+        decision = warm.decision  # CBC stopped early with a worse answer than its warm start
+    return solution_for(problem, decision, strategy="ilp", budget=budget, solve_seconds=seconds,
+                        status=status, gap=g)
+
+
+def min_peak(problem: RecomputeProblem, *, time_limit: float = 30.0) -> RecomputeSolution:
+    """The decision with the smallest linear-model peak (the floor of feasible budgets)."""
+    t0 = time.perf_counter()
+    everything = problem.normalise(problem.must_save)  # recompute all that may be recomputed
+    model = _Model(problem, "peak")
+    for t in _worst_positions(problem, [everything], None, 24):
+        model.add_row(t, None)
+    best = everything
+    for _ in range(30):
+        remaining = time_limit - (time.perf_counter() - t0)
+        if remaining <= 0.5:
+            break
+        model.warm_start(best)
+        status, decision, _ = model.solve(remaining, 0.0)
+        if decision is None:
+            break
+        if problem.peak(decision) < problem.peak(best):
+            best = decision
+        memory = problem.memory(decision)
+        claimed = model.peak_var.value() * _SCALE
+        violated = np.flatnonzero(memory > claimed + 1)
+        if not len(violated):
+            break
+        for t in violated[np.argsort(-memory[violated])][:24]:
+            model.add_row(int(t), None)
+    return solution_for(problem, best, strategy="min-peak", budget=None,
+                        solve_seconds=time.perf_counter() - t0, status="feasible")
+
+
+def _worst_positions(problem, decisions, budget, k) -> list[int]:
+    positions: set[int] = set()
+    for decision in decisions:
+        memory = problem.memory(decision)
+        order = np.argsort(-memory)
+        positions.update(int(t) for t in order[:k])
+    return sorted(positions)

@@ -1,0 +1,112 @@
+"""The recompute problem as plain data, and its linear memory model.
+
+A step is a timeline of positions (forward ops, then backward ops). Candidates are forward values
+the backward may need. Each is either *saved* (kept alive from its creation until its last need in
+the backward) or *recomputed* (freed after its last forward use, made again in the backward just
+before it is first needed and freed after its last need). Recomputing a value needs its inputs, so
+a recomputed value's candidate inputs are needed too.
+
+Memory at position ``t`` (a linear function of the decision)::
+
+    base[t] + sum_i size[i] * (saved[i] * keep[i, t] + recomputed[i] * again[i, t])
+
+where ``base`` is what the step holds when nothing is kept past its forward use, ``keep[i, t]``
+is 1 on ``(fwd_end[i], need_end[i]]`` and ``again[i, t]`` on ``[need_start[i], need_end[i]]``.
+Solvers see only this module; :mod:`fxmem.recompute_problem` builds it from a graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["RecomputeProblem", "Decision"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecomputeProblem:
+    names: tuple[str, ...]  # one per candidate, for reports
+    size: np.ndarray  # bytes
+    cost: np.ndarray  # seconds to recompute the candidate's op
+    fwd_end: np.ndarray  # last forward position holding it (>= its producer's position)
+    need_start: np.ndarray  # first backward position needing it (-1: only needed via recompute)
+    need_end: np.ndarray  # last backward position needing it
+    direct: np.ndarray  # bool: the backward reads it (not only recomputations)
+    inputs: tuple[tuple[int, ...], ...]  # candidates its op reads
+    must_save: np.ndarray  # bool: may not be recomputed (random without replay, mutation, ...)
+    never_save: np.ndarray  # bool: never worth saving on its own (fused into its consumer)
+    base: np.ndarray  # bytes per position with nothing kept past its forward use
+    backward_start: int
+    block: np.ndarray  # int: the block (e.g. transformer layer) each candidate belongs to; -1 none
+
+    def __post_init__(self):
+        n = len(self.names)
+        for field in ("size", "cost", "fwd_end", "need_start", "need_end", "direct", "must_save",
+                      "never_save", "block"):
+            if len(getattr(self, field)) != n:
+                raise ValueError(f"{field} needs one entry per candidate ({n})")
+        if len(self.inputs) != n:
+            raise ValueError("inputs needs one entry per candidate")
+        clash = np.flatnonzero(self.must_save & self.never_save)
+        if len(clash):
+            raise ValueError(f"candidates both must_save and never_save: {clash[:5].tolist()}")
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.base)
+
+    def needed(self, saved: np.ndarray) -> np.ndarray:
+        """Which candidates the backward needs under a decision: the ones it reads, and the inputs
+        of every needed candidate that is recomputed."""
+        need = self.direct.copy()
+        stack = list(np.flatnonzero(need & ~saved))
+        while stack:
+            i = stack.pop()
+            for k in self.inputs[i]:
+                if not need[k]:
+                    need[k] = True
+                    if not saved[k]:
+                        stack.append(k)
+        return need
+
+    def normalise(self, saved: np.ndarray) -> Decision:
+        """The decision a save-set implies: unneeded candidates are not saved."""
+        saved = np.asarray(saved, dtype=bool) | self.must_save
+        need = self.needed(saved)
+        saved = saved & need
+        return Decision(saved=saved, recomputed=need & ~saved)
+
+    def memory(self, decision: Decision) -> np.ndarray:
+        """Bytes at every position under the linear model."""
+        delta = np.zeros(self.num_positions + 1, dtype=np.int64)
+        for i in np.flatnonzero(decision.saved):
+            if self.need_end[i] > self.fwd_end[i]:
+                delta[self.fwd_end[i] + 1] += self.size[i]
+                delta[self.need_end[i] + 1] -= self.size[i]
+        for i in np.flatnonzero(decision.recomputed):
+            delta[self.need_start[i]] += self.size[i]
+            delta[self.need_end[i] + 1] -= self.size[i]
+        return self.base + np.cumsum(delta[:-1])
+
+    def peak(self, decision: Decision) -> int:
+        return int(self.memory(decision).max())
+
+    def recompute_time(self, decision: Decision) -> float:
+        return float(self.cost[decision.recomputed].sum())
+
+    def keep_interval(self, i: int) -> tuple[int, int]:
+        return int(self.fwd_end[i]) + 1, int(self.need_end[i])
+
+    def again_interval(self, i: int) -> tuple[int, int]:
+        return int(self.need_start[i]), int(self.need_end[i])
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    saved: np.ndarray  # bool per candidate
+    recomputed: np.ndarray  # bool per candidate
