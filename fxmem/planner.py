@@ -25,6 +25,7 @@ from .cost_model import DeviceSpec, graph_costs, spec_for
 from .joint import step_from_joint
 from .memory_model import MemoryTimeline, simulate
 from .passes.recompute import RecomputeRecord, split_with_saved
+from .passes.rng_replay import RngReplayRecord, replay_random_ops
 from .plan_memory import plan_storages
 from .recompute_problem import build_problem, saved_nodes
 from .solver import checkpoint_blocks, greedy, min_peak, save_all, solve_ilp
@@ -117,12 +118,15 @@ def plan_joint(
     constant = {"optimizer state": options.optimizer_state} if options.optimizer_state else {}
     epilogue = [("optimizer.step", {"temporaries": options.optimizer_step})] \
         if options.optimizer_step else []
-    pmap = build_problem(step, graph_costs(joint, spec), constant=constant, epilogue=epilogue)
+    pmap = build_problem(step, graph_costs(joint, spec), constant=constant, epilogue=epilogue,
+                         replay_random=True)
     problem = pmap.problem
 
     def realise(solution: RecomputeSolution):
         names = saved_nodes(pmap, solution.decision.saved)
         fw, bw, record = split_with_saved(joint, names, num_fwd_outputs=num_fwd_outputs)
+        rng = replay_random_ops(fw, bw, num_fwd_outputs=num_fwd_outputs)
+        record = dataclasses.replace(record, replayed=rng.replayed)
         storages = plan_storages(step, fw, bw, num_fwd_outputs=num_fwd_outputs)
         return fw, bw, record, simulate(storages, constant=constant, epilogue=epilogue)
 

@@ -23,7 +23,7 @@ import torch.fx
 
 from .capture import CapturedStep
 from .memory_model import simulate
-from .solver.problem import RecomputeProblem
+from .solver.problem import Pull, RecomputeProblem
 from .storages import step_storages
 
 __all__ = ["ProblemMap", "build_problem", "saved_nodes"]
@@ -70,8 +70,14 @@ def build_problem(
     constant: Mapping[str, int] | None = None,
     epilogue=(),
     replay_random: bool = False,
+    pull_window: int | None = None,
 ) -> ProblemMap:
-    """The recompute problem of a captured (joint) step. ``costs`` maps node names to seconds."""
+    """The recompute problem of a captured (joint) step. ``costs`` maps node names to seconds.
+
+    ``pull_window``: how many backward positions earlier than its own need a value may be
+    recomputed for another's recomputation (default: an eighth of the backward, at least 64);
+    farther pulls are cut by saving a value on the way.
+    """
     storages = step_storages(step)
     timeline = simulate(storages, constant=constant, epilogue=epilogue)
     nodes = {n.name: n for n in step.gm.graph.nodes}
@@ -127,6 +133,9 @@ def build_problem(
         if not direct[k]:
             need_start[k] = min(starts)
         need_end[k] = max(need_end[k], max(starts))
+    if pull_window is None:
+        pull_window = max(64, (len(storages.op_names) - n_fwd) // 8)
+    pulls = _pulls(n, inputs, direct, need_start, need_end, pull_window)
     needed = need_end >= 0
     keep_idx = np.flatnonzero(needed)
     remap = {int(old): new for new, old in enumerate(keep_idx)}
@@ -171,8 +180,37 @@ def build_problem(
         base=base,
         backward_start=n_fwd,
         block=np.array([blocks.get(b, -1) if b else -1 for b in block_names], dtype=np.int64),
+        pulls=tuple(
+            Pull(remap[p.target], remap[p.by], p.start, tuple(remap[j] for j in p.interior if j in remap),
+                 p.far)
+            for p in pulls if p.target in remap and p.by in remap
+        ),
     )
     return ProblemMap(problem=problem, candidate_nodes=problem.names)
+
+
+def _pulls(n, inputs, direct, need_start, need_end, window) -> list[Pull]:
+    """For every needed candidate m, the candidates its recomputation reads (through unsaved
+    values) earlier than their own first need."""
+    pulls = []
+    for m in range(n):
+        if need_end[m] < 0:
+            continue
+        start = int(need_start[m])
+        seen = {m}
+        stack = [(j, ()) for j in inputs[m]]
+        while stack:
+            j, path = stack.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            if need_end[j] < 0 or need_start[j] <= start:
+                continue  # made before m is: its own reads keep it alive
+            far = need_start[j] - start > window
+            pulls.append(Pull(target=j, by=m, start=start, interior=path, far=far))
+            if not far:
+                stack.extend((k, path + (j,)) for k in inputs[j])
+    return pulls
 
 
 def _op_position(name: str, nodes, position) -> int:

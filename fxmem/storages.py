@@ -36,10 +36,11 @@ def allocation_bytes(nbytes: int, device: torch.device) -> int:
 
 
 def _tensors(val) -> list[torch.Tensor]:
+    """The tensors in a node's value, nested tuples flattened (a higher-order op's outputs)."""
     if isinstance(val, torch.Tensor):
         return [val]
     if isinstance(val, (list, tuple)):
-        return [t for t in val if isinstance(t, torch.Tensor)]
+        return [t for v in val for t in _tensors(v)]
     return []
 
 

@@ -35,11 +35,12 @@ class RecomputeRecord:
     recomputed: tuple[str, ...]  # forward ops that compute again in the backward
     views: tuple[str, ...]  # forward views re-derived in the backward (free)
     moved: int
+    replayed: tuple[str, ...] = ()  # random ops among `recomputed`, replayed from a saved RNG state
 
     def summary(self) -> str:
         return (f"{len(self.saved)} values saved for backward, {len(self.recomputed)} forward ops "
-                f"recomputed in backward, {len(self.views)} views re-derived "
-                f"({self.moved} moved to their first use)")
+                f"recomputed in backward ({len(self.replayed)} random, replayed from saved RNG "
+                f"states), {len(self.views)} views re-derived ({self.moved} moved to first use)")
 
 
 def _is_sym(node: torch.fx.Node) -> bool:

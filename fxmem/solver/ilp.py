@@ -6,6 +6,7 @@ Variables per candidate ``i``: ``save[i]`` (binary), ``need[i]`` and ``again[i]`
     minimise   sum_i cost[i] * again[i]
     subject to need[i] = 1                        if the backward reads i
                need[k] >= need[i] - save[i]       for every input k of i (recomputing needs inputs)
+               pulled[i, s] >= need[m] - save[m] - save[i] - sum(save[interior])   (pulls)
                again[i] >= need[i] - save[i]
                save[i] <= need[i]
                base[t] + sum_i size[i] * (save[i] * keep[i,t] + again[i] * again_window[i,t]) <= B
@@ -71,9 +72,26 @@ class _Model:
             for k in problem.inputs[i]:
                 if not problem.direct[k]:
                     self.lp += self.need[k] >= self.need[i] - self.save[i]
+        self.pulled: dict[int, list[tuple[int, object]]] = {}  # target -> [(start, var)], sorted
+        by_target: dict[int, list] = {}
+        for p in problem.pulls:
+            open_ = self.need[p.by] - self.save[p.by] - self.save[p.target] \
+                - pulp.lpSum(self.save[j] for j in p.interior)
+            if p.far:
+                self.lp += open_ <= 0
+            elif p.start < problem.need_start[p.target]:
+                by_target.setdefault(p.target, []).append((p.start, open_))
+        for i, terms in by_target.items():
+            starts = sorted({s for s, _ in terms})
+            w = {s: pulp.LpVariable(f"w{i}_{s}", 0, 1) for s in starts}
+            for a, b in zip(starts, starts[1:]):
+                self.lp += w[b] >= w[a]  # alive from an earlier start means alive later too
+            for s, term in terms:
+                self.lp += w[s] >= term
+            self.pulled[i] = [(s, w[s]) for s in starts]
         self.peak_var = None
-        if objective == "time":
-            self.lp += pulp.lpSum(float(problem.cost[i]) * self.again[i] for i in range(n))
+        if objective == "time":  # in microseconds: CBC's absolute tolerances dwarf tiny objectives
+            self.lp += pulp.lpSum(1e6 * float(problem.cost[i]) * self.again[i] for i in range(n))
         else:  # minimise the peak
             self.peak_var = pulp.LpVariable("peak", 0)
             self.lp += self.peak_var
@@ -88,6 +106,11 @@ class _Model:
         again = (p.need_start <= t) & (t <= p.need_end)
         terms = [float(p.size[i]) / _SCALE * self.save[i] for i in np.flatnonzero(keep)]
         terms += [float(p.size[i]) / _SCALE * self.again[i] for i in np.flatnonzero(again)]
+        for i, starts in self.pulled.items():
+            if t < p.need_start[i]:
+                live = [w for s, w in starts if s <= t]
+                if live:
+                    terms.append(float(p.size[i]) / _SCALE * live[-1])
         bound = self.peak_var if budget_mib is None else budget_mib
         self.lp += self.pulp.lpSum(terms) + float(p.base[t]) / _SCALE <= bound, f"mem_{t}"
 
@@ -114,11 +137,10 @@ class _Model:
 
 
 def _cbc_gap(text: str) -> float | None:
-    obj = re.findall(r"Objective value:\s*([-+0-9.eE]+)", text)
-    bound = re.findall(r"Lower bound:\s*([-+0-9.eE]+)", text)
-    if obj and bound:
-        o, b = float(obj[-1]), float(bound[-1])
-        return 0.0 if abs(o) < 1e-12 else max(0.0, (o - b) / abs(o))
+    """The relative gap CBC reports ("Gap:"), else 0 for a proven optimum, else None."""
+    gap = re.findall(r"^Gap:\s*([-+0-9.eE]+)", text, flags=re.M)
+    if gap:
+        return float(gap[-1])
     return 0.0 if "Optimal solution found" in text else None
 
 

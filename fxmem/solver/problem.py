@@ -6,12 +6,15 @@ the backward) or *recomputed* (freed after its last forward use, made again in t
 before it is first needed and freed after its last need). Recomputing a value needs its inputs, so
 a recomputed value's candidate inputs are needed too.
 
-Memory at position ``t`` (a linear function of the decision)::
+Memory at position ``t`` (a linear function of the decision, with the pull terms below)::
 
     base[t] + sum_i size[i] * (saved[i] * keep[i, t] + recomputed[i] * again[i, t])
+            + sum_i size[i] * pulled[i, t]
 
 where ``base`` is what the step holds when nothing is kept past its forward use, ``keep[i, t]``
 is 1 on ``(fwd_end[i], need_end[i]]`` and ``again[i, t]`` on ``[need_start[i], need_end[i]]``.
+A value is recomputed once, for its first need: when recomputing another value reads it earlier
+than its own need (a *pull*), it lives from that earlier point (``pulled``).
 Solvers see only this module; :mod:`fxmem.recompute_problem` builds it from a graph.
 """
 
@@ -21,7 +24,16 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["RecomputeProblem", "Decision"]
+__all__ = ["RecomputeProblem", "Decision", "Pull"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pull:
+    target: int
+    by: int
+    start: int
+    interior: tuple[int, ...]
+    far: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +51,11 @@ class RecomputeProblem:
     base: np.ndarray  # bytes per position with nothing kept past its forward use
     backward_start: int
     block: np.ndarray  # int: the block (e.g. transformer layer) each candidate belongs to; -1 none
+    # A value is recomputed once, for its first need. Recomputing `by` (first needed at `start`)
+    # reads `target` through the `interior` values; if none of them is saved, `target` is made at
+    # `start`, earlier than its own need, and lives from there. `far` pulls are forbidden instead:
+    # `target` (or an interior value) must then be saved.
+    pulls: tuple[Pull, ...] = ()
 
     def __post_init__(self):
         n = len(self.names)
@@ -74,10 +91,23 @@ class RecomputeProblem:
                         stack.append(k)
         return need
 
+    def active_pulls(self, saved: np.ndarray, recomputed: np.ndarray):
+        for p in self.pulls:
+            if recomputed[p.by] and not saved[p.target] and not saved[list(p.interior)].any():
+                yield p
+
     def normalise(self, saved: np.ndarray) -> Decision:
-        """The decision a save-set implies: unneeded candidates are not saved."""
+        """The decision a save-set implies: far pulls cut (their targets saved), unneeded
+        candidates not saved."""
         saved = np.asarray(saved, dtype=bool) | self.must_save
-        need = self.needed(saved)
+        while True:
+            need = self.needed(saved)
+            recomputed = need & ~saved
+            forced = [p.target for p in self.active_pulls(saved, recomputed) if p.far]
+            if not forced:
+                break
+            saved = saved.copy()
+            saved[forced] = True
         saved = saved & need
         return Decision(saved=saved, recomputed=need & ~saved)
 
@@ -91,6 +121,13 @@ class RecomputeProblem:
         for i in np.flatnonzero(decision.recomputed):
             delta[self.need_start[i]] += self.size[i]
             delta[self.need_end[i] + 1] -= self.size[i]
+        earliest: dict[int, int] = {}
+        for p in self.active_pulls(decision.saved, decision.recomputed):
+            if not p.far and p.start < self.need_start[p.target]:
+                earliest[p.target] = min(earliest.get(p.target, p.start), p.start)
+        for i, start in earliest.items():
+            delta[start] += self.size[i]
+            delta[self.need_start[i]] -= self.size[i]
         return self.base + np.cumsum(delta[:-1])
 
     def peak(self, decision: Decision) -> int:
