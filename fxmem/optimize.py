@@ -4,11 +4,11 @@
     loss = model(x, y); loss.backward(); opt.step(); opt.zero_grad()
     print(model.plan.report())
 
-The first call for each input signature (shapes, dtypes, devices, non-tensor arguments, training
-mode) captures the step through AOTAutograd, whose partitioner is fxmem's planner: the forward and
-backward graphs it returns save what the solver chose and recompute the rest. ``lowering="eager"``
-runs those graphs as FX code (the memory model's own semantics); ``lowering="inductor"`` compiles
-them with TorchInductor.
+The first call for each input signature (shapes, dtypes, devices, non-tensor arguments) captures
+the step with TorchDynamo (as one graph: a graph break is a :class:`CaptureError` naming it) and
+AOTAutograd, whose partitioner is fxmem's planner: the forward and backward graphs it returns save
+what the solver chose and recompute the rest. ``lowering="eager"`` runs those graphs as FX code
+(the memory model's own semantics); ``lowering="inductor"`` compiles them with TorchInductor.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from torch.utils import _pytree as pytree
 
 from .budget import parse_budget
 from .capture import _check_loss, _held_tensors, loss_from_output
-from .errors import StepInputError
-from .planner import LEVERS, Plan, PlanOptions, optimizer_bytes, plan_joint
+from .errors import FxmemError, StepInputError
+from .backend import PlanLog, make_backend
+from .planner import LEVERS, Plan, PlanOptions, optimizer_bytes
 
 __all__ = ["optimize", "OptimizedModule"]
 
@@ -40,9 +41,8 @@ class _StepModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn, self.leaves, self.spec, self.slots = loss_fn, leaves, spec, slots
-        self.output_layout: Any = None
 
-    def forward(self, *tensors):
+    def _output(self, tensors):
         leaves = list(self.leaves)
         for slot, t in zip(self.slots, tensors):
             leaves[slot] = t
@@ -50,13 +50,23 @@ class _StepModule(torch.nn.Module):
         if self.loss_fn is not None:
             output = self.loss_fn(self.model, *args, **kwargs)
             _check_loss(output)
-            loss = output
-        else:
-            output = self.model(*args, **kwargs)
-            loss = loss_from_output(output)
-        held = _held_tensors(output, loss)
-        self.output_layout = _layout(output, loss, held)
-        return (loss, *(h.detach() for h in held))
+            return output, output
+        output = self.model(*args, **kwargs)
+        return output, loss_from_output(output)
+
+    def forward(self, *tensors):
+        output, loss = self._output(tensors)
+        # other outputs are returned detached: the caller holds them, the backward ignores them
+        return (loss, *(h.detach() for h in _held_tensors(output, loss)))
+
+    def output_layout(self, tensors):
+        """How the model's output is built, found by running it once on fake tensors."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fakes = [mode.from_tensor(t) for t in tensors]
+            output, loss = self._output(fakes)
+            return _layout(output, loss, _held_tensors(output, loss))
 
 
 def _layout(output, loss, held):
@@ -69,7 +79,7 @@ def _layout(output, loss, held):
     if isinstance(output, (tuple, list)):
         return ("sequence", type(output), [x is loss for x in output
                                            if isinstance(x, torch.Tensor)])
-    return ("namespace", [n for n in ("loss",)])
+    return ("namespace",)
 
 
 def _rebuild(layout, loss, held):
@@ -93,8 +103,8 @@ def _rebuild(layout, loss, held):
 @dataclasses.dataclass
 class _Compiled:
     fn: Callable
-    plan: Plan | None
-    step: _StepModule
+    plans: PlanLog
+    layout: tuple
 
 
 class OptimizedModule(torch.nn.Module):
@@ -113,30 +123,47 @@ class OptimizedModule(torch.nn.Module):
 
     @property
     def plan(self) -> Plan:
-        if self._last is None or self._last.plan is None:
+        """The plan of the latest call's input signature."""
+        if self._last is None:
             raise RuntimeError("no plan yet: call the module on a batch first")
-        return self._last.plan
+        return self._last.plans.latest
 
     @property
-    def plans(self) -> dict[Any, Plan]:
-        return {sig: c.plan for sig, c in self._compiled.items() if c.plan is not None}
+    def plans(self) -> list[Plan]:
+        return [p for c in self._compiled.values() for p in c.plans.plans]
 
     def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled() or not self.module.training:
+            return self.module(*args, **kwargs)  # inference: no backward to plan for
         leaves, spec = pytree.tree_flatten((args, kwargs))
         slots = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         tensors = [leaves[i] for i in slots]
-        if not torch.is_grad_enabled() or not self.module.training:
-            return self.module(*args, **kwargs)  # inference: no backward to plan for
         key = _signature(leaves, spec, slots)
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compile(leaves, spec, slots, tensors)
             self._compiled[key] = compiled
         self._last = compiled
-        loss, *held = compiled.fn(*tensors)
-        return _rebuild(compiled.step.output_layout, loss, held)
+        try:
+            outputs = compiled.fn(*tensors)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            del self._compiled[key]
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, FxmemError):  # BudgetError and friends, not wrapped
+                raise inner.with_traceback(None) from None
+            raise
+        except torch._dynamo.exc.Unsupported as exc:
+            del self._compiled[key]
+            from .capture import _capture_failure, _model_device
+
+            args_, kwargs_ = pytree.tree_unflatten(leaves, spec)
+            raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn,
+                                   _model_device(self.module)) from exc
+        return _rebuild(compiled.layout, outputs[0], outputs[1:])
 
     def _compile(self, leaves, spec, slots, tensors) -> _Compiled:
+        import torch._dynamo
+
         from .capture import _model_device
 
         device = _model_device(self.module)
@@ -145,73 +172,16 @@ class OptimizedModule(torch.nn.Module):
                 raise StepInputError(f"an input is on {t.device} but the model is on {device}")
         constants = [None if isinstance(x, torch.Tensor) else x for x in leaves]
         step = _StepModule(self.module, self._loss_fn, constants, spec, slots)
-        holder: dict[str, Plan] = {}
+        layout = step.output_layout(tensors)
         options = self._options
         if self._optimizer is not None:
             grads = [p for p in self.module.parameters() if p.requires_grad]
             state, step_bytes = optimizer_bytes(self._optimizer, self.module, grads)
             options = dataclasses.replace(options, optimizer_state=state, optimizer_step=step_bytes)
-        n_static = len(list(step.named_parameters(remove_duplicate=False))) + \
-            len(list(step.named_buffers(remove_duplicate=False)))
-        partition = _Partitioner(options, holder, n_static)
-        if self._lowering == "inductor":
-            fn = _inductor(step, tensors, partition)
-        else:
-            fn = _eager(step, tensors, partition)
-        return _Compiled(fn=fn, plan=_PlanRef(holder), step=step)
-
-
-class _PlanRef:
-    """The plan is made when AOTAutograd first runs the partitioner (at the first call)."""
-
-    def __init__(self, holder):
-        self._holder = holder
-
-    def __getattr__(self, name):
-        if "plan" not in self._holder:
-            raise RuntimeError("the plan is made on the first call")
-        return getattr(self._holder["plan"], name)
-
-    def __repr__(self):
-        return repr(self._holder.get("plan"))
-
-
-class _Partitioner:
-    """An AOTAutograd partition_fn that plans with fxmem."""
-
-    def __init__(self, options: PlanOptions, holder: dict, n_static: int):
-        self.options, self.holder, self.n_static = options, holder, n_static
-
-    def __call__(self, joint, joint_inputs, *, num_fwd_outputs, **kwargs):
-        # parameters and buffers come first among the primals; AOTAutograd may or may not say so
-        static = set(kwargs.get("static_lifetime_input_indices") or ()) | set(range(self.n_static))
-        plan = plan_joint(joint, num_fwd_outputs=num_fwd_outputs, static_input_indices=static,
-                          options=self.options)
-        self.holder["plan"] = plan
-        log.info("fxmem plan: %s", plan.record.summary())
-        return plan.graphs["forward"], plan.graphs["backward"]
-
-
-def _boxed(gm: torch.fx.GraphModule, _example_inputs):
-    """Run a graph as FX code with the boxed calling convention (inputs freed after last use)."""
-    from torch.fx.graph import _BoxedCodeGen
-
-    gm.graph.set_codegen(_BoxedCodeGen())
-    gm.recompile()
-    return gm
-
-
-def _eager(step, tensors, partition):
-    from torch._functorch.aot_autograd import aot_module_simplified
-
-    return aot_module_simplified(step, tensors, fw_compiler=_boxed, bw_compiler=_boxed,
-                                 partition_fn=partition)
-
-
-def _inductor(step, tensors, partition):
-    from .backend import compile_with_partitioner
-
-    return compile_with_partitioner(step, tensors, partition)
+        plans = PlanLog()
+        backend = make_backend(options, plans, lowering=self._lowering)
+        fn = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+        return _Compiled(fn=fn, plans=plans, layout=layout)
 
 
 def _signature(leaves, spec, slots) -> tuple:
@@ -238,13 +208,16 @@ def optimize(
     strategy: str = "ilp",
     lowering: str = "eager",
     time_limit: float = 30.0,
-    safety_margin: float = 0.0,
+    safety_margin: float = 0.01,
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
     ``allow`` names the levers a plan may use (exact ones by default). ``strategy`` picks the
     solver ("ilp", "greedy", "checkpoint-blocks", "save-all"); ``lowering`` runs the rewritten
     graphs as FX code ("eager") or compiles them with TorchInductor ("inductor").
+    ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
+    graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
+    few KiB to MiB at the peak.
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import numpy as np
+import pulp  # a required dependency, imported with fxmem -- see _pulp()
 
 from .baselines import greedy, save_all
 from .problem import Decision, RecomputeProblem
@@ -38,10 +39,10 @@ _SCALE = float(2**20)  # constraint coefficients in MiB keep CBC's numerics sane
 
 
 def _pulp():
-    try:
-        import pulp
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ImportError("the ILP solver needs PuLP: pip install pulp") from exc
+    # PuLP keeps the ImportErrors of the solvers it cannot load (``err = e``); their tracebacks
+    # pin every frame that was live when PuLP was first imported. Imported lazily inside a
+    # torch.compile partitioner, that pinned the user's forward frame and its outputs (a whole
+    # logits tensor) for the life of the process. So PuLP is imported with this module.
     return pulp
 
 
