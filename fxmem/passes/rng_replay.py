@@ -71,6 +71,8 @@ def replay_random_ops(
         fake_args = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in fw_node.args]
         with fake_mode:
             state_val, _ = run_and_save_rng_state(fw_node.target, *fake_args, **fw_node.kwargs)
+        if not isinstance(state_val, torch._subclasses.FakeTensor):  # the CPU impl reads the
+            state_val = fake_mode.from_tensor(state_val)  # real generator even under fake mode
         both.meta["val"] = (state_val, fw_node.meta["val"])
         state.meta["val"] = state_val
         value.meta.update(fw_node.meta)
