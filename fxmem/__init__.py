@@ -1,7 +1,8 @@
 """fxmem: fit a PyTorch training step into an absolute memory budget.
 
 Capture the step as a joint forward+backward FX graph, predict its peak bytes with a storage-level
-memory model, and measure what the allocator really saw.
+memory model, measure what the allocator really saw, and rewrite the step (recomputation chosen by
+an ILP) so that its peak stays under a budget given in bytes.
 """
 
 from .budget import BudgetError, format_bytes, parse_budget
@@ -9,6 +10,8 @@ from .capture import CapturedStep, Role, capture_step, loss_from_output
 from .errors import CaptureError, FxmemError, StepInputError
 from .estimate import MemoryEstimate, estimate
 from .measure import MeasuredMemory, measure_memory, measure_peak
+from .optimize import OptimizedModule, optimize
+from .planner import Plan, PlanOptions
 from .workload import Workload, load_workload
 
 __all__ = [
@@ -18,6 +21,9 @@ __all__ = [
     "FxmemError",
     "MeasuredMemory",
     "MemoryEstimate",
+    "OptimizedModule",
+    "Plan",
+    "PlanOptions",
     "Role",
     "StepInputError",
     "Workload",
@@ -28,6 +34,7 @@ __all__ = [
     "loss_from_output",
     "measure_memory",
     "measure_peak",
+    "optimize",
     "parse_budget",
 ]
 

@@ -14,6 +14,7 @@ what the solver chose and recompute the rest. ``lowering="eager"`` runs those gr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -63,9 +64,14 @@ class _StepModule(torch.nn.Module):
         """How the model's output is built, found by running it once on fake tensors."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        with FakeTensorMode() as mode:  # fake copies: in-place updates must not reach the model
+            fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
             fakes = [mode.from_tensor(t) for t in tensors]
-            output, loss = self._output(fakes)
+            with _reparametrize_module(self.model, fake_state, tie_weights=True):
+                output, loss = self._output(fakes)
             return _layout(output, loss, _held_tensors(output, loss))
 
 
@@ -172,7 +178,15 @@ class OptimizedModule(torch.nn.Module):
                 raise StepInputError(f"an input is on {t.device} but the model is on {device}")
         constants = [None if isinstance(x, torch.Tensor) else x for x in leaves]
         step = _StepModule(self.module, self._loss_fn, constants, spec, slots)
-        layout = step.output_layout(tensors)
+        try:
+            layout = step.output_layout(tensors)
+        except FxmemError:
+            raise
+        except Exception as exc:  # data-dependent Python: not one graph
+            from .capture import _capture_failure
+
+            args_, kwargs_ = pytree.tree_unflatten(leaves, spec)
+            raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn, device) from exc
         options = self._options
         if self._optimizer is not None:
             grads = [p for p in self.module.parameters() if p.requires_grad]
@@ -180,8 +194,21 @@ class OptimizedModule(torch.nn.Module):
             options = dataclasses.replace(options, optimizer_state=state, optimizer_step=step_bytes)
         plans = PlanLog()
         backend = make_backend(options, plans, lowering=self._lowering)
-        fn = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+        fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
         return _Compiled(fn=fn, plans=plans, layout=layout)
+
+
+_compiles = itertools.count()
+
+
+def _own_code(step: _StepModule):
+    """The step's forward as a function with a code object of its own. TorchDynamo caches
+    compiled graphs per code object and stops recompiling one after a few guard failures; every
+    plan (module, budget, input signature) is a compile of its own, not a recompile."""
+    template = _StepModule.forward
+    code = template.__code__.replace(co_name=f"fxmem_step_{next(_compiles)}")
+    function = types.FunctionType(code, template.__globals__, code.co_name)
+    return types.MethodType(function, step)
 
 
 def _signature(leaves, spec, slots) -> tuple:

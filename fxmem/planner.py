@@ -124,7 +124,8 @@ def plan_joint(
 
     def realise(solution: RecomputeSolution):
         names = saved_nodes(pmap, solution.decision.saved)
-        fw, bw, record = split_with_saved(joint, names, num_fwd_outputs=num_fwd_outputs)
+        fw, bw, record = split_with_saved(joint, names, num_fwd_outputs=num_fwd_outputs,
+                                          buffers=step.buffer_names)
         rng = replay_random_ops(fw, bw, num_fwd_outputs=num_fwd_outputs)
         record = dataclasses.replace(record, replayed=rng.replayed)
         storages = plan_storages(step, fw, bw, num_fwd_outputs=num_fwd_outputs)
@@ -154,8 +155,12 @@ def plan_joint(
                 best = (solution, fw, bw, record, timeline)
                 break
             target -= timeline.peak - options.budget + 1
-        if best is None:
-            raise _budget_error(problem, realise, options)
+        if best is None:  # the linear model misled the solver: try the smallest-peak plan
+            floor_solution = min_peak(problem, time_limit=options.time_limit)
+            fw, bw, record, timeline = realise(floor_solution)
+            if timeline.peak > options.budget:
+                raise _budget_error(timeline, options)
+            best = (floor_solution, fw, bw, record, timeline)
         solution, fw, bw, record, timeline = best
     graphs = {"joint": joint, "forward": fw, "backward": bw}
     return Plan(options=options, solution=solution, record=record, predicted_peak=timeline.peak,
@@ -163,17 +168,17 @@ def plan_joint(
                 candidates=problem.num_candidates, plan_seconds=time.perf_counter() - t0)
 
 
-def _budget_error(problem, realise, options: PlanOptions) -> BudgetError:
-    floor_solution = min_peak(problem, time_limit=options.time_limit)
-    *_, timeline = realise(floor_solution)
-    floor = timeline.peak
+def _budget_error(timeline: MemoryTimeline, options: PlanOptions) -> BudgetError:
+    """The error for a budget under the smallest peak found, as the budget that would be met
+    (the planning margin included) and what holds it."""
+    floor = int(-(-timeline.peak // (1.0 - options.safety_margin)))
     holders = {k: v for k, v in timeline.breakdown().items() if v}
     held = " + ".join(f"{k} {format_bytes(v)}" for k, v in
                       sorted(holders.items(), key=lambda kv: -kv[1]))
     return BudgetError(
         f"no plan fits the budget of {format_bytes(options.budget)} "
         f"(strategy {options.strategy}): the smallest feasible budget is about "
-        f"{format_bytes(floor)} ({floor} bytes), held by {held}",
+        f"{format_bytes(floor)} ({floor} bytes), held at its peak by {held}",
         floor=floor, holders=holders,
     )
 

@@ -48,10 +48,15 @@ def _is_sym(node: torch.fx.Node) -> bool:
 
 
 def split_with_saved(
-    joint: torch.fx.GraphModule, saved: Iterable[str], *, num_fwd_outputs: int
+    joint: torch.fx.GraphModule, saved: Iterable[str], *, num_fwd_outputs: int,
+    buffers: Iterable[str] = (),
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, RecomputeRecord]:
     """Forward and backward graphs of ``joint`` that pass exactly ``saved`` (node names) plus the
-    primals and forward outputs the backward reads; the rest is recomputed."""
+    primals and forward outputs the backward reads; the rest is recomputed.
+
+    ``buffers`` names primals the step may mutate (BatchNorm's running statistics): the runtime
+    writes their new values after the forward, so a backward that recomputes from one receives a
+    copy taken before the write instead of the buffer itself."""
     joint.graph.lint()
     nodes = {n.name: n for n in joint.graph.nodes}
     forward = forward_node_names(joint, num_fwd_outputs)
@@ -70,6 +75,7 @@ def split_with_saved(
         joint, saved_values, saved_sym, num_fwd_outputs=num_fwd_outputs
     )
     remove_dead(bw)
+    _save_copies_of(fw, bw, set(buffers), num_fwd_outputs)
     copied = [n for n in bw.graph.nodes if n.op == "call_function" and n.name in forward]
     moved = sink_recomputed(bw, {n.name for n in copied})
     recomputed = [n.name for n in copied if not _is_view(n)]
@@ -80,6 +86,27 @@ def split_with_saved(
                              moved=moved)
     log.debug("recompute pass: %s", record.summary())
     return fw, bw, record
+
+
+def _save_copies_of(fw, bw, buffers: set[str], num_fwd_outputs: int) -> None:
+    """Pass the backward a clone of each buffer it reads, taken before the forward's writes."""
+    read = {n.name for n in bw.graph.nodes if n.op == "placeholder" and n.name in buffers}
+    if not read:
+        return
+    output = next(n for n in fw.graph.nodes if n.op == "output")
+    outs = list(output.args[0])
+    first_op = next(n for n in fw.graph.nodes if n.op != "placeholder")
+    for i, node in enumerate(outs):
+        if i >= num_fwd_outputs and isinstance(node, torch.fx.Node) and node.name in read:
+            with fw.graph.inserting_before(first_op):
+                copy = fw.graph.call_function(torch.ops.aten.clone.default, (node,))
+            val = node.meta["val"]
+            with val.fake_mode:
+                copy.meta["val"] = val.clone()
+            outs[i] = copy
+    output.args = (tuple(outs),)
+    fw.graph.lint()
+    fw.recompile()
 
 
 def _is_view(node: torch.fx.Node) -> bool:

@@ -24,6 +24,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import pulp  # a required dependency, imported with fxmem -- see _pulp()
@@ -35,7 +36,6 @@ from .result import RecomputeSolution, solution_for
 __all__ = ["solve_ilp", "min_peak"]
 
 log = logging.getLogger(__name__)
-_SCALE = float(2**20)  # constraint coefficients in MiB keep CBC's numerics sane
 
 
 def _pulp():
@@ -53,19 +53,23 @@ class _Model:
         pulp = _pulp()
         self.p = problem
         self.pulp = pulp
+        # memory rows in units that put the largest live total near 1e4: CBC's tolerances are
+        # absolute, so neither bytes of a GiB-scale step nor MiB of a tiny one would do
+        self.scale = max(1.0, float(problem.base.max()) / 1e4)
         self.lp = pulp.LpProblem("fxmem_recompute", pulp.LpMinimize)
         n = problem.num_candidates
         self.save, self.need, self.again = [], [], []
+        var = self._variable
         for i in range(n):
             if problem.must_save[i]:
                 s = 1
             elif problem.never_save[i]:
                 s = 0
             else:
-                s = pulp.LpVariable(f"s{i}", cat="Binary")
+                s = var(f"s{i}", 0, 1, "Binary")
             self.save.append(s)
-            self.need.append(1 if problem.direct[i] else pulp.LpVariable(f"n{i}", 0, 1))
-            self.again.append(pulp.LpVariable(f"a{i}", 0, 1))
+            self.need.append(1 if problem.direct[i] else var(f"n{i}", 0, 1))
+            self.again.append(var(f"a{i}", 0, 1))
         for i in range(n):
             self.lp += self.again[i] >= self.need[i] - self.save[i]
             if not isinstance(self.save[i], int):
@@ -84,7 +88,7 @@ class _Model:
                 by_target.setdefault(p.target, []).append((p.start, open_))
         for i, terms in by_target.items():
             starts = sorted({s for s, _ in terms})
-            w = {s: pulp.LpVariable(f"w{i}_{s}", 0, 1) for s in starts}
+            w = {s: var(f"w{i}_{s}", 0, 1) for s in starts}
             for a, b in zip(starts, starts[1:]):
                 self.lp += w[b] >= w[a]  # alive from an earlier start means alive later too
             for s, term in terms:
@@ -94,26 +98,31 @@ class _Model:
         if objective == "time":  # in microseconds: CBC's absolute tolerances dwarf tiny objectives
             self.lp += pulp.lpSum(1e6 * float(problem.cost[i]) * self.again[i] for i in range(n))
         else:  # minimise the peak
-            self.peak_var = pulp.LpVariable("peak", 0)
+            self.peak_var = var("peak", 0, None)
             self.lp += self.peak_var
         self.rows: set[int] = set()
 
-    def add_row(self, t: int, budget_mib: float | None) -> None:
+    def _variable(self, name, low, high, cat="Continuous"):
+        if hasattr(self.lp, "add_variable"):  # PuLP >= 3.3
+            return self.lp.add_variable(name, low, high, cat)
+        return self.pulp.LpVariable(name, low, high, cat=cat)
+
+    def add_row(self, t: int, budget_scaled: float | None) -> None:
         if t in self.rows:
             return
         self.rows.add(t)
         p = self.p
         keep = (p.fwd_end < t) & (t <= p.need_end)
         again = (p.need_start <= t) & (t <= p.need_end)
-        terms = [float(p.size[i]) / _SCALE * self.save[i] for i in np.flatnonzero(keep)]
-        terms += [float(p.size[i]) / _SCALE * self.again[i] for i in np.flatnonzero(again)]
+        terms = [float(p.size[i]) / self.scale * self.save[i] for i in np.flatnonzero(keep)]
+        terms += [float(p.size[i]) / self.scale * self.again[i] for i in np.flatnonzero(again)]
         for i, starts in self.pulled.items():
             if t < p.need_start[i]:
                 live = [w for s, w in starts if s <= t]
                 if live:
-                    terms.append(float(p.size[i]) / _SCALE * live[-1])
-        bound = self.peak_var if budget_mib is None else budget_mib
-        self.lp += self.pulp.lpSum(terms) + float(p.base[t]) / _SCALE <= bound, f"mem_{t}"
+                    terms.append(float(p.size[i]) / self.scale * live[-1])
+        bound = self.peak_var if budget_scaled is None else budget_scaled
+        self.lp += self.pulp.lpSum(terms) + float(p.base[t]) / self.scale <= bound, f"mem_{t}"
 
     def warm_start(self, decision: Decision) -> None:
         for i, s in enumerate(self.save):
@@ -123,8 +132,10 @@ class _Model:
     def solve(self, time_limit: float, gap: float) -> tuple[str, Decision | None, float | None]:
         fd, log_path = tempfile.mkstemp(suffix=".log", prefix="fxmem_cbc_")
         os.close(fd)
-        solver = self.pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit)), gapRel=gap,
-                                        warmStart=True, logPath=log_path, threads=1)
+        with warnings.catch_warnings():  # the bundled CBC: PuLP 4 moves it to pulp[cbc]
+            warnings.simplefilter("ignore", DeprecationWarning)
+            solver = self.pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit)),
+                                            gapRel=gap, warmStart=True, logPath=log_path, threads=1)
         try:
             status = self.lp.solve(solver)
             text = open(log_path).read()
@@ -166,10 +177,10 @@ def solve_ilp(
         return solution_for(problem, sol.decision, strategy="ilp", budget=budget,
                             solve_seconds=time.perf_counter() - t0, status="optimal", gap=0.0)
     model = _Model(problem, "time")
-    budget_mib = budget / _SCALE
+    budget_scaled = budget / model.scale
     start = save_all(problem).decision
     for t in _worst_positions(problem, [start, warm.decision], budget, initial_rows):
-        model.add_row(t, budget_mib)
+        model.add_row(t, budget_scaled)
     if warm.feasible:
         model.warm_start(warm.decision)
     best: tuple[str, Decision, float | None] | None = None
@@ -189,7 +200,7 @@ def solve_ilp(
             best = (status, decision, g)
             break
         for t in violated[np.argsort(-memory[violated])][:initial_rows]:
-            model.add_row(int(t), budget_mib)
+            model.add_row(int(t), budget_scaled)
         model.warm_start(warm.decision if warm.feasible else decision)
     seconds = time.perf_counter() - t0
     if best is None:
@@ -224,7 +235,7 @@ def min_peak(problem: RecomputeProblem, *, time_limit: float = 30.0) -> Recomput
         if problem.peak(decision) < problem.peak(best):
             best = decision
         memory = problem.memory(decision)
-        claimed = model.peak_var.value() * _SCALE
+        claimed = model.peak_var.value() * model.scale
         violated = np.flatnonzero(memory > claimed + 1)
         if not len(violated):
             break
