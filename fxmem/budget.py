@@ -31,14 +31,17 @@ _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*
 class BudgetError(FxmemError, ValueError):
     """A memory budget that no plan can meet, or a budget that is not a budget.
 
-    ``floor`` is the smallest feasible budget in bytes when it is known (else ``None``), and
-    ``holders`` names what holds that floor, e.g. ``{"parameters": 68157440, ...}``.
+    ``floor`` is the smallest feasible budget in bytes when it is known (else ``None``),
+    ``holders`` names what holds that floor, e.g. ``{"parameters": 68157440, ...}``, and
+    ``unoptimized`` is the peak of the step with nothing rewritten, when known.
     """
 
-    def __init__(self, message: str, floor: int | None = None, holders: dict[str, int] | None = None):
+    def __init__(self, message: str, floor: int | None = None, holders: dict[str, int] | None = None,
+                 unoptimized: int | None = None):
         super().__init__(message)
         self.floor = floor
         self.holders = dict(holders or {})
+        self.unoptimized = unoptimized
 
 
 def parse_budget(budget: int | float | str) -> int:

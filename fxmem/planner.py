@@ -140,7 +140,7 @@ def plan_joint(
             raise BudgetError(
                 f"the step needs {format_bytes(unoptimized)} without recomputation, over the budget "
                 f"of {format_bytes(options.budget)}, and allow= does not include 'recompute'",
-                floor=unoptimized, holders=timeline.breakdown(),
+                floor=unoptimized, holders=timeline.breakdown(), unoptimized=unoptimized,
             )
         target = int(options.budget * (1.0 - options.safety_margin))
         best = None
@@ -159,7 +159,7 @@ def plan_joint(
             floor_solution = min_peak(problem, time_limit=options.time_limit)
             fw, bw, record, timeline = realise(floor_solution)
             if timeline.peak > options.budget:
-                raise _budget_error(timeline, options)
+                raise _budget_error(timeline, options, unoptimized)
             best = (floor_solution, fw, bw, record, timeline)
         solution, fw, bw, record, timeline = best
     graphs = {"joint": joint, "forward": fw, "backward": bw}
@@ -168,7 +168,7 @@ def plan_joint(
                 candidates=problem.num_candidates, plan_seconds=time.perf_counter() - t0)
 
 
-def _budget_error(timeline: MemoryTimeline, options: PlanOptions) -> BudgetError:
+def _budget_error(timeline: MemoryTimeline, options: PlanOptions, unoptimized: int) -> BudgetError:
     """The error for a budget under the smallest peak found, as the budget that would be met
     (the planning margin included) and what holds it."""
     floor = int(-(-timeline.peak // (1.0 - options.safety_margin)))
@@ -178,8 +178,9 @@ def _budget_error(timeline: MemoryTimeline, options: PlanOptions) -> BudgetError
     return BudgetError(
         f"no plan fits the budget of {format_bytes(options.budget)} "
         f"(strategy {options.strategy}): the smallest feasible budget is about "
-        f"{format_bytes(floor)} ({floor} bytes), held at its peak by {held}",
-        floor=floor, holders=holders,
+        f"{format_bytes(floor)} ({floor} bytes), held at its peak by {held}; with nothing "
+        f"recomputed the step needs {format_bytes(unoptimized)}",
+        floor=floor, holders=holders, unoptimized=unoptimized,
     )
 
 
