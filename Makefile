@@ -27,6 +27,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/estimate_accuracy.py
 	$(BIN)/python bench/estimate_large.py
+	$(BIN)/python bench/ilp_gpt2_small.py
+	$(BIN)/python bench/recompute_peers.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

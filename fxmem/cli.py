@@ -1,4 +1,4 @@
-"""The ``fxmem`` command line: ``fxmem estimate MODULE:FACTORY``."""
+"""The ``fxmem`` command line: ``fxmem estimate MODULE:FACTORY`` and ``fxmem plan ...``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,41 @@ def _estimate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(ns: argparse.Namespace) -> int:
+    import gc
+
+    import fxmem
+
+    from .budget import format_bytes
+    from .workload import load_workload
+
+    workload = load_workload(ns.factory)
+    model = fxmem.optimize(workload.model, ns.budget, optimizer=workload.optimizer,
+                           loss_fn=workload.loss_fn, strategy=ns.strategy, lowering=ns.lowering)
+
+    def step():
+        out = model(*workload.args, **workload.kwargs)
+        fxmem.loss_from_output(out).backward()
+        if workload.optimizer is not None:
+            workload.optimizer.step()
+            workload.optimizer.zero_grad(set_to_none=True)
+
+    step()  # plans and compiles on the first call
+    workload.zero_grad()
+    gc.collect()
+    measured = fxmem.measure_memory(step, device=next(workload.model.parameters()).device)
+    plan = model.plan
+    print(f"fxmem plan: {workload.name}, lowering {ns.lowering}")
+    print(plan.report())
+    print(f"measured peak {format_bytes(measured.peak)} "
+          f"({'within' if measured.peak <= plan.budget else 'OVER'} the budget of "
+          f"{format_bytes(plan.budget)})")
+    if ns.show_graphs:
+        for name in ("forward", "backward"):
+            print(f"\n# {name} graph\n{plan.graphs[name].code}")
+    return 0 if measured.peak <= plan.budget else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxmem", description="Fit a training step into a memory budget.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -49,10 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-measure", action="store_true", help="predict only; do not run the step")
     p.add_argument("--plot", metavar="PNG", help="write predicted vs measured memory to this PNG")
     p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
+    q = sub.add_parser("plan", help="plan a training step under a budget, run it, measure it")
+    q.add_argument("factory", help="MODULE:FACTORY returning the model and its inputs (and optimizer)")
+    q.add_argument("--budget", required=True, help="bytes, or with a unit: 512MiB, 2GB, 1.5GiB")
+    q.add_argument("--strategy", default="ilp", choices=["ilp", "greedy", "checkpoint-blocks",
+                                                          "save-all"])
+    q.add_argument("--lowering", default="eager", choices=["eager", "inductor"])
+    q.add_argument("--show-graphs", action="store_true", help="print the rewritten graphs")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING)
     try:
-        return _estimate(ns)
+        return _plan(ns) if ns.command == "plan" else _estimate(ns)
     except FxmemError as exc:
         print(f"fxmem: error: {exc}", file=sys.stderr)
         return 2

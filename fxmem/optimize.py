@@ -63,11 +63,11 @@ class _StepModule(torch.nn.Module):
     def output_layout(self, tensors):
         """How the model's output is built, found by running it once on fake tensors."""
         from torch._subclasses.fake_tensor import FakeTensorMode
-
         from torch.nn.utils.stateless import _reparametrize_module
 
         state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        with FakeTensorMode() as mode:  # fake copies: in-place updates must not reach the model
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # params as fake copies: in-place
+            # updates must not reach the model; closure tensors (a loss_fn's targets) are read
             fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
             fakes = [mode.from_tensor(t) for t in tensors]
             with _reparametrize_module(self.model, fake_state, tie_weights=True):

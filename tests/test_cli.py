@@ -46,3 +46,11 @@ def test_bad_factory_and_bad_model_are_clear_errors(factory_module, capsys):
     assert "has no callable 'nope'" in capsys.readouterr().err
     assert main(["estimate", f"{factory_module}:no_loss", "--no-measure"]) == 2
     assert "the loss must be a scalar tensor" in capsys.readouterr().err
+
+
+def test_plan_runs_the_step_under_the_budget(factory_module, capsys):
+    assert main(["plan", f"{factory_module}:make", "--budget", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "within the budget" in out
+    assert main(["plan", f"{factory_module}:make", "--budget", "2KiB"]) == 2
+    assert "smallest feasible budget" in capsys.readouterr().err
