@@ -37,7 +37,7 @@ __all__ = ["fxmem_backend", "FxmemPartitioner", "make_backend", "PlanLog"]
 log = logging.getLogger(__name__)
 
 _OPTION_KEYS = {"budget", "allow", "strategy", "lowering", "time_limit", "safety_margin",
-                "optimizer", "exact_random"}
+                "optimizer", "exact_random", "cost"}
 
 
 class PlanLog:
@@ -134,7 +134,7 @@ def options_from_mapping(options: Mapping[str, Any] | None) -> tuple[PlanOptions
         budget=parse_budget(options["budget"]), allow=allow,
         strategy=options.get("strategy", "ilp"), time_limit=float(options.get("time_limit", 30.0)),
         safety_margin=float(options.get("safety_margin", 0.01)),
-        optimizer_state=state, optimizer_step=step,
+        optimizer_state=state, optimizer_step=step, cost=options.get("cost", "roofline"),
     )
     return plan_options, options.get("lowering", "inductor"), bool(options.get("exact_random", True))
 

@@ -236,12 +236,14 @@ def optimize(
     lowering: str = "eager",
     time_limit: float = 30.0,
     safety_margin: float = 0.01,
+    cost: str = "roofline",
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
     ``allow`` names the levers a plan may use (exact ones by default). ``strategy`` picks the
     solver ("ilp", "greedy", "checkpoint-blocks", "save-all"); ``lowering`` runs the rewritten
     graphs as FX code ("eager") or compiles them with TorchInductor ("inductor").
+    ``cost="profile"`` times the graph's ops on the device instead of the roofline estimate.
     ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
     graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
     few KiB to MiB at the peak.
@@ -254,5 +256,5 @@ def optimize(
     if allow - LEVERS:
         raise ValueError(f"unknown levers {sorted(allow - LEVERS)}; the levers are {sorted(LEVERS)}")
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
-                          time_limit=time_limit, safety_margin=safety_margin)
+                          time_limit=time_limit, safety_margin=safety_margin, cost=cost)
     return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn, lowering=lowering)

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from .budget import BudgetError, format_bytes
-from .cost_model import DeviceSpec, graph_costs, spec_for
+from .cost_model import DeviceSpec, graph_costs, profile_costs, spec_for
 from .joint import step_from_joint
 from .memory_model import MemoryTimeline, simulate
 from .passes.recompute import RecomputeRecord, split_with_saved
@@ -54,6 +54,7 @@ class PlanOptions:
     optimizer_state: int = 0
     optimizer_step: int = 0
     device_spec: DeviceSpec | None = None
+    cost: str = "roofline"  # or "profile": time the graph's ops on the device (slower to plan)
     max_rounds: int = 6
 
     def __post_init__(self):
@@ -64,6 +65,8 @@ class PlanOptions:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
         if not 0.0 <= self.safety_margin < 0.5:
             raise ValueError("safety_margin must be in [0, 0.5)")
+        if self.cost not in ("roofline", "profile"):
+            raise ValueError(f"cost must be 'roofline' or 'profile', got {self.cost!r}")
 
 
 @dataclasses.dataclass
@@ -118,8 +121,9 @@ def plan_joint(
     constant = {"optimizer state": options.optimizer_state} if options.optimizer_state else {}
     epilogue = [("optimizer.step", {"temporaries": options.optimizer_step})] \
         if options.optimizer_step else []
-    pmap = build_problem(step, graph_costs(joint, spec), constant=constant, epilogue=epilogue,
-                         replay_random=True)
+    costs = profile_costs(joint, step.device) if options.cost == "profile" \
+        else graph_costs(joint, spec)
+    pmap = build_problem(step, costs, constant=constant, epilogue=epilogue, replay_random=True)
     problem = pmap.problem
 
     def realise(solution: RecomputeSolution):

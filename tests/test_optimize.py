@@ -256,3 +256,13 @@ def test_random_graphs_give_eager_gradients(spec, width, fraction):
     om = fxmem.optimize(model, budget)
     assert_same_grads(expected, grads_of(model, om, x, y))
     assert om.plan.predicted_peak <= budget
+
+
+def test_profiled_costs_plan_too():
+    model, args, kwargs = tiny_gpt()
+    expected = grads_of(model, model, *args, **kwargs)
+    om = fxmem.optimize(model, _between(model, args, fraction=0.3), cost="profile")
+    assert_same_grads(expected, grads_of(model, om, *args, **kwargs))
+    assert om.plan.solution.recompute_time > 0
+    with pytest.raises(ValueError, match="cost must be"):
+        fxmem.optimize(model, "1GiB", cost="guess")
