@@ -3,6 +3,9 @@
 import pytest
 import torch
 import torch._dynamo
+from graphs_for_tests import RandomNet, random_net_spec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fxmem
 from fxmem.backend import LAST_PLANS, FxmemPartitioner, PlanLog, options_from_mapping
@@ -92,3 +95,39 @@ def test_backend_lowers_through_inductor_with_eager_gradients():
     plan = LAST_PLANS.latest
     assert plan.solution.num_recomputed > 0 and plan.record.replayed  # dropout recomputed too
     torch._dynamo.reset()
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=random_net_spec(), width=st.sampled_from([16, 48]), fraction=st.floats(0.0, 1.0))
+def test_backend_random_graphs_give_eager_gradients(spec, width, fraction):
+    torch.manual_seed(0)
+    model = RandomNet(spec, width)
+    x, y = torch.randn(64, width), torch.randint(0, 3, (64,))
+    expected = _grads_xy(model, model, x, y)
+    torch._dynamo.reset()
+    try:
+        torch.compile(model, backend="fxmem", options={"budget": 1024, "lowering": "eager"})(x, y)
+        floor = top = None
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        floor, top = exc.inner_exception.floor, exc.inner_exception.unoptimized
+    torch._dynamo.reset()
+    budget = int(floor + fraction * max(0, top - floor)) + 1 if floor else 10**9
+    compiled = torch.compile(model, backend="fxmem", options={"budget": budget, "lowering": "eager"})
+    got = _grads_xy(model, compiled, x, y)
+    torch.testing.assert_close(got[0], expected[0])
+    for a, b in zip(expected[1], got[1]):
+        torch.testing.assert_close(b, a)
+    assert LAST_PLANS.latest.predicted_peak <= budget
+    torch._dynamo.reset()
+
+
+def _grads_xy(model, call, x, y, seed=1):
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = call(x, y)
+    loss.backward()
+    out = loss.detach(), [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    return out

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import fxmem
 from fxmem.models import GPT, GPTConfig, wide_resnet_28_2
+from graphs_for_tests import DataDependent, RandomNet, random_net_spec
 
 
 def tiny_gpt(dropout=0.1):
@@ -180,18 +181,6 @@ def test_bad_input_is_a_clear_error():
         fxmem.optimize(model, "1GiB")(args[0].to("meta"), args[1].to("meta"))
 
 
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        h = self.fc(x)
-        if h.sum() > 0:
-            h = h * 2
-        return h.pow(2).mean()
-
-
 def test_graph_break_is_a_capture_error():
     with pytest.raises(fxmem.CaptureError, match="one graph"):
         fxmem.optimize(DataDependent(), "1GiB")(torch.randn(3, 4))
@@ -208,45 +197,8 @@ def test_inference_runs_the_model_unchanged():
     assert not om._compiled  # nothing was planned for a step without backward
 
 
-class RandomNet(nn.Module):
-    """A randomly shaped network: linear layers, activations, dropout, norms, residuals."""
-
-    def __init__(self, spec, width):
-        super().__init__()
-        self.spec = spec
-        self.layers = nn.ModuleList()
-        for kind in spec:
-            if kind == "linear":
-                self.layers.append(nn.Linear(width, width))
-            elif kind == "norm":
-                self.layers.append(nn.LayerNorm(width))
-            elif kind == "dropout":
-                self.layers.append(nn.Dropout(0.3))
-            else:
-                self.layers.append(nn.Identity())
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x, y):
-        skip = x
-        for kind, layer in zip(self.spec, self.layers):
-            if kind == "gelu":
-                x = torch.nn.functional.gelu(x)
-            elif kind == "tanh":
-                x = torch.tanh(x)
-            elif kind == "residual":
-                x, skip = x + skip, x
-            else:
-                x = layer(x)
-        return torch.nn.functional.cross_entropy(self.head(x), y)
-
-
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    spec=st.lists(st.sampled_from(["linear", "gelu", "tanh", "norm", "dropout", "residual"]),
-                  min_size=3, max_size=9),
-    width=st.sampled_from([16, 48]),
-    fraction=st.floats(0.0, 1.0),
-)
+@given(spec=random_net_spec(), width=st.sampled_from([16, 48]), fraction=st.floats(0.0, 1.0))
 def test_random_graphs_give_eager_gradients(spec, width, fraction):
     torch.manual_seed(0)
     model = RandomNet(spec, width)
