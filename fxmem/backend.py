@@ -18,6 +18,7 @@ registered through the ``torch_dynamo_backends`` entry point.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -41,10 +42,11 @@ _OPTION_KEYS = {"budget", "allow", "strategy", "lowering", "time_limit", "safety
 
 
 class PlanLog:
-    """Where a backend leaves the plans it makes, newest last (one per compiled graph)."""
+    """Where a backend leaves the plans it makes, newest last (one per compiled graph); it keeps
+    the last ``keep`` of them (a plan holds its graphs)."""
 
-    def __init__(self):
-        self.plans: list[Plan] = []
+    def __init__(self, keep: int = 16):
+        self.plans: collections.deque[Plan] = collections.deque(maxlen=keep)
 
     @property
     def latest(self) -> Plan:

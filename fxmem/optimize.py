@@ -136,6 +136,7 @@ class OptimizedModule(torch.nn.Module):
 
     @property
     def plans(self) -> list[Plan]:
+        """The plans of every input signature seen so far."""
         return [p for c in self._compiled.values() for p in c.plans.plans]
 
     def forward(self, *args, **kwargs):
