@@ -135,7 +135,9 @@ def options_from_mapping(options: Mapping[str, Any] | None) -> tuple[PlanOptions
     plan_options = PlanOptions(
         budget=parse_budget(options["budget"]), allow=allow,
         strategy=options.get("strategy", "ilp"), time_limit=float(options.get("time_limit", 30.0)),
-        safety_margin=float(options.get("safety_margin", 0.01)),
+        safety_margin=float(options.get("safety_margin",
+                                        0.03 if options.get("lowering", "inductor") == "inductor"
+                                        else 0.01)),
         optimizer_state=state, optimizer_step=step, cost=options.get("cost", "roofline"),
     )
     return plan_options, options.get("lowering", "inductor"), bool(options.get("exact_random", True))

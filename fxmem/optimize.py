@@ -30,7 +30,9 @@ from .errors import FxmemError, StepInputError
 from .backend import PlanLog, make_backend
 from .planner import LEVERS, Plan, PlanOptions, optimizer_bytes
 
-__all__ = ["optimize", "OptimizedModule"]
+__all__ = ["optimize", "OptimizedModule", "DEFAULT_MARGIN"]
+
+DEFAULT_MARGIN = {"eager": 0.01, "inductor": 0.03}
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +238,7 @@ def optimize(
     strategy: str = "ilp",
     lowering: str = "eager",
     time_limit: float = 30.0,
-    safety_margin: float = 0.01,
+    safety_margin: float | None = None,
     cost: str = "roofline",
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
@@ -247,7 +249,8 @@ def optimize(
     ``cost="profile"`` times the graph's ops on the device instead of the roofline estimate.
     ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
     graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
-    few KiB to MiB at the peak.
+    few KiB to MiB at the peak. Default: 1% for eager lowering, 3% for Inductor, whose buffers
+    differ from the FX graph's (measured +1% on WRN-28-2 from its convolutions).
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -256,6 +259,8 @@ def optimize(
     allow = frozenset([allow] if isinstance(allow, str) else allow)
     if allow - LEVERS:
         raise ValueError(f"unknown levers {sorted(allow - LEVERS)}; the levers are {sorted(LEVERS)}")
+    if safety_margin is None:
+        safety_margin = DEFAULT_MARGIN[lowering]
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
                           time_limit=time_limit, safety_margin=safety_margin, cost=cost)
     return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn, lowering=lowering)

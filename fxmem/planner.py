@@ -139,14 +139,14 @@ def plan_joint(
     fw, bw, record, timeline = realise(base_solution)
     unoptimized = timeline.peak
     solution = base_solution
-    if unoptimized > options.budget:
+    target = int(options.budget * (1.0 - options.safety_margin))
+    if unoptimized > target:  # the margin holds for the unrewritten step too
         if "recompute" not in options.allow:
             raise BudgetError(
                 f"the step needs {format_bytes(unoptimized)} without recomputation, over the budget "
                 f"of {format_bytes(options.budget)}, and allow= does not include 'recompute'",
                 floor=unoptimized, holders=timeline.breakdown(), unoptimized=unoptimized,
             )
-        target = int(options.budget * (1.0 - options.safety_margin))
         best = None
         for round_ in range(options.max_rounds):
             solution = _solve(options.strategy, problem, target, options)
