@@ -131,7 +131,7 @@ def options_from_mapping(options: Mapping[str, Any] | None) -> tuple[PlanOptions
     optimizer = options.get("optimizer")
     if optimizer is not None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        state, step = optimizer_bytes(optimizer, None, params)
+        state, step = optimizer_bytes(optimizer, params)
     plan_options = PlanOptions(
         budget=parse_budget(options["budget"]), allow=allow,
         strategy=options.get("strategy", "ilp"), time_limit=float(options.get("time_limit", 30.0)),

@@ -193,7 +193,7 @@ class OptimizedModule(torch.nn.Module):
         options = self._options
         if self._optimizer is not None:
             grads = [p for p in self.module.parameters() if p.requires_grad]
-            state, step_bytes = optimizer_bytes(self._optimizer, self.module, grads)
+            state, step_bytes = optimizer_bytes(self._optimizer, grads)
             options = dataclasses.replace(options, optimizer_state=state, optimizer_step=step_bytes)
         plans = PlanLog()
         backend = make_backend(options, plans, lowering=self._lowering)

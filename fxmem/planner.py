@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
 
 import torch
 import torch.fx
@@ -25,7 +24,7 @@ from .cost_model import DeviceSpec, graph_costs, profile_costs, spec_for
 from .joint import step_from_joint
 from .memory_model import MemoryTimeline, simulate
 from .passes.recompute import RecomputeRecord, split_with_saved
-from .passes.rng_replay import RngReplayRecord, replay_random_ops
+from .passes.rng_replay import replay_random_ops
 from .plan_memory import plan_storages
 from .recompute_problem import build_problem, saved_nodes
 from .solver import checkpoint_blocks, greedy, min_peak, save_all, solve_ilp
@@ -188,7 +187,7 @@ def _budget_error(timeline: MemoryTimeline, options: PlanOptions, unoptimized: i
     )
 
 
-def optimizer_bytes(optimizer, model, grad_params) -> tuple[int, int]:
+def optimizer_bytes(optimizer, grad_params) -> tuple[int, int]:
     """(state bytes, step temporaries) of an optimizer, for PlanOptions."""
     from .optimizer_memory import optimizer_memory
 
@@ -197,7 +196,3 @@ def optimizer_bytes(optimizer, model, grad_params) -> tuple[int, int]:
     with_grad = {id(p) for p in grad_params}
     mem = optimizer_memory(optimizer, has_grad=lambda p: id(p) in with_grad)
     return mem.state_bytes, mem.step_peak_bytes
-
-
-def budget_breakdown(timeline: MemoryTimeline) -> Mapping[str, int]:
-    return {k: v for k, v in timeline.breakdown().items() if v}

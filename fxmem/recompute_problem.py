@@ -23,6 +23,7 @@ import torch.fx
 
 from .capture import CapturedStep
 from .memory_model import simulate
+from .passes.rng_replay import is_random
 from .solver.problem import Pull, RecomputeProblem
 from .storages import step_storages
 
@@ -39,10 +40,6 @@ class ProblemMap:
 
 def _tag(node: torch.fx.Node, tag) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and tag in node.target.tags
-
-
-def is_random(node: torch.fx.Node) -> bool:
-    return _tag(node, torch.Tag.nondeterministic_seeded)
 
 
 def _is_mutating(node: torch.fx.Node) -> bool:

@@ -5,7 +5,6 @@ import gc
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
