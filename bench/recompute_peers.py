@@ -59,7 +59,12 @@ from fxmem.optimize import optimize  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 MiB = 2**20
 AMB_DEFAULT = "1.0,0.5,0.2,0.05"
-SAFETY_MARGIN = 0.01  # fxmem.optimize's default: it plans for this fraction under the budget
+try:  # fxmem.optimize's default margin: it plans for this fraction under the budget
+    from fxmem.optimize import DEFAULT_MARGIN  # noqa: E402
+
+    SAFETY_MARGIN = DEFAULT_MARGIN["inductor"]
+except ImportError:  # fxmem before per-lowering margins
+    SAFETY_MARGIN = 0.01
 
 _T0 = time.perf_counter()
 
