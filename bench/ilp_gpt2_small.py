@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fxmem  # noqa: E402
+from bench.environment import cpu_name  # noqa: E402
 from fxmem.optimize import optimize  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -50,14 +51,6 @@ def build(batch: int, seq: int):
     return model, dict(input_ids=input_ids, labels=input_ids)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_budget(model, kwargs, budget: int) -> dict:

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fxmem  # noqa: E402
+from bench.environment import cpu_name  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 from fxmem.measure import live_tensor_bytes  # noqa: E402
 from fxmem.models.wide_resnet import BasicBlock  # noqa: E402
@@ -482,14 +483,6 @@ def workload_table(result: dict) -> list[str]:
     return lines
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -55,7 +56,9 @@ class PlanLog:
         return self.plans[-1]
 
 
+@functools.cache
 def _source_hash() -> str:
+    """fxmem's sources, hashed once per process (Inductor asks for the uuid on every compile)."""
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
         digest.update(path.read_bytes())

@@ -46,28 +46,25 @@ def plan_storages(
 
     fw_ids: dict[StorageWeakRef, int] = {}
     fw_nodes: dict[str, tuple[int, ...]] = {}
+
+    def fw_id(t: torch.Tensor, resident_category: str | None = None) -> int:
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in fw_ids:
+            fw_ids[key] = new_storage(t, "fw")
+            if resident_category is not None:
+                resident.add(fw_ids[key])
+                category[fw_ids[key]] = resident_category
+        return fw_ids[key]
+
     for node in fw.graph.nodes:
         tensors = _tensors(node.meta.get("val"))
         if node.op in ("placeholder", "get_attr"):
-            ids = []
-            for t in tensors:
-                key = StorageWeakRef(t.untyped_storage())
-                if key not in fw_ids:
-                    fw_ids[key] = new_storage(t, "fw")
-                    resident.add(fw_ids[key])
-                    role = step.roles.get(node.name, Role.BUFFER if node.op == "get_attr" else Role.INPUT)
-                    category[fw_ids[key]] = _RESIDENT_CATEGORY.get(role, "inputs")
-                ids.append(fw_ids[key])
-            fw_nodes[node.name] = tuple(ids)
+            role = step.roles.get(node.name, Role.BUFFER if node.op == "get_attr" else Role.INPUT)
+            resident_category = _RESIDENT_CATEGORY.get(role, "inputs")
+            fw_nodes[node.name] = tuple(fw_id(t, resident_category) for t in tensors)
         elif node.op == "call_function":
             before = len(nbytes)
-            ids = []
-            for t in tensors:
-                key = StorageWeakRef(t.untyped_storage())
-                if key not in fw_ids:
-                    fw_ids[key] = new_storage(t, "fw")
-                ids.append(fw_ids[key])
-            fw_nodes[node.name] = tuple(ids)
+            fw_nodes[node.name] = tuple(fw_id(t) for t in tensors)
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
