@@ -7,7 +7,7 @@ an ILP) so that its peak stays under a budget given in bytes.
 
 from .budget import BudgetError, format_bytes, parse_budget
 from .capture import CapturedStep, Role, capture_step, loss_from_output
-from .errors import CaptureError, FxmemError, StepInputError
+from .errors import CaptureError, FxmemError, MicrobatchError, StepInputError
 from .estimate import MemoryEstimate, estimate
 from .measure import MeasuredMemory, measure_memory, measure_peak
 from .optimize import OptimizedModule, optimize
@@ -21,6 +21,7 @@ __all__ = [
     "FxmemError",
     "MeasuredMemory",
     "MemoryEstimate",
+    "MicrobatchError",
     "OptimizedModule",
     "Plan",
     "PlanOptions",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxmemError", "CaptureError", "StepInputError"]
+__all__ = ["FxmemError", "CaptureError", "MicrobatchError", "StepInputError"]
 
 
 class FxmemError(Exception):
@@ -22,3 +22,9 @@ class CaptureError(FxmemError, RuntimeError):
     def __init__(self, message: str, graph_breaks: list[tuple[str, str]] | None = None):
         super().__init__(message)
         self.graph_breaks = list(graph_breaks or [])
+
+
+class MicrobatchError(FxmemError, RuntimeError):
+    """The step cannot be split into microbatches exactly (ops that mix samples, such as BatchNorm
+    in training mode, or a loss that is not a mean or sum over the batch); the message names each
+    op and its source line, and says how to accept per-microbatch semantics where that exists."""

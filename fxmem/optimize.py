@@ -27,12 +27,12 @@ from torch.utils import _pytree as pytree
 from .budget import parse_budget
 from .capture import _check_loss, _held_tensors, loss_from_output
 from .errors import FxmemError, StepInputError
-from .backend import PlanLog, make_backend
+from .backend import DEFAULT_MARGIN, PlanLog, make_backend
+from .microbatch import COUPLING_CHOICES, run_microbatched
 from .planner import LEVERS, Plan, PlanOptions, optimizer_bytes
 
 __all__ = ["optimize", "OptimizedModule", "DEFAULT_MARGIN"]
 
-DEFAULT_MARGIN = {"eager": 0.01, "inductor": 0.03}
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +109,33 @@ def _rebuild(layout, loss, held):
 
 
 @dataclasses.dataclass
+class _Microbatching:
+    analysis: Any  # fxmem.batch_analysis.BatchAnalysis
+    sizes: tuple[int, ...]
+    allow_coupling: bool
+    buffers: list
+    report: Any  # fxmem.microbatch.MicrobatchReport
+    choice: Any = None  # fxmem.microbatch_plan.MicrobatchChoice (None when k was given)
+
+
+@dataclasses.dataclass
 class _Compiled:
     fn: Callable
     plans: PlanLog
     layout: tuple
+    micro: _Microbatching | None = None
 
 
 class OptimizedModule(torch.nn.Module):
     """Wraps a model; plans on the first call for each input signature. ``plan`` is the latest."""
 
     def __init__(self, model, options: PlanOptions, *, optimizer=None, loss_fn=None,
-                 lowering: str = "eager"):
+                 lowering: str = "eager", microbatches: int | None = None,
+                 microbatch_coupling: str = "refuse", batch_dims=None):
         super().__init__()
+        self._microbatches = microbatches
+        self._coupling = microbatch_coupling
+        self._batch_dims = batch_dims
         self.module = model
         self._options = options
         self._optimizer = optimizer
@@ -134,7 +149,10 @@ class OptimizedModule(torch.nn.Module):
         """The plan of the latest call's input signature."""
         if self._last is None:
             raise RuntimeError("no plan yet: call the module on a batch first")
-        return self._last.plans.latest
+        plan = self._last.plans.latest
+        if self._last.micro is not None:
+            plan.microbatch = self._last.micro.report
+        return plan
 
     @property
     def plans(self) -> list[Plan]:
@@ -154,6 +172,13 @@ class OptimizedModule(torch.nn.Module):
             self._compiled[key] = compiled
         self._last = compiled
         try:
+            if compiled.micro is not None:
+                m = compiled.micro
+                params = [p for p in self.module.parameters() if p.requires_grad]
+                loss, held = run_microbatched(compiled.fn, tensors, analysis=m.analysis,
+                                              sizes=m.sizes, params=params, buffers=m.buffers,
+                                              allow_coupling=m.allow_coupling)
+                return _rebuild(compiled.layout, loss, held)
             outputs = compiled.fn(*tensors)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             del self._compiled[key]
@@ -195,10 +220,55 @@ class OptimizedModule(torch.nn.Module):
             grads = [p for p in self.module.parameters() if p.requires_grad]
             state, step_bytes = optimizer_bytes(self._optimizer, grads)
             options = dataclasses.replace(options, optimizer_state=state, optimizer_step=step_bytes)
+        micro = None
+        if "microbatch" in options.allow or self._microbatches:
+            micro, options = self._plan_microbatches(leaves, spec, slots, options)
         plans = PlanLog()
         backend = make_backend(options, plans, lowering=self._lowering)
         fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
-        return _Compiled(fn=fn, plans=plans, layout=layout)
+        return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro)
+
+    def _plan_microbatches(self, leaves, spec, slots, options):
+        """Whether and how to split the batch: (_Microbatching or None, options for the
+        microbatch graph's plan)."""
+        from .batch_analysis import analyze_batch
+        from .capture import capture_step
+        from .microbatch import check_microbatchable, microbatch_report, split_sizes
+        from .microbatch_plan import choose_microbatches, extra_resident
+
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        whole = capture_step(self.module, args, kwargs, loss_fn=self._loss_fn)
+        analysis = analyze_batch(whole, self._batch_dims)
+        allow_coupling = self._coupling == "per-microbatch"
+        nodes = {n.name: n for n in whole.gm.graph.nodes}
+        held_bytes = sum(nodes[h].meta["val"].untyped_storage().nbytes()
+                         for h in whole.held_outputs)
+        constant = {"optimizer state": options.optimizer_state} if options.optimizer_state else {}
+        choice = None
+        if self._microbatches:
+            sizes = tuple(split_sizes(analysis.batch_size, self._microbatches))
+        else:
+            usable = analysis.reduction is not None and (not analysis.coupling or allow_coupling)
+            choice = choose_microbatches(
+                self.module, leaves, spec, slots, analysis=analysis, budget=options.budget,
+                margin=options.safety_margin, loss_fn=self._loss_fn, constant=constant,
+                held_bytes=held_bytes, candidates=None if usable else [1],
+                recompute="recompute" in options.allow)
+            if not usable and not choice.options[0].feasible:
+                check_microbatchable(analysis, allow_coupling=allow_coupling)  # says why not
+            sizes = choice.sizes
+            log.info("%s", choice.summary())
+        if len(sizes) == 1:
+            return None, options
+        check_microbatchable(analysis, allow_coupling=allow_coupling)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        extra = extra_resident([leaves[s] for s in slots], held_bytes, sizes,
+                               analysis.flat_batch_dims, params)
+        options = dataclasses.replace(options, extra_resident=tuple(extra.items()))
+        buffers = [self.module.get_buffer(name) for name in analysis.mutated_buffers]
+        micro = _Microbatching(analysis, sizes, allow_coupling, buffers,
+                               microbatch_report(analysis, sizes), choice)
+        return micro, options
 
 
 _compiles = itertools.count()
@@ -240,6 +310,9 @@ def optimize(
     time_limit: float = 30.0,
     safety_margin: float | None = None,
     cost: str = "roofline",
+    microbatches: int | None = None,
+    microbatch_coupling: str = "refuse",
+    batch_dims: Mapping[str, int | None] | None = None,
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
@@ -247,10 +320,15 @@ def optimize(
     solver ("ilp", "greedy", "checkpoint-blocks", "save-all"); ``lowering`` runs the rewritten
     graphs as FX code ("eager") or compiles them with TorchInductor ("inductor").
     ``cost="profile"`` times the graph's ops on the device instead of the roofline estimate.
+    With ``"microbatch"`` in ``allow`` the plan may split the batch into k microbatches whose
+    gradients accumulate (k chosen with recomputation, the fastest predicted pair under the
+    budget); ``microbatches=k`` forces k. Ops that mix samples (BatchNorm in training) are refused
+    unless ``microbatch_coupling="per-microbatch"``. ``batch_dims`` ({input path such as
+    "args[0]" or "kwargs['labels']": dim or None}) overrides the batch dimension found.
     ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
     graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
-    few KiB to MiB at the peak. Default: 1% for eager lowering, 3% for Inductor, whose buffers
-    differ from the FX graph's (measured +1% on WRN-28-2 from its convolutions).
+    few KiB to MiB at the peak. Default: 1% for eager lowering, 7% for Inductor, whose buffers
+    fxmem models from its fusion rules (:mod:`fxmem.inductor_memory`), not from its output.
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -263,4 +341,14 @@ def optimize(
         safety_margin = DEFAULT_MARGIN[lowering]
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
                           time_limit=time_limit, safety_margin=safety_margin, cost=cost)
-    return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn, lowering=lowering)
+    if microbatch_coupling not in COUPLING_CHOICES:
+        raise ValueError(f"microbatch_coupling must be one of {COUPLING_CHOICES}, "
+                         f"got {microbatch_coupling!r}")
+    if microbatches is not None and (not isinstance(microbatches, int) or microbatches < 1):
+        raise ValueError(f"microbatches must be a positive int, got {microbatches!r}")
+    if microbatches and microbatches > 1 and "microbatch" not in allow:
+        allow = allow | {"microbatch"}
+    options = dataclasses.replace(options, allow=allow)
+    return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn, lowering=lowering,
+                           microbatches=microbatches, microbatch_coupling=microbatch_coupling,
+                           batch_dims=batch_dims)

@@ -17,18 +17,23 @@ import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .capture import CapturedStep, Role
+from .inductor_memory import Lowered, lower_storages, lowering_kinds
 from .memory_model import StepStorages
-from .storages import _RESIDENT_CATEGORY, _tensors, allocation_bytes
+from .storages import _RESIDENT_CATEGORY, _tensors, allocation_bytes, scratch_bytes
 
 __all__ = ["plan_storages"]
 
 
 def plan_storages(
-    step: CapturedStep, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, *, num_fwd_outputs: int
+    step: CapturedStep, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, *, num_fwd_outputs: int,
+    lowering: str = "eager",
 ) -> StepStorages:
     """Storages of the forward then the backward graph. ``step`` is the labelled joint graph the
     two were split from (for roles); the forward's first ``num_fwd_outputs`` outputs are the
-    caller's, the rest are saved for the backward."""
+    caller's, the rest are saved for the backward. ``lowering="inductor"``: as Inductor runs the
+    two graphs (:func:`fxmem.inductor_memory.lower_storages`)."""
+    if lowering not in ("eager", "inductor"):
+        raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
     device = step.device
     nbytes: list[int] = []
     category: list[str] = []
@@ -65,6 +70,7 @@ def plan_storages(
         elif node.op == "call_function":
             before = len(nbytes)
             fw_nodes[node.name] = tuple(fw_id(t) for t in tensors)
+            _add_scratch(node, device, nbytes, category, phase_of, "fw")
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
@@ -102,6 +108,7 @@ def plan_storages(
                     ids.append(new_storage(t, "bw"))
                 bw_ids[key] = ids[-1]
             bw_nodes[node.name] = tuple(ids)
+            _add_scratch(node, device, nbytes, category, phase_of, "bw")
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
@@ -121,7 +128,7 @@ def plan_storages(
             category[s] = "outputs"
         elif phase_of[s] == "fw" and s in read_in_bw:
             category[s] = "saved activations"
-    return StepStorages(
+    storages = StepStorages(
         op_names=tuple(op_names),
         creates=tuple(creates),
         reads=tuple(reads),
@@ -132,6 +139,22 @@ def plan_storages(
         accumulates={},  # eager FX backward ops allocate their outputs; nothing accumulates in place
         backward_start=backward_start,
     )
+    if lowering == "eager":
+        return storages
+    kinds = {**{("fw", k): v for k, v in lowering_kinds(fw, device).items()},
+             **{("bw", k): v for k, v in lowering_kinds(bw, device).items()}}
+    per_op = [kinds.get(("fw" if i < backward_start else "bw", name), Lowered.EXTERN)
+              for i, name in enumerate(op_names)]
+    return lower_storages(storages, per_op)
+
+
+def _add_scratch(node, device, nbytes, category, phase_of, phase) -> None:
+    """An op's internal scratch as a storage it creates and nothing reads (freed right after)."""
+    scratch = scratch_bytes(node, device)
+    if scratch:
+        nbytes.append(allocation_bytes(scratch, device))
+        category.append("temporaries")
+        phase_of.append(phase)
 
 
 def _input_keys(node: torch.fx.Node) -> set[StorageWeakRef]:

@@ -55,6 +55,10 @@ class PlanOptions:
     device_spec: DeviceSpec | None = None
     cost: str = "roofline"  # or "profile": time the graph's ops on the device (slower to plan)
     max_rounds: int = 6
+    lowering: str = "eager"  # how the graphs run, so how memory is modelled: "eager" | "inductor"
+    # (category, bytes) held throughout beyond the graph's own, e.g. a microbatched step's
+    # gradient buffers and the rest of the whole batch's inputs and outputs
+    extra_resident: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         unknown = set(self.allow) - LEVERS
@@ -64,6 +68,8 @@ class PlanOptions:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
         if not 0.0 <= self.safety_margin < 0.5:
             raise ValueError("safety_margin must be in [0, 0.5)")
+        if self.lowering not in ("eager", "inductor"):
+            raise ValueError(f"lowering must be 'eager' or 'inductor', got {self.lowering!r}")
         if self.cost not in ("roofline", "profile"):
             raise ValueError(f"cost must be 'roofline' or 'profile', got {self.cost!r}")
 
@@ -81,6 +87,7 @@ class Plan:
     graphs: dict[str, torch.fx.GraphModule]
     candidates: int
     plan_seconds: float
+    microbatch: object | None = None  # fxmem.microbatch.MicrobatchReport when microbatched
 
     @property
     def budget(self) -> int:
@@ -113,16 +120,20 @@ def plan_joint(
     t0 = time.perf_counter()
     unsupported = set(options.allow) - _IMPLEMENTED
     if unsupported:
-        log.info("levers %s are not implemented yet; planning with recompute only", sorted(unsupported))
+        log.info("levers %s are not applied by the graph planner (fxmem.optimize microbatches; "
+                 "precision and sparse are not implemented yet)", sorted(unsupported))
     step = step_from_joint(joint, num_fwd_outputs=num_fwd_outputs,
                            static_input_indices=static_input_indices)
     spec = options.device_spec or spec_for(step.device)
     constant = {"optimizer state": options.optimizer_state} if options.optimizer_state else {}
+    for category, nbytes in options.extra_resident:
+        constant[category] = constant.get(category, 0) + int(nbytes)
     epilogue = [("optimizer.step", {"temporaries": options.optimizer_step})] \
         if options.optimizer_step else []
     costs = profile_costs(joint, step.device) if options.cost == "profile" \
         else graph_costs(joint, spec)
-    pmap = build_problem(step, costs, constant=constant, epilogue=epilogue, replay_random=True)
+    pmap = build_problem(step, costs, constant=constant, epilogue=epilogue, replay_random=True,
+                         lowering=options.lowering)
     problem = pmap.problem
 
     def realise(solution: RecomputeSolution):
@@ -131,7 +142,8 @@ def plan_joint(
                                           buffers=step.buffer_names)
         rng = replay_random_ops(fw, bw, num_fwd_outputs=num_fwd_outputs)
         record = dataclasses.replace(record, replayed=rng.replayed)
-        storages = plan_storages(step, fw, bw, num_fwd_outputs=num_fwd_outputs)
+        storages = plan_storages(step, fw, bw, num_fwd_outputs=num_fwd_outputs,
+                                 lowering=options.lowering)
         return fw, bw, record, simulate(storages, constant=constant, epilogue=epilogue)
 
     base_solution = save_all(problem, options.budget)

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 
 from .capture import CapturedStep
+from .inductor_memory import Lowered, lower_storages, lowering_kinds
 from .memory_model import simulate
 from .passes.rng_replay import is_random
 from .solver.problem import Pull, RecomputeProblem
@@ -68,14 +69,25 @@ def build_problem(
     epilogue=(),
     replay_random: bool = False,
     pull_window: int | None = None,
+    lowering: str = "eager",
 ) -> ProblemMap:
     """The recompute problem of a captured (joint) step. ``costs`` maps node names to seconds.
 
     ``pull_window``: how many backward positions earlier than its own need a value may be
     recomputed for another's recomputation (default: an eighth of the backward, at least 64);
     farther pulls are cut by saving a value on the way.
+
+    ``lowering="inductor"`` models the step as Inductor runs it (:mod:`fxmem.inductor_memory`):
+    values Inductor inlines into their consumers are not candidates (they never exist in memory;
+    the backward recomputes them inside its kernels), and their cost is charged to the realised
+    values whose kernels compute them.
     """
     storages = step_storages(step)
+    costs = dict(costs)
+    if lowering == "inductor":
+        storages, costs = _lowered(step, storages, costs)
+    elif lowering != "eager":
+        raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
     timeline = simulate(storages, constant=constant, epilogue=epilogue)
     nodes = {n.name: n for n in step.gm.graph.nodes}
     op_nodes = [nodes[name] for name in storages.op_names]
@@ -184,6 +196,23 @@ def build_problem(
         ),
     )
     return ProblemMap(problem=problem, candidate_nodes=problem.names)
+
+
+def _lowered(step: CapturedStep, storages, costs: dict[str, float]):
+    """Storages as Inductor runs them, and costs with each inlined op's cost charged to the ops
+    that read it (through other inlined ops)."""
+    kinds_by_name = lowering_kinds(step.gm, step.device)
+    kinds = [kinds_by_name.get(name, Lowered.EXTERN) for name in storages.op_names]
+    nodes = {n.name: n for n in step.gm.graph.nodes}
+    inlined_cost: dict[str, float] = {}
+    for name in storages.op_names:
+        node = nodes[name]
+        body = sum(inlined_cost.get(inp.name, 0.0) for inp in node.all_input_nodes)
+        if kinds_by_name.get(name) in (Lowered.INLINED, Lowered.VIEW):
+            inlined_cost[name] = body + costs.get(name, 0.0)
+        else:
+            costs[name] = costs.get(name, 0.0) + body
+    return lower_storages(storages, kinds), costs
 
 
 def _pulls(n, inputs, direct, need_start, need_end, window) -> list[Pull]:

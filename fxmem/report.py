@@ -126,10 +126,16 @@ def format_plan(plan) -> str:
         + f", {sol.solve_seconds:.2f}s over {plan.candidates} candidates)",
         f"recompute: {plan.record.summary()}; predicted extra time "
         f"{1e3 * sol.recompute_time:.2f} ms",
-        "levers used: " + ("recompute" if sol.num_recomputed else "none")
-        + " (exact: gradients equal eager PyTorch's)",
+        "levers used: " + (", ".join(
+            (["recompute"] if sol.num_recomputed else [])
+            + ([f"microbatch (k={len(plan.microbatch.sizes)})"]
+               if getattr(plan, "microbatch", None) is not None else [])) or "none")
+        + " (exact: gradients equal eager PyTorch's"
+        + (", unless BatchNorm runs per microbatch)" if getattr(plan, "microbatch", None) else ")"),
         "at the predicted peak:",
     ]
+    if getattr(plan, "microbatch", None) is not None:
+        lines[4:4] = str(plan.microbatch).splitlines()
     width = max(len(c) for c in CATEGORIES)
     for cat, b in plan.timeline.breakdown().items():
         if b:

@@ -16,7 +16,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from .capture import CapturedStep, Role
 from .memory_model import StepStorages
 
-__all__ = ["step_storages", "allocation_bytes"]
+__all__ = ["step_storages", "allocation_bytes", "scratch_bytes"]
 
 _CUDA_ROUND = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 _ACCUMULATING_OPS = {torch.ops.aten.add.Tensor}
@@ -33,6 +33,28 @@ def allocation_bytes(nbytes: int, device: torch.device) -> int:
     if device.type == "cuda" and nbytes > 0:
         return -(-nbytes // _CUDA_ROUND) * _CUDA_ROUND
     return int(nbytes)
+
+
+def scratch_bytes(node: torch.fx.Node, device: torch.device) -> int:
+    """Bytes an op allocates and frees inside itself, beyond its outputs. On the CPU,
+    ``native_dropout`` draws its noise into a tensor like its input before making the bool mask
+    (CUDA fuses it). The RNG-replay wrappers run the op they wrap."""
+    if device.type != "cpu" or node.op != "call_function":
+        return 0
+    target, args = node.target, node.args
+    if not isinstance(target, torch._ops.OpOverload) and args \
+            and isinstance(args[0], torch._ops.OpOverload):
+        target, args = args[0], args[1:]  # run_and_save_rng_state(op, *args)
+    elif not isinstance(target, torch._ops.OpOverload) and len(args) > 1 \
+            and isinstance(args[1], torch._ops.OpOverload):
+        target, args = args[1], args[2:]  # run_with_rng_state(state, op, *args)
+    if target is not torch.ops.aten.native_dropout.default or not args:
+        return 0
+    train = args[2] if len(args) > 2 else node.kwargs.get("train", True)
+    inp = args[0].meta.get("val") if isinstance(args[0], torch.fx.Node) else None
+    if train is False or not isinstance(inp, torch.Tensor):
+        return 0
+    return inp.numel() * inp.element_size()
 
 
 def _tensors(val) -> list[torch.Tensor]:
@@ -90,6 +112,10 @@ def step_storages(step: CapturedStep, device: torch.device | None = None) -> Ste
             before = len(nbytes)
             ids = storage_ids(_tensors(node.meta.get("val")), op_index)
             node_storages[node.name] = ids
+            scratch = scratch_bytes(node, device)
+            if scratch:  # a storage of the op's own that nothing reads: freed right after it
+                nbytes.append(allocation_bytes(scratch, device))
+                created_by.append(op_index)
             op_nodes.append(node)
             creates.append(tuple(range(before, len(nbytes))))
             reads.append(

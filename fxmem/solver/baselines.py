@@ -54,7 +54,8 @@ def greedy(problem: RecomputeProblem, budget: int, max_steps: int | None = None)
         if not alive.any():
             break
         # recomputing i frees its keep window at t unless t falls in its recompute window
-        frees = problem.size * ~((problem.need_start <= t) & (t <= problem.need_end))
+        frees = problem.size - problem.again_size * (
+            (problem.need_start <= t) & (t <= problem.need_end))
         score = np.where(alive, frees / (problem.cost + 1e-9), -np.inf)
         best = int(np.argmax(score))
         if not np.isfinite(score[best]) or frees[best] <= 0:

@@ -115,12 +115,12 @@ class _Model:
         keep = (p.fwd_end < t) & (t <= p.need_end)
         again = (p.need_start <= t) & (t <= p.need_end)
         terms = [float(p.size[i]) / self.scale * self.save[i] for i in np.flatnonzero(keep)]
-        terms += [float(p.size[i]) / self.scale * self.again[i] for i in np.flatnonzero(again)]
+        terms += [float(p.again_size[i]) / self.scale * self.again[i] for i in np.flatnonzero(again)]
         for i, starts in self.pulled.items():
             if t < p.need_start[i]:
                 live = [w for s, w in starts if s <= t]
                 if live:
-                    terms.append(float(p.size[i]) / self.scale * live[-1])
+                    terms.append(float(p.again_size[i]) / self.scale * live[-1])
         bound = self.peak_var if budget_scaled is None else budget_scaled
         self.lp += self.pulp.lpSum(terms) + float(p.base[t]) / self.scale <= bound, f"mem_{t}"
 

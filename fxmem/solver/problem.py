@@ -11,6 +11,9 @@ Memory at position ``t`` (a linear function of the decision, with the pull terms
     base[t] + sum_i size[i] * (saved[i] * keep[i, t] + recomputed[i] * again[i, t])
             + sum_i size[i] * pulled[i, t]
 
+(``again_size`` replaces ``size`` in the recomputed and pulled terms where the lowering fuses a
+recomputed value into its consumers.)
+
 where ``base`` is what the step holds when nothing is kept past its forward use, ``keep[i, t]``
 is 1 on ``(fwd_end[i], need_end[i]]`` and ``again[i, t]`` on ``[need_start[i], need_end[i]]``.
 A value is recomputed once, for its first need: when recomputing another value reads it earlier
@@ -56,10 +59,15 @@ class RecomputeProblem:
     # `start`, earlier than its own need, and lives from there. `far` pulls are forbidden instead:
     # `target` (or an interior value) must then be saved.
     pulls: tuple[Pull, ...] = ()
+    # bytes a recomputed copy occupies in the backward (default ``size``); 0 for a value the
+    # lowering fuses into its consumers (Inductor inlines recomputed pointwise ops)
+    again_size: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.names)
-        for field in ("size", "cost", "fwd_end", "need_start", "need_end", "direct", "must_save",
+        if self.again_size is None:
+            object.__setattr__(self, "again_size", np.asarray(self.size).copy())
+        for field in ("size", "again_size", "cost", "fwd_end", "need_start", "need_end", "direct", "must_save",
                       "never_save", "block"):
             if len(getattr(self, field)) != n:
                 raise ValueError(f"{field} needs one entry per candidate ({n})")
@@ -119,15 +127,15 @@ class RecomputeProblem:
                 delta[self.fwd_end[i] + 1] += self.size[i]
                 delta[self.need_end[i] + 1] -= self.size[i]
         for i in np.flatnonzero(decision.recomputed):
-            delta[self.need_start[i]] += self.size[i]
-            delta[self.need_end[i] + 1] -= self.size[i]
+            delta[self.need_start[i]] += self.again_size[i]
+            delta[self.need_end[i] + 1] -= self.again_size[i]
         earliest: dict[int, int] = {}
         for p in self.active_pulls(decision.saved, decision.recomputed):
             if not p.far and p.start < self.need_start[p.target]:
                 earliest[p.target] = min(earliest.get(p.target, p.start), p.start)
         for i, start in earliest.items():
-            delta[start] += self.size[i]
-            delta[self.need_start[i]] -= self.size[i]
+            delta[start] += self.again_size[i]
+            delta[self.need_start[i]] -= self.again_size[i]
         return self.base + np.cumsum(delta[:-1])
 
     def peak(self, decision: Decision) -> int:

@@ -1,0 +1,194 @@
+"""What TorchInductor materialises: the memory model of a graph lowered through Inductor.
+
+An FX graph run op by op allocates every op's output. Inductor does not: it lowers pointwise ops
+(and gathers, pads, clones, casts) to loop bodies that are *inlined* into their consumers, so an
+intermediate read only by other loop bodies never exists in memory -- the fused cross-entropy
+never materialises the (tokens x vocabulary) log-softmax. What it does materialise:
+
+- graph outputs (what the forward saves for the backward, the gradients);
+- inputs of extern kernels and fallbacks (``mm``, convolutions, attention, random-op wrappers);
+- outputs of reductions and of extern kernels;
+- a loop body read by more than one consumer when inlining it twice would be costly (Inductor's
+  ``should_realize_on_reuse``: on CPU any body with ``exp``/``log``/``sigmoid``/``tanh``; more
+  than ``realize_reads_threshold`` buffer reads), or one that reads too many buffers
+  (``has_exceeded_max_reads``).
+
+Inductor also writes a pointwise kernel's output into an input buffer that dies there (in-place
+buffer reuse), which the memory model's take-over rule expresses.
+
+:func:`lowering_kinds` classifies a graph's ops; :func:`lower_storages` rewrites
+:class:`~fxmem.memory_model.StepStorages` accordingly: an inlined op's storage costs nothing and
+its readers read the op's inputs instead, so those live until the last consumer.
+The rules follow ``torch/_inductor/graph.py`` (``run_node``) and ``ir.py`` (``StorageBox``); the
+scheduler can remove a few more buffers (all readers fused into one kernel), which this model
+does not, so it errs on the side of more memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+from .memory_model import StepStorages
+
+__all__ = ["Lowered", "lowering_kinds", "lower_storages"]
+
+_HEAVY = {"exp", "exp2", "expm1", "log", "log10", "log1p", "log2", "sigmoid", "tanh",
+          "_softmax", "_log_softmax", "gelu", "silu", "erf"}
+_INLINABLE = {"gather", "index", "embedding", "constant_pad_nd", "clone", "_to_copy", "full",
+              "full_like", "zeros_like", "ones_like", "scalar_tensor", "arange", "iota",
+              "select_scatter", "slice_scatter", "convert_element_type", "where", "fill",
+              "zeros", "ones", "lift_fresh_copy", "copy", "alias_copy", "expand_copy",
+              "permute_copy", "view_copy"}
+_REUSE_READS = 4  # torch._inductor.config.realize_reads_threshold
+_MAX_READS = {"cpu": 12, "other": 8}  # realize_cpu_acc_reads_threshold / the default
+_MAX_OPS = 30  # realize_opcount_threshold: a body of more ops is realised when reused
+
+
+class Lowered(str, enum.Enum):
+    """How Inductor lowers an op."""
+
+    INLINED = "inlined"  # a loop body inlined into its consumers: never in memory
+    KERNEL = "kernel"  # a loop body realised into a buffer (may reuse a dying input's buffer)
+    REDUCTION = "reduction"  # a reduction: its (smaller) output is a buffer
+    EXTERN = "extern"  # an extern kernel or fallback: inputs and outputs are buffers
+    VIEW = "view"  # no storage of its own
+
+
+def _base_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _op_class(node: torch.fx.Node) -> Lowered:
+    """The lowering of an op on its own (before looking at its users)."""
+    from torch._inductor import lowering as inductor_lowering
+
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return Lowered.EXTERN  # higher-order ops (RNG replay wrappers), Python callables
+    if torch.Tag.inplace_view in target.tags or _aliases_input(node):
+        return Lowered.VIEW
+    if (target in inductor_lowering.fallbacks or target in inductor_lowering.needs_realized_inputs
+            or target not in inductor_lowering.lowerings):
+        return Lowered.EXTERN
+    if torch.Tag.reduction in target.tags:
+        return Lowered.REDUCTION
+    if torch.Tag.pointwise in target.tags or _base_name(target) in _INLINABLE:
+        return Lowered.INLINED
+    return Lowered.KERNEL
+
+
+def _aliases_input(node: torch.fx.Node) -> bool:
+    from .storages import _tensors
+
+    outs = _tensors(node.meta.get("val"))
+    if not outs:
+        return False
+    ins = {t.untyped_storage()._cdata for inp in node.all_input_nodes
+           for t in _tensors(inp.meta.get("val"))}
+    return all(t.untyped_storage()._cdata in ins for t in outs)
+
+
+@dataclasses.dataclass
+class _Body:
+    reads: set[str]  # realised values the inlined body reads
+    ops: int
+    heavy: bool
+
+
+def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, Lowered]:
+    """How Inductor lowers each ``call_function`` node of ``gm`` (getitems excluded)."""
+    max_reads = _MAX_READS["cpu" if device.type == "cpu" else "other"]
+    kinds: dict[str, Lowered] = {}
+    bodies: dict[str, _Body] = {}
+    outputs = {n.name for n in next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes}
+
+    def body_of(node: torch.fx.Node) -> _Body:
+        """What reading ``node`` costs a consumer's loop body: itself if realised."""
+        if node.name in bodies and kinds.get(node.name) in (Lowered.INLINED, Lowered.VIEW):
+            return bodies[node.name]
+        return _Body(reads={node.name}, ops=0, heavy=False)
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        kind = _op_class(node)
+        if kind in (Lowered.INLINED, Lowered.VIEW):
+            parts = [body_of(inp) for inp in node.all_input_nodes]
+            bodies[node.name] = _Body(
+                reads=set().union(*(p.reads for p in parts)) if parts else set(),
+                ops=sum(p.ops for p in parts) + (kind is Lowered.INLINED),
+                heavy=any(p.heavy for p in parts) or _base_name(node.target) in _HEAVY,
+            )
+        kinds[node.name] = kind
+
+    # realise inlinable values whose consumers cannot inline them (users through views)
+    def consumers(node: torch.fx.Node) -> list[torch.fx.Node]:
+        found = []
+        for user in node.users:
+            if user.op == "call_function" and kinds.get(user.name) is Lowered.VIEW:
+                found.extend(consumers(user))
+            else:
+                found.append(user)
+        return found
+
+    for node in gm.graph.nodes:
+        if kinds.get(node.name) is not Lowered.INLINED:
+            continue
+        body = bodies[node.name]
+        users = consumers(node)
+        must_realise = (
+            node.name in outputs
+            or any(u.op != "call_function" or u.name in outputs or u.target is operator.getitem
+                   or kinds.get(u.name) in (Lowered.EXTERN, Lowered.KERNEL) for u in users)
+            or len(body.reads) > max_reads
+            or (len(set(users)) > 1 and ((device.type == "cpu" and body.heavy)
+                                         or len(body.reads) > _REUSE_READS or body.ops > _MAX_OPS))
+        )
+        if must_realise:
+            kinds[node.name] = Lowered.KERNEL
+            bodies[node.name] = _Body(reads={node.name}, ops=0, heavy=False)
+    return kinds
+
+
+def lower_storages(storages: StepStorages, kinds: Sequence[Lowered]) -> StepStorages:
+    """``storages`` as Inductor runs them, given each op's lowering (``kinds[i]`` for op ``i``).
+
+    An inlined op creates nothing: readers of its storage read its inputs instead (transitively),
+    so they live until the last consumer. A realised loop body may take over an input buffer of
+    its size that dies there (Inductor's in-place buffer reuse).
+    """
+    if len(kinds) != len(storages.op_names):
+        raise ValueError("kinds needs one entry per op")
+    expand: dict[int, tuple[int, ...]] = {}  # inlined storage -> storages its body reads
+    reads: list[tuple[int, ...]] = []
+    creates: list[tuple[int, ...]] = []
+    nbytes = list(storages.nbytes)
+    for i, kind in enumerate(kinds):
+        read = set()
+        for s in storages.reads[i]:
+            read.update(expand.get(s, (s,)))
+        reads.append(tuple(sorted(read)))
+        created = storages.creates[i]
+        if kind is Lowered.INLINED and not (set(created) & (storages.pinned | storages.resident)):
+            for s in created:
+                expand[s] = tuple(sorted(read))
+                nbytes[s] = 0
+            creates.append(())
+        else:
+            creates.append(created)
+    accumulates = dict(storages.accumulates)
+    for i, kind in enumerate(kinds):
+        if kind is Lowered.KERNEL:
+            for s in creates[i]:
+                accumulates[s] = tuple(accumulates.get(s, ())) + tuple(
+                    r for r in reads[i] if r not in storages.resident)
+    return dataclasses.replace(storages, creates=tuple(creates), reads=tuple(reads),
+                               nbytes=tuple(nbytes), accumulates=accumulates)

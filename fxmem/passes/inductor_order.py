@@ -1,0 +1,92 @@
+"""Keep Inductor from moving matrix products late: a post-grad pass that splits delayed ``addmm``.
+
+Inductor's post-grad pattern ``add(mm(a, b), c) -> addmm(c, a, b)`` places the fused op where the
+``add`` was. When ``c`` is made much later than ``a`` and ``b`` -- a tied embedding's gradient,
+``embedding_grad + logits_grad.T @ hidden``, whose sum waits for the whole backward -- the product
+moves to the end of the backward and keeps its inputs alive until then: on a GPT with an 8192-token
+vocabulary the (tokens x vocabulary) logits gradient, 64 MiB, lived through every layer's backward.
+This pass undoes that: the product is computed right after its inputs are (where autograd and
+fxmem's memory model put it) and only the sum waits. Its output is usually far smaller than its
+inputs (a weight gradient against an activation gradient), so the split is kept only where it
+frees more than it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+__all__ = ["SplitDelayedAddmm"]
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+def _nbytes(node: torch.fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.untyped_storage().nbytes() if isinstance(val, torch.Tensor) else 0
+
+
+class SplitDelayedAddmm(CustomGraphPass):
+    """``addmm(c, a, b)`` -> ``mm(a, b)`` after ``a`` and ``b``, and ``add(c, mm)`` in its place,
+    where ``c`` is made after both and the product is the last reader of inputs larger than it."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        position = {node: i for i, node in enumerate(graph.nodes)}
+        split = 0
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not aten.addmm.default:
+                continue
+            if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1:
+                continue
+            c, a, b = node.args[:3]
+            if not (isinstance(c, torch.fx.Node) and c.op == "call_function"):
+                continue
+            mats = [m for m in (a, b) if isinstance(m, torch.fx.Node)]
+            if not mats or position[c] <= max(position[m] for m in mats):
+                continue  # the sum's other operand is ready first: nothing was delayed
+            freed = sum(_nbytes(_base(m)) for m in mats if _last_reader(m, position) is node)
+            if freed <= _nbytes(node):
+                continue
+            anchor = max(mats, key=lambda m: position[m])
+            with graph.inserting_after(anchor):
+                product = graph.call_function(aten.mm.default, (a, b))
+            product.meta.update(node.meta)
+            with graph.inserting_before(node):
+                total = graph.call_function(aten.add.Tensor, (c, product))
+            total.meta.update(node.meta)
+            node.replace_all_uses_with(total)
+            graph.erase_node(node)
+            split += 1
+        if split:
+            log.debug("split %d delayed addmm into mm + add", split)
+
+    def uuid(self) -> str:
+        return "fxmem.SplitDelayedAddmm.v1"
+
+
+def _base(node: torch.fx.Node) -> torch.fx.Node:
+    """Through views (permute, reshape) to the node that owns the storage."""
+    while (node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node)
+           and _nbytes(node) and _nbytes(node) == _nbytes(node.args[0])
+           and node.meta["val"].untyped_storage()._cdata
+           == node.args[0].meta["val"].untyped_storage()._cdata):
+        node = node.args[0]
+    return node
+
+
+def _last_reader(mat: torch.fx.Node, position: dict) -> torch.fx.Node:
+    """The last node to read ``mat``'s storage (through views of it)."""
+    base = _base(mat)
+    readers = []
+    stack = [base]
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user.op == "call_function" and _base(user) is base:
+                stack.append(user)  # a view of the same storage
+            readers.append(user)
+    return max(readers, key=lambda r: position.get(r, -1))
