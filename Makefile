@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/estimate_large.py
 	$(BIN)/python bench/ilp_gpt2_small.py
 	$(BIN)/python bench/recompute_peers.py
+	$(BIN)/python bench/microbatch.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -235,7 +235,9 @@ def capture_step(
     input_tensors = [t for _, t in inputs]
     try:
         with torch.enable_grad():
-            gm = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(
+            # stack traces: reports (e.g. ops that mix samples across the batch) name user lines
+            gm = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True,
+                         record_stack_traces=True)(
                 list(params.values()), list(buffers.values()), input_tensors
             )
     except StepInputError:

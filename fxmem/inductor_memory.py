@@ -146,7 +146,7 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, 
         users = consumers(node)
         must_realise = (
             node.name in outputs
-            or any(u.op != "call_function" or u.name in outputs or u.target is operator.getitem
+            or any(u.op != "call_function" or u.target is operator.getitem
                    or kinds.get(u.name) in (Lowered.EXTERN, Lowered.KERNEL) for u in users)
             or len(body.reads) > max_reads
             or (len(set(users)) > 1 and ((device.type == "cpu" and body.heavy)

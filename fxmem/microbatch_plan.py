@@ -59,15 +59,17 @@ class MicrobatchChoice:
 
 def extra_resident(tensors, held_bytes: int, sizes, dims, params) -> dict[str, int]:
     """Bytes a microbatched step holds beyond its microbatch graph's own: the gradient buffers,
-    the rest of the whole batch's inputs (the microbatches are views of them) and the held
-    outputs gathered for the whole batch."""
+    the rest of the whole batch's inputs (the microbatches are views of them) and the buffer the
+    held outputs are gathered into (the whole batch's; each microbatch's own output is the
+    graph's)."""
     if len(sizes) == 1:
         return {}
     total, first = sum(sizes), sizes[0]
     inputs = sum(t.untyped_storage().nbytes() * (1 - first / total)
                  for t, d in zip(tensors, dims) if d is not None)
+    # held outputs: the whole batch's buffer they are gathered into, beside each microbatch's own
     return {"gradients": accumulated_gradient_bytes(params), "inputs": int(inputs),
-            "outputs": int(held_bytes * (1 - first / total))}
+            "outputs": int(held_bytes)}
 
 
 def _part(leaves, slots, dims, start: int, n: int):

@@ -148,16 +148,23 @@ def plan_joint(
 
     base_solution = save_all(problem, options.budget)
     fw, bw, record, timeline = realise(base_solution)
+    base = (base_solution, fw, bw, record, timeline)
     unoptimized = timeline.peak
     solution = base_solution
-    target = int(options.budget * (1.0 - options.safety_margin))
-    if unoptimized > target:  # the margin holds for the unrewritten step too
-        if "recompute" not in options.allow:
+    # the simulated peak must leave the margin free: room for what the memory model misses
+    limit = target = int(options.budget * (1.0 - options.safety_margin))
+    if unoptimized > limit and "recompute" not in options.allow:
+        if unoptimized <= options.budget:
+            log.warning("without recomputation the step needs %s, under the budget of %s but "
+                        "not under its %.0f%% planning margin", format_bytes(unoptimized),
+                        format_bytes(options.budget), 100 * options.safety_margin)
+        else:
             raise BudgetError(
                 f"the step needs {format_bytes(unoptimized)} without recomputation, over the budget "
                 f"of {format_bytes(options.budget)}, and allow= does not include 'recompute'",
                 floor=unoptimized, holders=timeline.breakdown(), unoptimized=unoptimized,
             )
+    elif unoptimized > limit:  # the margin holds for the unrewritten step too
         best = None
         for round_ in range(options.max_rounds):
             solution = _solve(options.strategy, problem, target, options)
@@ -166,16 +173,24 @@ def plan_joint(
             fw, bw, record, timeline = realise(solution)
             log.debug("plan round %d: model peak %d, simulated %d, budget %d", round_,
                       solution.peak, timeline.peak, options.budget)
-            if timeline.peak <= options.budget:
+            if timeline.peak <= limit:
                 best = (solution, fw, bw, record, timeline)
                 break
-            target -= timeline.peak - options.budget + 1
+            target -= timeline.peak - limit + 1
         if best is None:  # the linear model misled the solver: try the smallest-peak plan
             floor_solution = min_peak(problem, time_limit=options.time_limit)
-            fw, bw, record, timeline = realise(floor_solution)
-            if timeline.peak > options.budget:
-                raise _budget_error(timeline, options, unoptimized)
-            best = (floor_solution, fw, bw, record, timeline)
+            floor = (floor_solution, *realise(floor_solution))
+            if floor[4].peak <= limit:
+                best = floor
+            elif unoptimized <= options.budget:  # at or above the unoptimised peak: as it is
+                log.warning("no plan leaves the %.0f%% planning margin under the budget of %s; "
+                            "at or above the unoptimised peak (%s), nothing is recomputed",
+                            100 * options.safety_margin, format_bytes(options.budget),
+                            format_bytes(unoptimized))
+                best = base
+            else:
+                raise _budget_error(min(floor[4], base[4], key=lambda t: t.peak), options,
+                                    unoptimized)
         solution, fw, bw, record, timeline = best
     graphs = {"joint": joint, "forward": fw, "backward": bw}
     return Plan(options=options, solution=solution, record=record, predicted_peak=timeline.peak,

@@ -38,7 +38,8 @@ def allocation_bytes(nbytes: int, device: torch.device) -> int:
 def scratch_bytes(node: torch.fx.Node, device: torch.device) -> int:
     """Bytes an op allocates and frees inside itself, beyond its outputs. On the CPU,
     ``native_dropout`` draws its noise into a tensor like its input before making the bool mask
-    (CUDA fuses it). The RNG-replay wrappers run the op they wrap."""
+    (CUDA fuses it), and oneDNN's ``convolution_backward`` copies the output gradient and the
+    input into its own layouts. The RNG-replay wrappers run the op they wrap."""
     if device.type != "cpu" or node.op != "call_function":
         return 0
     target, args = node.target, node.args
@@ -48,6 +49,9 @@ def scratch_bytes(node: torch.fx.Node, device: torch.device) -> int:
     elif not isinstance(target, torch._ops.OpOverload) and len(args) > 1 \
             and isinstance(args[1], torch._ops.OpOverload):
         target, args = args[1], args[2:]  # run_with_rng_state(state, op, *args)
+    if target is torch.ops.aten.convolution_backward.default and len(args) > 1:
+        # oneDNN reorders the output gradient and the input into its blocked layouts
+        return sum(_nbytes(a) for a in args[:2])
     if target is not torch.ops.aten.native_dropout.default or not args:
         return 0
     train = args[2] if len(args) > 2 else node.kwargs.get("train", True)
@@ -55,6 +59,11 @@ def scratch_bytes(node: torch.fx.Node, device: torch.device) -> int:
     if train is False or not isinstance(inp, torch.Tensor):
         return 0
     return inp.numel() * inp.element_size()
+
+
+def _nbytes(arg) -> int:
+    val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
 def _tensors(val) -> list[torch.Tensor]:

@@ -1,13 +1,11 @@
 """The microbatch lever: batch analysis (batch dims, coupling, loss reduction) and its runtime."""
 
 import copy
-import functools
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxmem
 import fxmem.capture
@@ -17,13 +15,6 @@ from fxmem.errors import MicrobatchError, StepInputError
 from fxmem.microbatch import (MICROBATCH_COUPLING_OPTION, accumulated_gradient_bytes,
                               microbatch_report, run_microbatched, split_sizes)
 from fxmem.models import GPT, GPTConfig, WideResNet
-
-
-@pytest.fixture
-def stack_traces(monkeypatch):
-    """Capture with stack traces, so that couplings name the user's source line."""
-    monkeypatch.setattr(fxmem.capture, "make_fx",
-                        functools.partial(make_fx, record_stack_traces=True))
 
 
 # ---------------------------------------------------------------------------- split_sizes
@@ -138,7 +129,7 @@ def test_hf_gpt2_mean_over_targets_weight_counts_shifted_targets():
     assert float(analysis.weight_fn([ids[3:4], labels[3:4]])) == 0
 
 
-def test_wide_resnet_batch_norm_coupling_names_source_line(stack_traces):
+def test_wide_resnet_batch_norm_coupling_names_source_line():
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen_factor=1, num_classes=3).train()
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
@@ -158,7 +149,7 @@ def test_wide_resnet_batch_norm_coupling_names_source_line(stack_traces):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_mean_over_the_batch_in_the_forward_is_a_batch_reduction(stack_traces):
+def test_mean_over_the_batch_in_the_forward_is_a_batch_reduction():
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     analysis = analyze_batch(capture_step(Centered(), (x, y)))
     (c,) = analysis.coupling

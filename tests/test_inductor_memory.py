@@ -1,0 +1,112 @@
+"""The memory model of Inductor's lowering, and the pass that keeps a delayed addmm early."""
+
+import torch
+import torch.fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from fxmem.inductor_memory import Lowered, lower_storages, lowering_kinds
+from fxmem.memory_model import StepStorages, simulate
+from fxmem.passes.inductor_order import SplitDelayedAddmm
+
+aten = torch.ops.aten
+
+
+def traced(fn, *shapes):
+    return make_fx(fn, tracing_mode="fake")(*[torch.randn(s) for s in shapes])
+
+
+def kinds_by_name(gm):
+    return lowering_kinds(gm, torch.device("cpu"))
+
+
+def test_pointwise_chains_are_inlined_and_extern_inputs_realised():
+    def f(x, w):
+        a = x * 2.0  # read only by the add: inlined
+        b = a + 1.0  # read by mm: realised
+        c = b @ w  # extern
+        return (c.relu() * 3.0).sum()  # relu inlined into the mul, the mul into the sum
+
+    kinds = kinds_by_name(traced(f, (64, 64), (64, 64)))
+    assert kinds == {"mul": Lowered.INLINED, "add": Lowered.KERNEL, "mm": Lowered.EXTERN,
+                     "relu": Lowered.INLINED, "mul_1": Lowered.INLINED,
+                     "sum_1": Lowered.REDUCTION}
+
+
+def test_a_reused_exp_is_realised_on_cpu_like_inductor_does():
+    def f(x):
+        e = x.exp()
+        return e.sum() + e.amax()
+
+    assert kinds_by_name(traced(f, (32, 32)))["exp"] is Lowered.KERNEL
+
+
+def test_graph_outputs_are_realised():
+    def f(x):
+        return x * 2.0, (x + 1.0).sum()
+
+    kinds = kinds_by_name(traced(f, (8, 8)))
+    assert kinds["mul"] is Lowered.KERNEL and kinds["add"] is Lowered.INLINED
+
+
+def test_lowering_frees_inlined_values_and_extends_their_inputs_lives():
+    # x (resident) -> a = op0(x) -> b = op1(a) -> c = op2(b); c is the output
+    step = StepStorages(
+        op_names=("a", "b", "c"), creates=((1,), (2,), (3,)), reads=((0,), (1,), (2,)),
+        nbytes=(100, 100, 100, 100), category=("inputs",) + ("temporaries",) * 3,
+        resident=frozenset({0}), pinned=frozenset({3}), accumulates={}, backward_start=3)
+    eager = simulate(step)
+    lowered = lower_storages(step, [Lowered.INLINED, Lowered.INLINED, Lowered.KERNEL])
+    assert lowered.reads[2] == (0,)  # c's kernel reads x through the inlined a and b
+    assert lowered.nbytes[1] == lowered.nbytes[2] == 0
+    assert eager.peak == 300 and simulate(lowered).peak == 200
+
+
+def test_a_kernel_takes_over_a_dying_input_of_its_size():
+    step = StepStorages(
+        op_names=("a", "b"), creates=((1,), (2,)), reads=((0,), (1,)),
+        nbytes=(100, 100, 100), category=("inputs", "temporaries", "temporaries"),
+        resident=frozenset({0}), pinned=frozenset({2}), accumulates={}, backward_start=2)
+    assert simulate(step).peak == 300
+    assert simulate(lower_storages(step, [Lowered.EXTERN, Lowered.KERNEL])).peak == 200
+
+
+def delayed_addmm_graph():
+    graph = torch.fx.Graph()
+    g, h, e = (graph.placeholder(n) for n in ("g", "h", "e"))
+    gt = graph.call_function(aten.t.default, (g,))
+    early = graph.call_function(aten.mm.default, (g, e))  # the gradient w.r.t. the input
+    late = graph.call_function(aten.mul.Tensor, (e, 2.0))
+    fused = graph.call_function(aten.addmm.default, (late, gt, h))
+    graph.output((early, fused))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode()
+    FakeTensorProp(gm, mode).propagate(
+        *[mode.from_tensor(torch.randn(s)) for s in ((512, 64), (512, 8), (64, 8))])
+    return gm
+
+
+def test_split_delayed_addmm_computes_the_product_early_and_keeps_the_result():
+    gm = delayed_addmm_graph()
+    args = (torch.randn(512, 64), torch.randn(512, 8), torch.randn(64, 8))
+    expected = gm(*args)
+    SplitDelayedAddmm()(gm.graph)
+    gm.recompile()
+    order = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert aten.addmm.default not in order
+    assert order.index(aten.mm.default) < order.index(aten.mul.Tensor)  # the product first
+    assert order[-1] is aten.add.Tensor  # the sum where the addmm was
+    got = gm(*args)
+    for a, b in zip(got, expected):  # mm + add rounds like eager autograd, not like addmm
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_split_leaves_an_addmm_whose_bias_is_ready_first():
+    graph = torch.fx.Graph()
+    b, x, w = (graph.placeholder(n) for n in ("b", "x", "w"))
+    graph.output(graph.call_function(aten.addmm.default, (b, x, w)))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    SplitDelayedAddmm()(gm.graph)
+    assert any(n.target is aten.addmm.default for n in gm.graph.nodes)
