@@ -13,7 +13,7 @@
 
 Writes ``bench/results/microbatch.{md,json}`` and ``microbatch_peak_vs_k.png``.
 
-    python bench/microbatch.py [--epochs 15] [--seeds 0,1,2] [--ks 1,2,4,8]
+    python bench/microbatch.py [--epochs 15] [--seeds 0,1,2,3,4] [--ks 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="gpt_decoder,hf_gpt2")
     parser.add_argument("--fractions", default="0.8,0.6,0.45")
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     ns = parser.parse_args(argv)
     t0 = time.perf_counter()
     ks = [int(k) for k in ns.ks.split(",")]
