@@ -208,6 +208,16 @@ def node_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
     return max(flops / spec.flops_rate(dtype), nbytes / spec.bytes_per_s) + spec.op_overhead_s
 
 
+def compute_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
+    """Seconds of arithmetic alone (FLOPs / rate): an op fused into another kernel adds its
+    arithmetic to that kernel, not its memory traffic or a launch."""
+    if _is_free(node):
+        return 0.0
+    tensors = _input_tensors(node) + _tensors(node.meta.get("val"))
+    dtype = next((t.dtype for t in tensors if t.is_floating_point() or t.is_complex()), None)
+    return node_flops(node) / spec.flops_rate(dtype)
+
+
 def graph_costs(gm: torch.fx.GraphModule, spec: DeviceSpec) -> dict[str, float]:
     """Roofline seconds of every node of ``gm``, by node name."""
     return {node.name: node_time(node, spec) for node in gm.graph.nodes}

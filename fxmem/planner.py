@@ -13,6 +13,7 @@ any plan reaches raises :class:`BudgetError` naming that floor and what holds it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -20,7 +21,7 @@ import torch
 import torch.fx
 
 from .budget import BudgetError, format_bytes
-from .cost_model import DeviceSpec, graph_costs, profile_costs, spec_for
+from .cost_model import DeviceSpec, compute_time, graph_costs, profile_costs, spec_for
 from .joint import step_from_joint
 from .memory_model import MemoryTimeline, simulate
 from .passes.recompute import RecomputeRecord, split_with_saved
@@ -133,7 +134,8 @@ def plan_joint(
     costs = profile_costs(joint, step.device) if options.cost == "profile" \
         else graph_costs(joint, spec)
     pmap = build_problem(step, costs, constant=constant, epilogue=epilogue, replay_random=True,
-                         lowering=options.lowering)
+                         lowering=options.lowering,
+                         fused_cost=functools.partial(compute_time, spec=spec))
     problem = pmap.problem
 
     def realise(solution: RecomputeSolution):

@@ -70,6 +70,7 @@ def build_problem(
     replay_random: bool = False,
     pull_window: int | None = None,
     lowering: str = "eager",
+    fused_cost=None,
 ) -> ProblemMap:
     """The recompute problem of a captured (joint) step. ``costs`` maps node names to seconds.
 
@@ -79,13 +80,14 @@ def build_problem(
 
     ``lowering="inductor"`` models the step as Inductor runs it (:mod:`fxmem.inductor_memory`):
     values Inductor inlines into their consumers are not candidates (they never exist in memory;
-    the backward recomputes them inside its kernels), and their cost is charged to the realised
-    values whose kernels compute them.
+    the backward recomputes them inside its kernels), and their cost -- ``fused_cost(node)``,
+    seconds (default: ``costs``), e.g. arithmetic alone -- is charged to the realised values
+    whose kernels compute them.
     """
     storages = step_storages(step)
     costs = dict(costs)
     if lowering == "inductor":
-        storages, costs = _lowered(step, storages, costs)
+        storages, costs = _lowered(step, storages, costs, fused_cost)
     elif lowering != "eager":
         raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
     timeline = simulate(storages, constant=constant, epilogue=epilogue)
@@ -198,7 +200,7 @@ def build_problem(
     return ProblemMap(problem=problem, candidate_nodes=problem.names)
 
 
-def _lowered(step: CapturedStep, storages, costs: dict[str, float]):
+def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=None):
     """Storages as Inductor runs them, and costs with each inlined op's cost charged to the ops
     that read it (through other inlined ops)."""
     kinds_by_name = lowering_kinds(step.gm, step.device)
@@ -209,7 +211,8 @@ def _lowered(step: CapturedStep, storages, costs: dict[str, float]):
         node = nodes[name]
         body = sum(inlined_cost.get(inp.name, 0.0) for inp in node.all_input_nodes)
         if kinds_by_name.get(name) in (Lowered.INLINED, Lowered.VIEW):
-            inlined_cost[name] = body + costs.get(name, 0.0)
+            own = costs.get(name, 0.0) if fused_cost is None else fused_cost(node)
+            inlined_cost[name] = body + own
         else:
             costs[name] = costs.get(name, 0.0) + body
     return lower_storages(storages, kinds), costs

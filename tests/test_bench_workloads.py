@@ -141,3 +141,28 @@ def test_backend_bench_workload_gradients_through_inductor(name):
     else:
         _assert_close(expected, got, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,k", [("gpt_decoder", 2), ("gpt_decoder", 3), ("hf_gpt2", 3)])
+def test_bench_workload_microbatched_equals_the_whole_batch(name, k):
+    """Loss and gradients of k microbatches (batch 8: even for 2, [3, 3, 2] for 3) equal the
+    whole batch's. Dropout is off: a microbatch draws other masks than the whole batch does."""
+    if name == "hf_gpt2":
+        pytest.importorskip("transformers")
+    import fxmem
+
+    w = WORKLOADS[name]()
+    model, args, kwargs = w["model"], w["args"], w["kwargs"]
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float):  # fxmem GPT's attention dropout
+            m.dropout = 0.0
+    expected = _grads(model, model, args, kwargs)
+    om = fxmem.optimize(model, "64GiB", microbatches=k)
+    got = _grads(model, om, args, kwargs)
+    assert len(om.plan.microbatch.sizes) == k
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
