@@ -553,8 +553,9 @@ def write(results: list[dict], env: dict, ns) -> None:
         "step. `load`: the 1-minute load average before/after the configuration (the machine "
         "has 2 cores shared with other jobs; step times under load are noisy). `compile amb=b` is "
         "`torch.compile(model)` compiled under `torch._functorch.config.activation_memory_budget=b`. "
-        "Predicted peaks and the floor are fxmem's planner's (its memory model of the partitioned "
-        "graphs before Inductor fuses them).",
+        "Predicted peaks and the floor are fxmem's planner's (its model of what Inductor "
+        "materialises for the partitioned graphs, `fxmem.inductor_memory`; the plan leaves a "
+        f"{100 * SAFETY_MARGIN:.0f}% margin under the budget).",
         "",
     ]
     for r in results:
