@@ -83,10 +83,11 @@ def _part(leaves, slots, dims, start: int, n: int):
 def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis, budget: int,
                         margin: float, loss_fn=None, constant: dict[str, int] | None = None,
                         held_bytes: int = 0, candidates=None, time_limit: float = 10.0,
-                        recompute: bool = True) -> MicrobatchChoice:
+                        recompute: bool = True, whole=None) -> MicrobatchChoice:
     """The k (and microbatch sizes) with the least predicted step time whose predicted peak fits
     ``budget * (1 - margin)``; k = 1 if none does (the backend then names the floor).
-    ``recompute=False``: microbatching alone (every k saves everything)."""
+    ``recompute=False``: microbatching alone (every k saves everything). ``whole``: the step
+    already captured at the whole batch (k = 1), not captured again."""
     t0 = time.perf_counter()
     batch = analysis.batch_size
     dims = analysis.flat_batch_dims
@@ -97,9 +98,11 @@ def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis, 
     spec_ = None
     for k in ks:
         sizes = tuple(split_sizes(batch, k))
-        part = _part(leaves, slots, dims, 0, sizes[0])
-        args, kwargs = pytree.tree_unflatten(part, spec)
-        step = capture_step(model, args, kwargs, loss_fn=loss_fn)
+        if k == 1 and whole is not None:
+            step = whole
+        else:
+            args, kwargs = pytree.tree_unflatten(_part(leaves, slots, dims, 0, sizes[0]), spec)
+            step = capture_step(model, args, kwargs, loss_fn=loss_fn)
         spec_ = spec_ or spec_for(step.device)
         costs = graph_costs(step.gm, spec_)
         extra = dict(constant or {})

@@ -253,7 +253,7 @@ class OptimizedModule(torch.nn.Module):
                 self.module, leaves, spec, slots, analysis=analysis, budget=options.budget,
                 margin=options.safety_margin, loss_fn=self._loss_fn, constant=constant,
                 held_bytes=held_bytes, candidates=None if usable else [1],
-                recompute="recompute" in options.allow)
+                recompute="recompute" in options.allow, whole=whole)
             if not usable and not choice.options[0].feasible:
                 check_microbatchable(analysis, allow_coupling=allow_coupling)  # says why not
             sizes = choice.sizes
