@@ -10,14 +10,21 @@ For each workload, in one process, this measures the peak memory and the step ti
 - ``compile amb=b``: ``torch.compile(model)`` compiled under
   ``torch._functorch.config.patch(activation_memory_budget=b)`` for b in 1.0, 0.5, 0.2, 0.05;
 
-then ``fxmem.optimize(model, P, lowering="inductor")`` at every peer's measured peak P (a fresh
-optimize each time) and at budgets spread from fxmem's floor to its unoptimised peak.
+and ``fxmem @ X``: ``fxmem.optimize(model, P, lowering="inductor")`` at each peer X's measured
+peak P, built while X is still alive, the two then timed interleaved; and fxmem alone at budgets
+spread from its floor to its unoptimised peak.
 
 A step is forward + loss + backward with the gradients set to None before it. Peak: one step
-measured with ``fxmem.measure_memory`` after the warm-up steps, counting the bytes that the model
-(parameters, buffers) and the inputs hold at the start plus the allocator's events during the step.
-Time: the median of ``--repeats`` steps timed with ``time.perf_counter``. Every configuration
-re-creates the model from the workload's factory (seed 0), resets TorchDynamo and collects garbage.
+measured with ``fxmem.measure_memory`` after the first (compiling) call and the warm-up steps,
+counting the bytes that the model (parameters, buffers) and the inputs hold at the start plus the
+allocator's events during the step. Time (``time.perf_counter``): a peer X and ``fxmem @ X`` run
+``--repeats`` rounds of one step each, the order alternating per round (X first, then fxmem
+first, ...) after one untimed step of each, so that both see the same machine load; the verdict
+"fxmem no slower than X" is the median over rounds of fxmem's step time over X's, <= 1. The ratio
+of the medians and of the fastest steps are reported too. A peer at whose peak fxmem fails, and
+the spread budgets, are timed alone (``--repeats`` steps). Every configuration re-creates the
+model from the workload's factory (seed 0); TorchDynamo is reset and garbage collected before
+each peer and after each pair or fxmem run (not between a peer and its ``fxmem @``).
 
 Writes ``bench/results/recompute_peers.{md,json}`` and ``recompute_peers_<workload>.png``.
 
@@ -75,6 +82,106 @@ def say(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# steps: build, measure, time
+
+
+def fresh(factory: Callable[[], dict], *, reset: bool = True) -> dict:
+    if reset:
+        torch._dynamo.reset()
+    gc.collect()
+    w = factory()
+    w["model"].zero_grad(set_to_none=True)
+    return w
+
+
+class Stepper:
+    """One configuration's step: forward + loss + backward of ``fn`` on the workload's inputs."""
+
+    def __init__(self, fn: Callable, w: dict):
+        self.fn, self.model, self.args, self.kwargs = fn, w["model"], w["args"], w["kwargs"]
+
+    def zero(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        out = self.fn(*self.args, **self.kwargs)
+        fxmem.loss_from_output(out).backward()
+        del out
+
+    def timed(self) -> float:
+        """Gradients set to None (untimed), then one step; returns its seconds."""
+        self.zero()
+        t0 = time.perf_counter()
+        self.step()
+        return time.perf_counter() - t0
+
+
+def prepare(st: Stepper, *, warmup: int,
+            first_context: Callable[[], Any] = contextlib.nullcontext) -> dict:
+    """First call (under ``first_context``: compiles), warm-up steps, one memory-measured step."""
+    st.zero()
+    torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with first_context():
+        st.step()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        st.zero()
+        st.step()
+    st.zero()
+    gc.collect()
+    start_all = live_tensor_bytes("cpu")
+    mem = fxmem.measure_memory(st.step, device="cpu", baseline=[st.model, st.args, st.kwargs])
+    st.zero()
+    return {
+        "measured_peak": mem.peak,
+        "measured_start": mem.start,
+        "stray_bytes_at_start": start_all - mem.start,
+        "first_call_seconds": first,
+        "loadavg_1min": [load_before],  # the load after the timed steps is appended
+    }
+
+
+def step_stats(times: list[float], timed: str) -> dict:
+    return {"timed": timed, "step_seconds": times, "median_step_seconds": statistics.median(times),
+            "min_step_seconds": min(times)}
+
+
+def time_alone(st: Stepper, repeats: int) -> dict:
+    times = [st.timed() for _ in range(repeats)]
+    st.zero()
+    return step_stats(times, "alone")
+
+
+def time_interleaved(a: Stepper, b: Stepper, repeats: int) -> tuple[list[float], list[float]]:
+    """``repeats`` rounds of one step of each, in the order a, b then b, a, ..., so that a drift in
+    the machine's speed falls on both alike; one untimed step of each first."""
+    a.timed()
+    b.timed()
+    ta, tb = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            ta.append(a.timed())
+            tb.append(b.timed())
+        else:
+            tb.append(b.timed())
+            ta.append(a.timed())
+    a.zero()
+    b.zero()
+    return ta, tb
+
+
+def failure(exc: BaseException) -> dict:
+    return {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(limit=10)}
+
+
+def say_failed(name: str, label: str, exc: BaseException) -> None:
+    say(f"{name} {label}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+
+# ---------------------------------------------------------------------------------------------
 # peers
 
 
@@ -105,144 +212,157 @@ def enable_checkpointing(name: str, model: torch.nn.Module) -> str:
     raise ValueError(f"do not know the blocks of workload {name!r}")
 
 
-def fresh(factory: Callable[[], dict]) -> dict:
-    torch._dynamo.reset()
-    gc.collect()
-    w = factory()
-    w["model"].zero_grad(set_to_none=True)
-    return w
+def build_peer(name: str, label: str, model: torch.nn.Module, rec: dict):
+    """The peer's callable and the context of its first (compiling) call; notes go into ``rec``."""
+    if label == "eager":
+        return model, contextlib.nullcontext
+    if label == "checkpoint":
+        rec["detail"] = enable_checkpointing(name, model)
+        return model, contextlib.nullcontext
+    if label == "compile":
+        return torch.compile(model), contextlib.nullcontext
+    if label.startswith("compile amb="):
+        b = float(label.split("=", 1)[1])
+        rec["activation_memory_budget"] = b
+        return torch.compile(model), lambda: torch._functorch.config.patch(
+            activation_memory_budget=b)
+    raise ValueError(label)
 
 
-def measure_config(fn: Callable, w: dict, *, warmup: int, repeats: int,
-                   first_context: Callable[[], Any] = contextlib.nullcontext) -> dict:
-    """First call (under ``first_context``: compiles), warm-up, one measured step, timed steps."""
-    model, args, kwargs = w["model"], w["args"], w["kwargs"]
-
-    def step():
-        out = fn(*args, **kwargs)
-        fxmem.loss_from_output(out).backward()
-        del out
-
-    def zero():
-        model.zero_grad(set_to_none=True)
-
-    zero()
-    torch.manual_seed(0)
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    with first_context():
-        step()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        zero()
-        step()
-    zero()
-    gc.collect()
-    start_all = live_tensor_bytes("cpu")
-    mem = fxmem.measure_memory(step, device="cpu", baseline=[model, args, kwargs])
-    times = []
-    for _ in range(repeats):
-        zero()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    zero()
-    return {
-        "measured_peak": mem.peak,
-        "measured_start": mem.start,
-        "stray_bytes_at_start": start_all - mem.start,
-        "first_call_seconds": first,
-        "step_seconds": times,
-        "median_step_seconds": statistics.median(times),
-        "min_step_seconds": min(times),
-        "loadavg_1min": [load_before, os.getloadavg()[0]],
-    }
-
-
-def run_peer(name: str, factory, label: str, ns) -> dict:
-    rec: dict[str, Any] = {"config": label, "kind": "peer"}
+def run_pair(name: str, factory, label: str, ns) -> tuple[dict, dict | None]:
+    """Peer ``label``, then ``fxmem @ label`` at its measured peak built while the peer lives; both
+    timed in ``ns.repeats`` interleaved rounds (the peer alone if fxmem fails at that budget).
+    Returns the peer's record and fxmem's (None if the peer failed before fxmem was built)."""
+    peer: dict[str, Any] = {"config": label, "kind": "peer"}
+    fx = None
     t0 = time.perf_counter()
     try:
         w = fresh(factory)
-        model = w["model"]
-        context = contextlib.nullcontext
-        if label == "eager":
-            fn = model
-        elif label == "checkpoint":
-            rec["detail"] = enable_checkpointing(name, model)
-            fn = model
-        elif label == "compile":
-            fn = torch.compile(model)
-        elif label.startswith("compile amb="):
-            b = float(label.split("=", 1)[1])
-            rec["activation_memory_budget"] = b
-            fn = torch.compile(model)
-
-            def context(b=b):
-                return torch._functorch.config.patch(activation_memory_budget=b)
+        fn, context = build_peer(name, label, w["model"], peer)
+        p_st = Stepper(fn, w)
+        peer.update(prepare(p_st, warmup=ns.warmup, first_context=context))
+        # no TorchDynamo reset here: fxmem compiles its own code object, the peer's stays compiled
+        fx, f_st = start_fxmem(name, factory, peer["measured_peak"], f"fxmem @ {label}", ns,
+                               target=label, reset=False)
+        if fx["ok"]:  # the live peer's model and inputs are not fxmem's strays
+            fx["stray_bytes_at_start"] -= peer["measured_start"]
+        if f_st is None:
+            peer.update(time_alone(p_st, ns.repeats))
         else:
-            raise ValueError(label)
-        rec.update(measure_config(fn, w, warmup=ns.warmup, repeats=ns.repeats,
-                                  first_context=context))
-        rec["ok"] = True
-        say(f"{name} {label}: peak {rec['measured_peak'] / MiB:.1f} MiB, median step "
-            f"{1e3 * rec['median_step_seconds']:.0f} ms, first call {rec['first_call_seconds']:.1f}s")
+            tp, tf = time_interleaved(p_st, f_st, ns.repeats)
+            peer.update(step_stats(tp, f"interleaved with {fx['config']}"))
+            fx.update(step_stats(tf, f"interleaved with {label}"))
+            fx["loadavg_1min"].append(os.getloadavg()[0])
+        peer["loadavg_1min"].append(os.getloadavg()[0])
+        peer["ok"] = True
+        compare(peer, fx)
+        say(f"{name} {label}: peak {peer['measured_peak'] / MiB:.1f} MiB, median step "
+            f"{1e3 * peer['median_step_seconds']:.0f} ms, first call "
+            f"{peer['first_call_seconds']:.1f}s, timed {peer['timed']}")
+        if fx["ok"]:
+            say_fxmem(name, fx)
     except Exception as exc:  # noqa: BLE001 - one failing configuration must not stop the run
-        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}",
-                   traceback=traceback.format_exc(limit=10))
-        say(f"{name} {label}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        peer.update(failure(exc))
+        if fx is not None and fx["ok"]:  # failed while the two were timed together
+            fx.update(failure(exc))
+        say_failed(name, label, exc)
     finally:
-        w = fn = model = None  # noqa: F841
+        w = fn = p_st = f_st = None  # noqa: F841
         torch._dynamo.reset()
         gc.collect()
-    rec["wall_seconds"] = time.perf_counter() - t0
-    return rec
+    peer["wall_seconds"] = time.perf_counter() - t0  # the whole pair, fxmem's build included
+    return peer, fx
+
+
+def compare(peer: dict, fx: dict) -> None:
+    """fxmem's step time over the peer's, on both records: per round (the verdict: the median of
+    these <= 1), and the ratios of the medians and of the fastest steps."""
+    if not fx["ok"]:
+        peer["fxmem_error"] = fx["error"].splitlines()[0][:300]
+        return
+    ratios = [f / p for f, p in zip(fx["step_seconds"], peer["step_seconds"])]
+    paired = {"paired_ratios": ratios, "paired_ratio_median": statistics.median(ratios)}
+    peer.update(paired, fxmem_within_budget=fx["within_budget"],
+                fxmem_time_ratio=fx["median_step_seconds"] / peer["median_step_seconds"],
+                fxmem_time_ratio_min=fx["min_step_seconds"] / peer["min_step_seconds"],
+                fxmem_no_slower=paired["paired_ratio_median"] <= 1.0)
+    fx.update(paired, time_ratio_vs_target=peer["fxmem_time_ratio"],
+              time_ratio_vs_target_min=peer["fxmem_time_ratio_min"])
 
 
 # ---------------------------------------------------------------------------------------------
 # fxmem
 
 
-def run_fxmem(name: str, factory, budget: int, label: str, ns, target: str | None = None) -> dict:
+def start_fxmem(name: str, factory, budget: int, label: str, ns, target: str | None = None,
+                reset: bool = True) -> tuple[dict, Stepper | None]:
+    """``optimize`` a fresh model at ``budget``, then its first call, warm-up and measured step.
+    Returns the record and the stepper to time (None if it failed)."""
     rec: dict[str, Any] = {"config": label, "kind": "fxmem", "budget": int(budget), "target": target}
     t0 = time.perf_counter()
-    om = w = None
+    st = None
     try:
-        w = fresh(factory)
+        w = fresh(factory, reset=reset)
         om = optimize(w["model"], int(budget), lowering="inductor")
-        rec.update(measure_config(om, w, warmup=ns.warmup, repeats=ns.repeats))
-        plan = om.plan
-        sol = plan.solution
-        rec.update(
-            ok=True,
-            predicted_peak=plan.predicted_peak,
-            unoptimized_peak=plan.unoptimized_peak,
-            solve_seconds=sol.solve_seconds,
-            plan_seconds=plan.plan_seconds,
-            gap=sol.gap,
-            status=sol.status,
-            candidates=plan.candidates,
-            predicted_recompute_seconds=sol.recompute_time,
-            recomputed_ops=len(plan.record.recomputed),
-            record=plan.record.summary(),
-            within_budget=rec["measured_peak"] <= budget,
-        )
-        gap = "n/a" if sol.gap is None else f"{100 * sol.gap:.2f}%"
-        say(f"{name} {label}: budget {budget / MiB:.1f} MiB, predicted "
-            f"{plan.predicted_peak / MiB:.1f}, measured {rec['measured_peak'] / MiB:.1f} MiB "
-            f"({'within' if rec['within_budget'] else 'OVER'}), median step "
-            f"{1e3 * rec['median_step_seconds']:.0f} ms, {sol.status} solve {sol.solve_seconds:.2f}s "
-            f"gap {gap}, first call {rec['first_call_seconds']:.1f}s")
+        st = Stepper(om, w)
+        rec.update(prepare(st, warmup=ns.warmup))
+        rec.update(plan_fields(om.plan), ok=True, within_budget=rec["measured_peak"] <= budget)
     except fxmem.BudgetError as exc:
+        st = None
         rec.update(ok=False, error=f"BudgetError: {exc}", floor=exc.floor)
         say(f"{name} {label}: budget {budget / MiB:.1f} MiB infeasible "
             f"(floor {(exc.floor or 0) / MiB:.1f} MiB)")
     except Exception as exc:  # noqa: BLE001
-        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}",
-                   traceback=traceback.format_exc(limit=10))
-        say(f"{name} {label}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        st = None
+        rec.update(failure(exc))
+        say_failed(name, label, exc)
     finally:
-        om = w = None
+        w = om = None  # noqa: F841 - st keeps them while it is timed
+    rec["wall_seconds"] = time.perf_counter() - t0
+    return rec, st
+
+
+def plan_fields(plan) -> dict:
+    sol = plan.solution
+    return {
+        "predicted_peak": plan.predicted_peak,
+        "unoptimized_peak": plan.unoptimized_peak,
+        "solve_seconds": sol.solve_seconds,
+        "plan_seconds": plan.plan_seconds,
+        "gap": sol.gap,
+        "status": sol.status,
+        "candidates": plan.candidates,
+        "predicted_recompute_seconds": sol.recompute_time,
+        "recomputed_ops": len(plan.record.recomputed),
+        "record": plan.record.summary(),
+    }
+
+
+def say_fxmem(name: str, rec: dict) -> None:
+    gap = "n/a" if rec["gap"] is None else f"{100 * rec['gap']:.2f}%"
+    paired = ("" if "paired_ratio_median" not in rec
+              else f" (paired ratio {rec['paired_ratio_median']:.2f})")
+    say(f"{name} {rec['config']}: budget {rec['budget'] / MiB:.1f} MiB, predicted "
+        f"{rec['predicted_peak'] / MiB:.1f}, measured {rec['measured_peak'] / MiB:.1f} MiB "
+        f"({'within' if rec['within_budget'] else 'OVER'}), median step "
+        f"{1e3 * rec['median_step_seconds']:.0f} ms{paired}, {rec['status']} solve "
+        f"{rec['solve_seconds']:.2f}s gap {gap}, first call {rec['first_call_seconds']:.1f}s")
+
+
+def run_fxmem(name: str, factory, budget: int, label: str, ns) -> dict:
+    """fxmem alone at ``budget`` (no peer): built, measured and timed by itself."""
+    t0 = time.perf_counter()
+    rec, st = start_fxmem(name, factory, budget, label, ns)
+    try:
+        if st is not None:
+            rec.update(time_alone(st, ns.repeats))
+            rec["loadavg_1min"].append(os.getloadavg()[0])
+            say_fxmem(name, rec)
+    except Exception as exc:  # noqa: BLE001
+        rec.update(failure(exc))
+        say_failed(name, label, exc)
+    finally:
+        st = None
         torch._dynamo.reset()
         gc.collect()
     rec["wall_seconds"] = time.perf_counter() - t0
@@ -276,6 +396,62 @@ def fxmem_floor(name: str, factory) -> dict:
 # one workload
 
 
+def spread_runs(name: str, factory, floor: dict, unopt: int, runs: list[dict], ns) -> None:
+    """fxmem alone at budgets spread from its floor to its unoptimised peak, appended to ``runs``;
+    then more budgets in the widest gaps until ``ns.min_fxmem`` runs succeed (at most 4 more)."""
+    lo = math.ceil(floor["floor"] / (1.0 - SAFETY_MARGIN) * 1.002)
+    hi = max(unopt, lo)
+    n = max(2, ns.spread)
+    spread = sorted({int(lo + (hi - lo) * k / (n - 1)) for k in range(n)}, reverse=True)
+    for i, b in enumerate(spread):
+        rec = run_fxmem(name, factory, b, f"fxmem spread {i + 1}/{len(spread)}", ns)
+        runs.append(rec)
+        retry = 0
+        while b == lo and not rec["ok"] and rec.get("floor") and retry < 2:
+            # the planner's target is the budget less its margin, and its rounds tighten the
+            # target by the simulated excess: just above the floor can still miss
+            retry += 1
+            b = int(b * 1.03)
+            rec = run_fxmem(name, factory, b, f"fxmem spread {i + 1}/{len(spread)} +{3 * retry}%",
+                            ns)
+            runs.append(rec)
+    extra = 0
+    while sum(r["ok"] for r in runs) < ns.min_fxmem and extra < 4:
+        done = sorted({r["budget"] for r in runs if r["budget"] < 2**50})
+        gaps = [(b2 - b1, (b1 + b2) // 2) for b1, b2 in zip(done, done[1:]) if b1 >= lo]
+        if not gaps:
+            break
+        b = max(gaps)[1]
+        runs.append(run_fxmem(name, factory, b, f"fxmem extra {extra + 1}", ns))
+        extra += 1
+
+
+def summarize(peers: list[dict], runs: list[dict]) -> dict:
+    ok_runs = sorted((r for r in runs if r["ok"] and r["budget"] < 2**50),
+                     key=lambda r: -r["budget"])
+    violations = []
+    for hi_run, lo_run in zip(ok_runs, ok_runs[1:]):
+        if lo_run["measured_peak"] > hi_run["measured_peak"]:
+            violations.append({"budget_high": hi_run["budget"], "peak_high": hi_run["measured_peak"],
+                               "budget_low": lo_run["budget"], "peak_low": lo_run["measured_peak"],
+                               "rise_bytes": lo_run["measured_peak"] - hi_run["measured_peak"]})
+    return {
+        "fxmem_runs_ok": len(ok_runs),
+        "fxmem_runs_failed": sum(not r["ok"] for r in runs),
+        "within_budget": sum(r["within_budget"] for r in ok_runs),
+        "monotone": not violations,
+        "monotonicity_violations": violations,
+        "no_slower_than": [p["config"] for p in peers if p.get("fxmem_no_slower")],
+        "slower_than": [p["config"] for p in peers if p.get("fxmem_no_slower") is False],
+        "no_slower_than_by_medians": [p["config"] for p in peers
+                                      if p.get("fxmem_time_ratio", 9) <= 1.0],
+        "no_slower_than_by_min": [p["config"] for p in peers
+                                  if p.get("fxmem_time_ratio_min", 9) <= 1.0],
+        "over_budget_at": [p["config"] for p in peers if p.get("fxmem_within_budget") is False],
+        "infeasible_at": [p["config"] for p in peers if "fxmem_error" in p],
+    }
+
+
 def run_workload(name: str, ns) -> dict:
     kwargs = {}
     size = getattr(ns, f"{name}_batch", None)
@@ -285,82 +461,20 @@ def run_workload(name: str, ns) -> dict:
     t_start = time.perf_counter()
     say(f"=== {name} ({kwargs or 'default size'})")
     labels = ["eager", "checkpoint", "compile"] + [f"compile amb={b}" for b in ns.amb.split(",")]
-    peers = [run_peer(name, factory, label, ns) for label in labels]
+    pairs = [run_pair(name, factory, label, ns) for label in labels]
+    peers = [p for p, _ in pairs]
+    runs = [r for _, r in pairs if r is not None]
 
     floor = fxmem_floor(name, factory)
-    runs = []
-    for p in peers:
-        if p["ok"]:
-            runs.append(run_fxmem(name, factory, p["measured_peak"], f"fxmem @ {p['config']}",
-                                  ns, target=p["config"]))
-
     unopt = next((r["unoptimized_peak"] for r in runs if r["ok"]), None)
     if unopt is None:  # no peer's peak was feasible: a plan at a budget nothing needs
         probe = run_fxmem(name, factory, 2**50, "fxmem probe (no budget)", ns)
         unopt = probe.get("unoptimized_peak")
         runs.append(probe)
     if floor.get("floor") and unopt:
-        lo = math.ceil(floor["floor"] / (1.0 - SAFETY_MARGIN) * 1.002)
-        hi = max(unopt, lo)
-        n = max(2, ns.spread)
-        spread = sorted({int(lo + (hi - lo) * k / (n - 1)) for k in range(n)}, reverse=True)
-        for i, b in enumerate(spread):
-            rec = run_fxmem(name, factory, b, f"fxmem spread {i + 1}/{len(spread)}", ns)
-            runs.append(rec)
-            retry = 0
-            while b == lo and not rec["ok"] and rec.get("floor") and retry < 2:
-                # the planner's target is the budget less its 1% margin, and its rounds tighten
-                # the target by the simulated excess: just above the floor can still miss
-                retry += 1
-                b = int(b * 1.03)
-                rec = run_fxmem(name, factory, b, f"fxmem spread {i + 1}/{len(spread)} +{3 * retry}%",
-                                ns)
-                runs.append(rec)
-        extra = 0
-        while sum(r["ok"] for r in runs) < ns.min_fxmem and extra < 4:
-            done = sorted({r["budget"] for r in runs if r["budget"] < 2**50})
-            gaps = [(b2 - b1, (b1 + b2) // 2) for b1, b2 in zip(done, done[1:]) if b1 >= lo]
-            if not gaps:
-                break
-            b = max(gaps)[1]
-            runs.append(run_fxmem(name, factory, b, f"fxmem extra {extra + 1}", ns))
-            extra += 1
+        spread_runs(name, factory, floor, unopt, runs, ns)
 
-    # comparisons and checks
-    by_target = {r["target"]: r for r in runs if r.get("target")}
-    for p in peers:
-        r = by_target.get(p["config"])
-        if p["ok"] and r is not None and r["ok"]:
-            p["fxmem_time_ratio"] = r["median_step_seconds"] / p["median_step_seconds"]
-            p["fxmem_time_ratio_min"] = r["min_step_seconds"] / p["min_step_seconds"]
-            r["time_ratio_vs_target"] = p["fxmem_time_ratio"]
-            r["time_ratio_vs_target_min"] = p["fxmem_time_ratio_min"]
-            p["fxmem_within_budget"] = r["within_budget"]
-            p["fxmem_no_slower"] = p["fxmem_time_ratio"] <= 1.0
-        elif p["ok"] and r is not None:
-            p["fxmem_error"] = r["error"].splitlines()[0][:300]
-    ok_runs = sorted((r for r in runs if r["ok"] and r["budget"] < 2**50),
-                     key=lambda r: -r["budget"])
-    violations = []
-    for hi_run, lo_run in zip(ok_runs, ok_runs[1:]):
-        if lo_run["measured_peak"] > hi_run["measured_peak"]:
-            violations.append({"budget_high": hi_run["budget"], "peak_high": hi_run["measured_peak"],
-                               "budget_low": lo_run["budget"], "peak_low": lo_run["measured_peak"],
-                               "rise_bytes": lo_run["measured_peak"] - hi_run["measured_peak"]})
-    within = sum(r["within_budget"] for r in ok_runs)
-    summary = {
-        "fxmem_runs_ok": len(ok_runs),
-        "fxmem_runs_failed": sum(not r["ok"] for r in runs),
-        "within_budget": within,
-        "monotone": not violations,
-        "monotonicity_violations": violations,
-        "no_slower_than": [p["config"] for p in peers if p.get("fxmem_no_slower")],
-        "slower_than": [p["config"] for p in peers if p.get("fxmem_no_slower") is False],
-        "no_slower_than_by_min": [p["config"] for p in peers
-                                  if p.get("fxmem_time_ratio_min", 9) <= 1.0],
-        "over_budget_at": [p["config"] for p in peers if p.get("fxmem_within_budget") is False],
-        "infeasible_at": [p["config"] for p in peers if "fxmem_error" in p],
-    }
+    summary = summarize(peers, runs)
     result = {"workload": name, "size": kwargs or "default", "peers": peers, "fxmem_floor": floor,
               "fxmem_unoptimized_peak": unopt, "fxmem": runs, "summary": summary,
               "seconds": time.perf_counter() - t_start}
@@ -377,10 +491,13 @@ def summary_line(result: dict) -> str:
     s = result["summary"]
     no_slower = ", ".join(s["no_slower_than"]) or "none"
     line = (f"measured <= budget in {s['within_budget']}/{s['fxmem_runs_ok']} runs; "
-            f"monotone: {'yes' if s['monotone'] else 'no'}; no slower than peers: {no_slower}")
+            f"monotone: {'yes' if s['monotone'] else 'no'}; no slower (median paired ratio <= 1) "
+            f"than peers: {no_slower}")
     if s["slower_than"]:
         line += f"; slower than: {', '.join(s['slower_than'])}"
-    line += f" (by fastest step, no slower than: {', '.join(s['no_slower_than_by_min']) or 'none'})"
+    by_medians = ", ".join(s.get("no_slower_than_by_medians", ())) or "none"
+    by_min = ", ".join(s["no_slower_than_by_min"]) or "none"
+    line += f" (no slower by ratio of medians than: {by_medians}; by fastest step: {by_min})"
     if s["infeasible_at"]:
         line += f"; below fxmem's floor: {', '.join(s['infeasible_at'])}"
     return line
@@ -435,7 +552,7 @@ def workload_table(result: dict) -> list[str]:
         f"## {result['workload']}",
         "",
         "| configuration | measured peak MiB | step ms median | step ms min | first call s | "
-        "budget MiB | predicted MiB | within budget | time ratio vs target (median; min) | "
+        "budget MiB | predicted MiB | within budget | time vs target (paired; medians; mins) | "
         "solve s | gap | status | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -455,8 +572,9 @@ def workload_table(result: dict) -> list[str]:
                    else r["error"].splitlines()[0][:120])
             lines.append(f"| {r['config']} | {why} | | | | {_mib(r['budget'])} | | | | | | | |")
             continue
-        ratio = r.get("time_ratio_vs_target")
-        ratio = "" if ratio is None else f"{ratio:.2f}; {r['time_ratio_vs_target_min']:.2f}"
+        ratio = ("" if r.get("paired_ratio_median") is None else
+                 f"{r['paired_ratio_median']:.2f}; {r['time_ratio_vs_target']:.2f}; "
+                 f"{r['time_ratio_vs_target_min']:.2f}")
         gap = "n/a" if r["gap"] is None else f"{100 * r['gap']:.2f}%"
         lines.append(
             f"| {r['config']} | {_mib(r['measured_peak'])} | {1e3 * r['median_step_seconds']:.0f} | "
@@ -542,16 +660,22 @@ def write(results: list[dict], env: dict, ns) -> None:
         "# fxmem against checkpointing and torch.compile's memory budget (CPU)",
         "",
         f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['threads']} threads); "
-        f"median of {env['repeats']} steps after {env['warmup']} warm-up step(s) following the "
-        "first (compiling) call.",
+        f"{env['repeats']} timed steps (rounds for a pair) after {env['warmup']} warm-up step(s) "
+        "following the first (compiling) call.",
         "",
         "A step is forward + loss + backward (no optimizer), gradients set to None before it. "
         "Peak: `fxmem.measure_memory` of one step, counting the bytes the model and the inputs "
         "hold at the start plus the CPU allocator's events during the step. `fxmem @ X` is "
-        "`fxmem.optimize(model, budget=peak of X, lowering=\"inductor\")`; its time ratio is "
-        "fxmem's median step time over X's (<= 1.00: no slower), then the same for the fastest "
-        "step. `load`: the 1-minute load average before/after the configuration (the machine "
-        "has 2 cores shared with other jobs; step times under load are noisy). `compile amb=b` is "
+        "`fxmem.optimize(model, budget=peak of X, lowering=\"inductor\")`, built while X is still "
+        "alive; the two are then timed together: after one untimed step of each, rounds of one "
+        "step of each, the order alternating per round (X, fxmem; fxmem, X; ...), so that both "
+        "see the same machine load. `time vs target`: the median over rounds of fxmem's step "
+        "time over X's (the verdict: <= 1.00 is no slower), then fxmem's median step over X's "
+        "and fxmem's fastest step over X's. The step times of X and `fxmem @ X` are from those "
+        "rounds; the spread budgets (and a peer at whose peak fxmem fails) are timed alone, "
+        "so compare their times across rows with care. `load`: the 1-minute load average "
+        "before the configuration's first call / after its timed steps (the machine has 2 "
+        "cores shared with other jobs). `compile amb=b` is "
         "`torch.compile(model)` compiled under `torch._functorch.config.activation_memory_budget=b`. "
         "Predicted peaks and the floor are fxmem's planner's (its model of what Inductor "
         "materialises for the partitioned graphs, `fxmem.inductor_memory`; the plan leaves a "

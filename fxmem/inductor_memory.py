@@ -16,6 +16,16 @@ never materialises the (tokens x vocabulary) log-softmax. What it does materiali
 Inductor also writes a pointwise kernel's output into an input buffer that dies there (in-place
 buffer reuse), which the memory model's take-over rule expresses.
 
+With convolutions, Inductor's layout optimisation (``GraphLowering.decide_layout_opt``; always on
+the CPU with oneDNN) runs them channels-last: a graph input that a convolution reads in another
+layout -- the images, every 3x3 weight -- is copied into a new channels-last buffer at the start
+of the forward, and when the forward also saves that input for the backward it saves the copy,
+which then lives until the backward's last read of it (:func:`channels_last_copies`).
+
+Inductor's generated code pools buffers: a dead buffer is not freed if a later allocation of the
+same dtype and size in the same graph can reuse it; it stays allocated until then
+(:func:`pool_buffers`; ``codegen/wrapper.py``'s ``FreeIfNotReusedLine``/``AllocateLine``).
+
 :func:`lowering_kinds` classifies a graph's ops; :func:`lower_storages` rewrites
 :class:`~fxmem.memory_model.StepStorages` accordingly: an inlined op's storage costs nothing and
 its readers read the op's inputs instead, so those live until the last consumer.
@@ -36,7 +46,7 @@ import torch.fx
 
 from .memory_model import StepStorages
 
-__all__ = ["Lowered", "lowering_kinds", "lower_storages"]
+__all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "pool_buffers"]
 
 _HEAVY = {"exp", "exp2", "expm1", "log", "log10", "log1p", "log2", "sigmoid", "tanh",
           "_softmax", "_log_softmax", "gelu", "silu", "erf"}
@@ -192,3 +202,53 @@ def lower_storages(storages: StepStorages, kinds: Sequence[Lowered]) -> StepStor
                     r for r in reads[i] if r not in storages.resident)
     return dataclasses.replace(storages, creates=tuple(creates), reads=tuple(reads),
                                nbytes=tuple(nbytes), accumulates=accumulates)
+
+
+def channels_last_copies(gm: torch.fx.GraphModule) -> list[str]:
+    """Placeholders of ``gm`` that Inductor copies into channels-last buffers.
+
+    When Inductor optimises the layout of a graph with convolutions, each convolution requires
+    channels-last input and weight; a graph input in another layout (a contiguous 4-d tensor
+    whose channels are not already innermost, e.g. a 3x3 weight; 1x1 weights already are) gets
+    a channels-last copy.
+    """
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
+    if not convs:
+        return []
+    from torch._inductor.graph import GraphLowering
+
+    try:
+        layout_opt = GraphLowering.decide_layout_opt(gm, is_inference=False)
+    except Exception:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see as is
+        layout_opt = False
+    if not layout_opt:
+        return []
+    copied: list[str] = []
+    for conv in convs:
+        for arg in conv.args[:2]:
+            if not isinstance(arg, torch.fx.Node) or arg.op != "placeholder" or arg.name in copied:
+                continue
+            val = arg.meta.get("val")
+            if (isinstance(val, torch.Tensor) and val.dim() == 4
+                    and not val.is_contiguous(memory_format=torch.channels_last)):
+                copied.append(arg.name)
+    return copied
+
+
+def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], dtypes: Sequence,
+                 writes_out: Sequence[bool]) -> StepStorages:
+    """``storages`` (already lowered) with Inductor's buffer pool: every buffer the graphs make
+    or the backward is donated can be reused once dead, keyed by dtype and bytes; a buffer is
+    allocated from the pool when Inductor allocates it -- outputs of its own kernels, and of
+    extern kernels it calls with ``out=`` (``writes_out[i]`` for op ``i``). ``dtypes[s]`` is
+    ``None`` for an op's internal scratch, which is not Inductor's."""
+    keys: dict[int, object] = {}
+    recipients: set[int] = set()
+    for i, created in enumerate(storages.creates):
+        for s in created:
+            if s in storages.resident or dtypes[s] is None or storages.nbytes[s] == 0:
+                continue
+            keys[s] = (dtypes[s], storages.nbytes[s])
+            if kinds[i] in (Lowered.KERNEL, Lowered.REDUCTION) or writes_out[i]:
+                recipients.add(s)
+    return dataclasses.replace(storages, reuse_keys=keys, pool_recipients=frozenset(recipients))

@@ -12,7 +12,9 @@ Rules, matching eager PyTorch:
 - while an op runs, its inputs and outputs are all live: the live bytes *at* an op include its
   outputs before its dead inputs are freed;
 - gradient accumulation (``a + b`` in the backward where ``a`` dies there) reuses ``a``'s storage,
-  as autograd's input buffer accumulates in place.
+  as autograd's input buffer accumulates in place;
+- optionally, buffer pooling as Inductor's generated code does it (``reuse_keys``): a dead buffer
+  that a later allocation of the same key reuses stays allocated until that allocation.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class StepStorages:
     accumulates: Mapping[int, tuple[int, ...]]  # created storage -> inputs it may take over
     backward_start: int  # index of the first backward op (== len(op_names) if none)
     node_storages: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # buffer pooling (Inductor's wrapper): a storage with a reuse key is not freed when it dies if
+    # a later storage with the same key, made by the same graph (forward or backward) and in
+    # ``pool_recipients``, takes over its bytes -- it stays allocated until then
+    reuse_keys: Mapping[int, object] = dataclasses.field(default_factory=dict)
+    pool_recipients: frozenset[int] = frozenset()
 
     def __post_init__(self):
         n = len(self.op_names)
@@ -147,20 +154,15 @@ def simulate(
         if s not in step.resident:
             frees_at.setdefault(t, []).append(s)
 
-    taken_over: set[int] = set()  # storages whose bytes an accumulation now holds
+    takes = _take_overs(step, order, last_use, frees_at, nbytes)
+    taken_over = set(takes.values())  # storages whose bytes a later storage now holds
     rows = np.zeros((len(order) + len(epilogue), len(CATEGORIES)), dtype=np.int64)
     allocated = np.zeros(len(order) + len(epilogue), dtype=np.int64)
     total_allocated = 0
     for t, op in enumerate(order):
         for s in step.creates[op]:
-            taken = next(
-                (a for a in step.accumulates.get(s, ()) if last_use.get(a) == t
-                 and a not in step.pinned and a not in step.resident
-                 and nbytes[a] == nbytes[s] and a not in taken_over),
-                None,
-            )
-            if taken is not None:  # s takes over a's bytes: move them to s's category
-                taken_over.add(taken)
+            taken = takes.get(s)
+            if taken is not None:  # s takes over taken's bytes: move them to s's category
                 live_by_cat[cat[taken]] -= nbytes[taken]
             else:
                 total_allocated += int(nbytes[s])
@@ -169,7 +171,7 @@ def simulate(
         allocated[t] = total_allocated
         for s in frees_at.get(t, ()):
             if s in taken_over:
-                continue  # its bytes now belong to the storage that accumulated into it
+                continue  # its bytes now belong to the storage that took it over
             live_by_cat[cat[s]] -= nbytes[s]
 
     for k, (_, extra) in enumerate(epilogue):
@@ -185,3 +187,33 @@ def simulate(
         (t for t, op in enumerate(order) if op >= step.backward_start), default=len(order)
     )
     return MemoryTimeline(labels=labels, live=rows, backward_start=backward_start, allocated=allocated)
+
+
+def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int, int],
+                frees_at: Mapping[int, Sequence[int]], nbytes: np.ndarray) -> dict[int, int]:
+    """Which created storage takes over which dead storage's bytes: an accumulation into an input
+    that dies at that op, else (with ``reuse_keys``) a pooled buffer of its key freed earlier in
+    the same graph (last freed, first reused, as Inductor's wrapper pops its pool)."""
+    takes: dict[int, int] = {}
+    taken_over: set[int] = set()
+    pools: dict[object, list[int]] = {}
+    bw_start = next((t for t, op in enumerate(order) if op >= step.backward_start), None)
+    for t, op in enumerate(order):
+        if t == bw_start:
+            pools.clear()  # the backward is another graph with its own pool
+        for s in step.creates[op]:
+            taken = next(
+                (a for a in step.accumulates.get(s, ()) if last_use.get(a) == t
+                 and a not in step.pinned and a not in step.resident
+                 and nbytes[a] == nbytes[s] and a not in taken_over),
+                None,
+            )
+            if taken is None and s in step.pool_recipients and pools.get(step.reuse_keys.get(s)):
+                taken = pools[step.reuse_keys[s]].pop()
+            if taken is not None:
+                takes[s] = taken
+                taken_over.add(taken)
+        for s in frees_at.get(t, ()):
+            if s in step.reuse_keys and s not in taken_over and s not in step.pinned:
+                pools.setdefault(step.reuse_keys[s], []).append(s)
+    return takes

@@ -17,11 +17,21 @@ import torch.fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .capture import CapturedStep, Role
-from .inductor_memory import Lowered, lower_storages, lowering_kinds
+from .inductor_memory import (
+    Lowered,
+    channels_last_copies,
+    lower_storages,
+    lowering_kinds,
+    pool_buffers,
+)
 from .memory_model import StepStorages
 from .storages import _RESIDENT_CATEGORY, _tensors, allocation_bytes, scratch_bytes
 
 __all__ = ["plan_storages"]
+
+# extern kernels Inductor calls with an ``out=`` buffer it allocated (so one its pool can supply)
+_OUT_EXTERNS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten.baddbmm.default}
 
 
 def plan_storages(
@@ -42,11 +52,13 @@ def plan_storages(
     creates: list[tuple[int, ...]] = []
     reads: list[tuple[int, ...]] = []
     phase_of: list[str] = []  # per storage: "fw" or "bw"
+    dtype_of: list[torch.dtype | None] = []  # per storage; None: an op's internal scratch
 
     def new_storage(t: torch.Tensor, phase: str) -> int:
         nbytes.append(allocation_bytes(int(t.untyped_storage().nbytes()), device))
         category.append("temporaries")
         phase_of.append(phase)
+        dtype_of.append(t.dtype)
         return len(nbytes) - 1
 
     fw_ids: dict[StorageWeakRef, int] = {}
@@ -70,7 +82,7 @@ def plan_storages(
         elif node.op == "call_function":
             before = len(nbytes)
             fw_nodes[node.name] = tuple(fw_id(t) for t in tensors)
-            _add_scratch(node, device, nbytes, category, phase_of, "fw")
+            _add_scratch(node, device, nbytes, category, phase_of, dtype_of, "fw")
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
@@ -108,7 +120,7 @@ def plan_storages(
                     ids.append(new_storage(t, "bw"))
                 bw_ids[key] = ids[-1]
             bw_nodes[node.name] = tuple(ids)
-            _add_scratch(node, device, nbytes, category, phase_of, "bw")
+            _add_scratch(node, device, nbytes, category, phase_of, dtype_of, "bw")
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
@@ -117,6 +129,11 @@ def plan_storages(
                 creates[-1] = creates[-1] + tuple(range(before, len(nbytes)))
     bw_out = next(n for n in bw.graph.nodes if n.op == "output").args[0]
     grads = {s for n in bw_out if isinstance(n, torch.fx.Node) for s in bw_nodes[n.name]}
+
+    if lowering == "inductor":
+        backward_start = _add_layout_copies(fw, fw_nodes, op_names, creates, reads, backward_start,
+                                            lambda s: _copy_storage(s, nbytes, category, phase_of,
+                                                                    dtype_of))
 
     read_in_bw = {s for r in reads[backward_start:] for s in r}
     for s in range(len(nbytes)):
@@ -143,18 +160,49 @@ def plan_storages(
         return storages
     kinds = {**{("fw", k): v for k, v in lowering_kinds(fw, device).items()},
              **{("bw", k): v for k, v in lowering_kinds(bw, device).items()}}
-    per_op = [kinds.get(("fw" if i < backward_start else "bw", name), Lowered.EXTERN)
-              for i, name in enumerate(op_names)]
-    return lower_storages(storages, per_op)
+    phases = ["fw" if i < backward_start else "bw" for i in range(len(op_names))]
+    per_op = [kinds.get((phase, name), Lowered.EXTERN) for phase, name in zip(phases, op_names)]
+    targets = {**{("fw", n.name): n.target for n in fw.graph.nodes},
+               **{("bw", n.name): n.target for n in bw.graph.nodes}}
+    writes_out = [targets.get((phase, name)) in _OUT_EXTERNS or name == "channels_last_copies"
+                  for phase, name in zip(phases, op_names)]
+    return pool_buffers(lower_storages(storages, per_op), per_op, dtype_of, writes_out)
 
 
-def _add_scratch(node, device, nbytes, category, phase_of, phase) -> None:
+def _copy_storage(s: int, nbytes: list[int], category: list[str], phase_of: list[str],
+                  dtype_of: list) -> int:
+    nbytes.append(nbytes[s])
+    category.append("temporaries")
+    phase_of.append("fw")
+    dtype_of.append(dtype_of[s])
+    return len(nbytes) - 1
+
+
+def _add_layout_copies(fw, fw_nodes, op_names, creates, reads, backward_start, copy) -> int:
+    """Inductor's channels-last copies of the forward's convolution inputs: made by one kernel at
+    the start of the forward, read by the convolutions and, in place of the original, by the
+    backward (the forward saves the copy). Returns the new ``backward_start``."""
+    copies = {fw_nodes[name][0]: copy(fw_nodes[name][0]) for name in channels_last_copies(fw)}
+    if not copies:
+        return backward_start
+    convs = {n.name for n in fw.graph.nodes if n.target is torch.ops.aten.convolution.default}
+    for i, name in enumerate(op_names):
+        if i >= backward_start or name in convs:
+            reads[i] = tuple(sorted({copies.get(s, s) for s in reads[i]}))
+    op_names.insert(0, "channels_last_copies")
+    creates.insert(0, tuple(copies.values()))
+    reads.insert(0, tuple(sorted(copies)))
+    return backward_start + 1
+
+
+def _add_scratch(node, device, nbytes, category, phase_of, dtype_of, phase) -> None:
     """An op's internal scratch as a storage it creates and nothing reads (freed right after)."""
     scratch = scratch_bytes(node, device)
     if scratch:
         nbytes.append(allocation_bytes(scratch, device))
         category.append("temporaries")
         phase_of.append(phase)
+        dtype_of.append(None)
 
 
 def _input_keys(node: torch.fx.Node) -> set[StorageWeakRef]:

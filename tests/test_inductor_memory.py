@@ -1,10 +1,12 @@
 """The memory model of Inductor's lowering, and the pass that keeps a delayed addmm early."""
 
+import dataclasses
+
 import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fxmem.inductor_memory import Lowered, lower_storages, lowering_kinds
+from fxmem.inductor_memory import Lowered, channels_last_copies, lower_storages, lowering_kinds
 from fxmem.memory_model import StepStorages, simulate
 from fxmem.passes.inductor_order import SplitDelayedAddmm
 
@@ -110,3 +112,61 @@ def test_split_leaves_an_addmm_whose_bias_is_ready_first():
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
     SplitDelayedAddmm()(gm.graph)
     assert any(n.target is aten.addmm.default for n in gm.graph.nodes)
+
+
+def _pooled_step(recipient: bool, key_c=("f32", 100)):
+    # a (100 B) dies at op 1; op 2 makes c; x is resident. With pooling, c reuses a's buffer, so
+    # a stays allocated from op 1 to op 2 and c costs nothing new.
+    return StepStorages(
+        op_names=("a", "b", "c", "d"), creates=((1,), (2,), (3,), (4,)),
+        reads=((0,), (1,), (0,), (2, 3)), nbytes=(10, 100, 50, 100, 1),
+        category=("inputs",) + ("temporaries",) * 4, resident=frozenset({0}),
+        pinned=frozenset({4}), accumulates={}, backward_start=4,
+        reuse_keys={1: ("f32", 100), 2: ("f32", 50), 3: key_c},
+        pool_recipients=frozenset({3}) if recipient else frozenset())
+
+
+def test_a_pooled_buffer_stays_allocated_until_its_reuse():
+    plain = simulate(_pooled_step(recipient=False))
+    pooled = simulate(_pooled_step(recipient=True))
+    # without pooling a is freed after op b, and c allocates 100 new bytes at op c
+    assert plain.total.tolist() == [110, 160, 160, 161]
+    assert plain.allocated.tolist() == [100, 150, 250, 251]
+    # with pooling a's 100 bytes are held from b to c, which takes them over: same peak here,
+    # but nothing is allocated at c
+    assert pooled.total.tolist() == [110, 160, 160, 161]
+    assert pooled.allocated.tolist() == [100, 150, 150, 151]
+
+
+def test_a_pooled_buffer_held_across_a_peak_raises_it():
+    # a dies at op 1 and is reused at op 3; op 2 makes a large temporary in between
+    step = StepStorages(
+        op_names=("a", "b", "big", "c"), creates=((1,), (2,), (3,), (4,)),
+        reads=((0,), (1,), (2,), (0,)), nbytes=(10, 100, 5, 1000, 100),
+        category=("inputs",) + ("temporaries",) * 4, resident=frozenset({0}),
+        pinned=frozenset({4}), accumulates={}, backward_start=4)
+    free = simulate(step).peak
+    pooled = simulate(dataclasses.replace(step, reuse_keys={1: "k", 4: "k"},
+                                          pool_recipients=frozenset({4})))
+    assert free == 10 + 5 + 1000
+    assert pooled.peak == free + 100  # a's dead buffer waits for c through the big temporary
+
+
+def test_pools_match_keys_and_do_not_cross_from_forward_to_backward():
+    different_key = simulate(_pooled_step(recipient=True, key_c=("bf16", 100)))
+    assert different_key.allocated.tolist() == [100, 150, 250, 251]  # no reuse across dtypes
+    step = dataclasses.replace(_pooled_step(recipient=True), backward_start=2)
+    assert simulate(step).allocated.tolist() == [100, 150, 250, 251]  # c is in the backward
+
+
+def test_channels_last_copies_are_the_convolution_inputs_not_already_channels_last():
+    def f(x, w3, w1):
+        y = torch.nn.functional.conv2d(x, w3, padding=1)
+        return torch.nn.functional.conv2d(y, w1).sum()
+
+    gm = traced(f, (2, 4, 8, 8), (8, 4, 3, 3), (8, 8, 1, 1))
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    # the images and the 3x3 weight are copied; a 1x1 weight is channels-last already
+    assert channels_last_copies(gm) == [names[0], names[1]]
+    no_conv = traced(lambda x: (x * 2).sum(), (2, 4, 8, 8))
+    assert channels_last_copies(no_conv) == []
