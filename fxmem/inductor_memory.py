@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import operator
 from collections.abc import Sequence
 
@@ -46,7 +47,10 @@ import torch.fx
 
 from .memory_model import StepStorages
 
-__all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "pool_buffers"]
+__all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
+           "pool_buffers"]
+
+log = logging.getLogger(__name__)
 
 _HEAVY = {"exp", "exp2", "expm1", "log", "log10", "log1p", "log2", "sigmoid", "tanh",
           "_softmax", "_log_softmax", "gelu", "silu", "erf"}
@@ -204,6 +208,19 @@ def lower_storages(storages: StepStorages, kinds: Sequence[Lowered]) -> StepStor
                                nbytes=tuple(nbytes), accumulates=accumulates)
 
 
+def optimizes_layout(gm: torch.fx.GraphModule) -> bool:
+    """Whether Inductor runs ``gm``'s convolutions channels-last (``decide_layout_opt``)."""
+    if not any(n.target is torch.ops.aten.convolution.default for n in gm.graph.nodes):
+        return False
+    from torch._inductor.graph import GraphLowering
+
+    try:
+        return bool(GraphLowering.decide_layout_opt(gm, is_inference=False))
+    except Exception as exc:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see
+        log.debug("decide_layout_opt failed (%s); assuming channels-last copies", exc)
+        return True  # the copies: the side of more memory
+
+
 def channels_last_copies(gm: torch.fx.GraphModule) -> list[str]:
     """Placeholders of ``gm`` that Inductor copies into channels-last buffers.
 
@@ -213,15 +230,7 @@ def channels_last_copies(gm: torch.fx.GraphModule) -> list[str]:
     a channels-last copy.
     """
     convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
-    if not convs:
-        return []
-    from torch._inductor.graph import GraphLowering
-
-    try:
-        layout_opt = GraphLowering.decide_layout_opt(gm, is_inference=False)
-    except Exception:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see as is
-        layout_opt = False
-    if not layout_opt:
+    if not convs or not optimizes_layout(gm):
         return []
     copied: list[str] = []
     for conv in convs:
@@ -235,20 +244,26 @@ def channels_last_copies(gm: torch.fx.GraphModule) -> list[str]:
     return copied
 
 
-def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], dtypes: Sequence,
+def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequence,
                  writes_out: Sequence[bool]) -> StepStorages:
-    """``storages`` (already lowered) with Inductor's buffer pool: every buffer the graphs make
-    or the backward is donated can be reused once dead, keyed by dtype and bytes; a buffer is
-    allocated from the pool when Inductor allocates it -- outputs of its own kernels, and of
-    extern kernels it calls with ``out=`` (``writes_out[i]`` for op ``i``). ``dtypes[s]`` is
-    ``None`` for an op's internal scratch, which is not Inductor's."""
+    """``storages`` (already lowered) with Inductor's buffer pool: a buffer a graph makes and
+    frees can be reused once dead, keyed by ``keys_of[s]`` (dtype and exact bytes, as
+    ``buffer_reuse_key``; ``None`` for what Inductor does not pool, e.g. an op's internal
+    scratch). What
+    the forward saves is an input of the backward, freed there but never pooled (``FreeLine``;
+    donation only allows the in-place reuse that ``accumulates`` models; see
+    :func:`fxmem.memory_model.simulate`). A buffer is taken from
+    the pool when Inductor allocates it: outputs of its own kernels, and of extern kernels it
+    calls with ``out=`` (``writes_out[i]`` for op ``i``). The outputs of an extern op that returns
+    several tensors (``convolution_backward``, the RNG-replay wrappers) are views of its tuple to
+    Inductor and never pooled: their keys are ``None``."""
     keys: dict[int, object] = {}
     recipients: set[int] = set()
     for i, created in enumerate(storages.creates):
         for s in created:
-            if s in storages.resident or dtypes[s] is None or storages.nbytes[s] == 0:
+            if s in storages.resident or keys_of[s] is None or storages.nbytes[s] == 0:
                 continue
-            keys[s] = (dtypes[s], storages.nbytes[s])
+            keys[s] = keys_of[s]
             if kinds[i] in (Lowered.KERNEL, Lowered.REDUCTION) or writes_out[i]:
                 recipients.add(s)
     return dataclasses.replace(storages, reuse_keys=keys, pool_recipients=frozenset(recipients))

@@ -53,9 +53,10 @@ class StepStorages:
     accumulates: Mapping[int, tuple[int, ...]]  # created storage -> inputs it may take over
     backward_start: int  # index of the first backward op (== len(op_names) if none)
     node_storages: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-    # buffer pooling (Inductor's wrapper): a storage with a reuse key is not freed when it dies if
-    # a later storage with the same key, made by the same graph (forward or backward) and in
-    # ``pool_recipients``, takes over its bytes -- it stays allocated until then
+    # buffer pooling (Inductor's wrapper): a storage with a reuse key, made and freed by the same
+    # graph (forward or backward), is not freed when it dies if a later storage of that graph
+    # with the same key and in ``pool_recipients`` takes over its bytes -- it stays allocated
+    # until then. What the forward makes and the backward frees is never pooled.
     reuse_keys: Mapping[int, object] = dataclasses.field(default_factory=dict)
     pool_recipients: frozenset[int] = frozenset()
 
@@ -197,7 +198,8 @@ def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int,
     takes: dict[int, int] = {}
     taken_over: set[int] = set()
     pools: dict[object, list[int]] = {}
-    bw_start = next((t for t, op in enumerate(order) if op >= step.backward_start), None)
+    bw_start = next((t for t, op in enumerate(order) if op >= step.backward_start), len(order))
+    made_in_fw = {s for t, op in enumerate(order[:bw_start]) for s in step.creates[op]}
     for t, op in enumerate(order):
         if t == bw_start:
             pools.clear()  # the backward is another graph with its own pool
@@ -214,6 +216,7 @@ def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int,
                 takes[s] = taken
                 taken_over.add(taken)
         for s in frees_at.get(t, ()):
-            if s in step.reuse_keys and s not in taken_over and s not in step.pinned:
+            if s in step.reuse_keys and s not in taken_over and s not in step.pinned \
+                    and not (t >= bw_start and s in made_in_fw):  # a backward input
                 pools.setdefault(step.reuse_keys[s], []).append(s)
     return takes

@@ -327,8 +327,9 @@ def optimize(
     "args[0]" or "kwargs['labels']": dim or None}) overrides the batch dimension found.
     ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
     graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
-    few KiB to MiB at the peak. Default: 1% for eager lowering, 7% for Inductor, whose buffers
-    fxmem models from its fusion rules (:mod:`fxmem.inductor_memory`), not from its output.
+    few KiB to MiB at the peak. Default: 1% for eager lowering, 4% for Inductor, whose buffers
+    fxmem models from its fusion, layout and buffer-pool rules (:mod:`fxmem.inductor_memory`),
+    not from its output.
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -52,13 +52,14 @@ def plan_storages(
     creates: list[tuple[int, ...]] = []
     reads: list[tuple[int, ...]] = []
     phase_of: list[str] = []  # per storage: "fw" or "bw"
-    dtype_of: list[torch.dtype | None] = []  # per storage; None: an op's internal scratch
+    # per storage: Inductor's buffer-reuse key (dtype, exact bytes); None: an op's internal scratch
+    dtype_of: list[tuple[torch.dtype, int] | None] = []
 
     def new_storage(t: torch.Tensor, phase: str) -> int:
         nbytes.append(allocation_bytes(int(t.untyped_storage().nbytes()), device))
         category.append("temporaries")
         phase_of.append(phase)
-        dtype_of.append(t.dtype)
+        dtype_of.append((t.dtype, int(t.untyped_storage().nbytes())))
         return len(nbytes) - 1
 
     fw_ids: dict[StorageWeakRef, int] = {}
@@ -162,10 +163,17 @@ def plan_storages(
              **{("bw", k): v for k, v in lowering_kinds(bw, device).items()}}
     phases = ["fw" if i < backward_start else "bw" for i in range(len(op_names))]
     per_op = [kinds.get((phase, name), Lowered.EXTERN) for phase, name in zip(phases, op_names)]
-    targets = {**{("fw", n.name): n.target for n in fw.graph.nodes},
-               **{("bw", n.name): n.target for n in bw.graph.nodes}}
-    writes_out = [targets.get((phase, name)) in _OUT_EXTERNS or name == "channels_last_copies"
-                  for phase, name in zip(phases, op_names)]
+    nodes = {**{("fw", n.name): n for n in fw.graph.nodes},
+             **{("bw", n.name): n for n in bw.graph.nodes}}
+    op_nodes = [nodes.get((phase, name)) for phase, name in zip(phases, op_names)]
+    writes_out = [node is None or node.target in _OUT_EXTERNS for node in op_nodes]
+    # an extern op's tuple of outputs: each is a view of the tuple for Inductor, never pooled
+    tuple_out = [node is not None and isinstance(node.meta.get("val"), (tuple, list))
+                 for node in op_nodes]
+    for i, created in enumerate(storages.creates):
+        if tuple_out[i] and per_op[i] is Lowered.EXTERN:
+            for s in created:
+                dtype_of[s] = None
     return pool_buffers(lower_storages(storages, per_op), per_op, dtype_of, writes_out)
 
 
@@ -182,7 +190,11 @@ def _add_layout_copies(fw, fw_nodes, op_names, creates, reads, backward_start, c
     """Inductor's channels-last copies of the forward's convolution inputs: made by one kernel at
     the start of the forward, read by the convolutions and, in place of the original, by the
     backward (the forward saves the copy). Returns the new ``backward_start``."""
-    copies = {fw_nodes[name][0]: copy(fw_nodes[name][0]) for name in channels_last_copies(fw)}
+    copies: dict[int, int] = {}
+    for name in channels_last_copies(fw):
+        original = fw_nodes[name][0]
+        if original not in copies:  # two placeholders of one storage: one copy
+            copies[original] = copy(original)
     if not copies:
         return backward_start
     convs = {n.name for n in fw.graph.nodes if n.target is torch.ops.aten.convolution.default}

@@ -170,3 +170,19 @@ def test_channels_last_copies_are_the_convolution_inputs_not_already_channels_la
     assert channels_last_copies(gm) == [names[0], names[1]]
     no_conv = traced(lambda x: (x * 2).sum(), (2, 4, 8, 8))
     assert channels_last_copies(no_conv) == []
+
+
+def test_a_backward_input_is_freed_not_pooled():
+    # forward: x_saved (op 0). backward: y made at op 1, y dies at op 2, x_saved dies at op 3,
+    # r (same key) made at op 4. Inductor frees the saved x (a graph input of the backward) and
+    # reuses y for r, holding y from op 2 to op 4.
+    step = StepStorages(
+        op_names=("x", "y", "use_y", "use_x", "r"), creates=((1,), (2,), (), (), (3,)),
+        reads=((0,), (0,), (2,), (1,), (0,)), nbytes=(10, 100, 100, 100),
+        category=("inputs", "saved activations", "temporaries", "gradients"),
+        resident=frozenset({0}), pinned=frozenset({3}), accumulates={}, backward_start=1,
+        reuse_keys={1: "k", 2: "k", 3: "k"}, pool_recipients=frozenset({3}))
+    timeline = simulate(step)
+    # at op 3 (use_x) y is dead but held for r while x is read: 10 + 100 + 100; at op 4 x is gone
+    assert timeline.total.tolist() == [110, 210, 210, 210, 110]  # pooling x: 110 at op 3
+    assert timeline.allocated.tolist() == [100, 200, 200, 200, 200]  # r took y's bytes
