@@ -18,9 +18,11 @@ A step is forward + loss + backward with the gradients set to None before it. Pe
 measured with ``fxmem.measure_memory`` after the first (compiling) call and the warm-up steps,
 counting the bytes that the model (parameters, buffers) and the inputs hold at the start plus the
 allocator's events during the step. Time (``time.perf_counter``): a peer X and ``fxmem @ X`` run
-``--repeats`` rounds of one step each, the order alternating per round (X first, then fxmem
-first, ...) after one untimed step of each, so that both see the same machine load; the verdict
-"fxmem no slower than X" is the median over rounds of fxmem's step time over X's, <= 1. The ratio
+``--repeats`` timed steps each in alternating blocks of two (X's block, fxmem's, then fxmem's,
+X's, ...), each block after one untimed step (switching configuration changes what the CPU
+allocator holds, and that transition is charged to neither), so that both see the same machine
+load; the verdict "fxmem no slower than X" is the median of fxmem's step time over X's, the i-th
+timed step of each paired, <= 1. The ratio
 of the medians and of the fastest steps are reported too. A peer at whose peak fxmem fails, and
 the spread budgets, are timed alone (``--repeats`` steps). Every configuration re-creates the
 model from the workload's factory (seed 0); TorchDynamo is reset and garbage collected before
@@ -154,19 +156,20 @@ def time_alone(st: Stepper, repeats: int) -> dict:
     return step_stats(times, "alone")
 
 
-def time_interleaved(a: Stepper, b: Stepper, repeats: int) -> tuple[list[float], list[float]]:
-    """``repeats`` rounds of one step of each, in the order a, b then b, a, ..., so that a drift in
-    the machine's speed falls on both alike; one untimed step of each first."""
-    a.timed()
-    b.timed()
-    ta, tb = [], []
-    for i in range(repeats):
-        if i % 2 == 0:
-            ta.append(a.timed())
-            tb.append(b.timed())
-        else:
-            tb.append(b.timed())
-            ta.append(a.timed())
+def time_interleaved(a: Stepper, b: Stepper, repeats: int, block: int = 2
+                     ) -> tuple[list[float], list[float]]:
+    """``repeats`` timed steps of each, in alternating blocks (a's block, b's, then b's, a's, ...)
+    so that a drift in the machine's speed falls on both alike. Each block starts with one
+    untimed step: switching configuration changes what the allocator holds (pages returned and
+    faulted in again), and that transition should not be charged to either side."""
+    ta: list[float] = []
+    tb: list[float] = []
+    rounds = -(-repeats // block)
+    for i in range(rounds):
+        n = min(block, repeats - i * block)
+        for st, times in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            st.timed()
+            times.extend(st.timed() for _ in range(n))
     a.zero()
     b.zero()
     return ta, tb
@@ -660,17 +663,18 @@ def write(results: list[dict], env: dict, ns) -> None:
         "# fxmem against checkpointing and torch.compile's memory budget (CPU)",
         "",
         f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['threads']} threads); "
-        f"{env['repeats']} timed steps (rounds for a pair) after {env['warmup']} warm-up step(s) "
+        f"{env['repeats']} timed steps after {env['warmup']} warm-up step(s) "
         "following the first (compiling) call.",
         "",
         "A step is forward + loss + backward (no optimizer), gradients set to None before it. "
         "Peak: `fxmem.measure_memory` of one step, counting the bytes the model and the inputs "
         "hold at the start plus the CPU allocator's events during the step. `fxmem @ X` is "
         "`fxmem.optimize(model, budget=peak of X, lowering=\"inductor\")`, built while X is still "
-        "alive; the two are then timed together: after one untimed step of each, rounds of one "
-        "step of each, the order alternating per round (X, fxmem; fxmem, X; ...), so that both "
-        "see the same machine load. `time vs target`: the median over rounds of fxmem's step "
-        "time over X's (the verdict: <= 1.00 is no slower), then fxmem's median step over X's "
+        "alive; the two are then timed together, in alternating blocks of two timed steps "
+        "(X, fxmem; fxmem, X; ...), each block after one untimed step (the switch changes what "
+        "the CPU allocator holds), so that both see the same machine load. `time vs target`: the "
+        "median of fxmem's i-th timed step over X's i-th (the verdict: <= 1.00 is no slower), "
+        "then fxmem's median step over X's "
         "and fxmem's fastest step over X's. The step times of X and `fxmem @ X` are from those "
         "rounds; the spread budgets (and a peer at whose peak fxmem fails) are timed alone, "
         "so compare their times across rows with care. `load`: the 1-minute load average "

@@ -327,7 +327,7 @@ def optimize(
     "args[0]" or "kwargs['labels']": dim or None}) overrides the batch dimension found.
     ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
     graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
-    few KiB to MiB at the peak. Default: 1% for eager lowering, 4% for Inductor, whose buffers
+    few KiB to MiB at the peak. Default: 1% for eager lowering, 3% for Inductor, whose buffers
     fxmem models from its fusion, layout and buffer-pool rules (:mod:`fxmem.inductor_memory`),
     not from its output.
     """

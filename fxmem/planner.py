@@ -178,7 +178,9 @@ def plan_joint(
             if timeline.peak <= limit:
                 best = (solution, fw, bw, record, timeline)
                 break
-            target -= timeline.peak - limit + 1
+            # tighten by the excess, and by at least a growing step (0.25%, 0.5%, 1%... of the
+            # budget): a miss by a few bytes must not give the solver the same target again
+            target -= max(timeline.peak - limit + 1, (options.budget // 400) << round_)
         if best is None:  # the linear model misled the solver: try the smallest-peak plan
             floor_solution = min_peak(problem, time_limit=options.time_limit)
             floor = (floor_solution, *realise(floor_solution))
