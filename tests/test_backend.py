@@ -86,7 +86,9 @@ def test_backend_with_eager_lowering_matches_eager_gradients():
 def test_backend_lowers_through_inductor_with_eager_gradients():
     model, idx = tiny_gpt()
     expected = grads(model, model, idx)
-    budget = _budget(model, idx)
+    # Inductor holds less than eager (fused values never exist): a budget well under eager's
+    # peak, so that the plan must recompute dropout too
+    budget = _budget(model, idx, fraction=0.82)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="fxmem", options={"budget": budget})
     got = grads(model, compiled, idx)

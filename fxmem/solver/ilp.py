@@ -177,7 +177,10 @@ def solve_ilp(
         return solution_for(problem, sol.decision, strategy="ilp", budget=budget,
                             solve_seconds=time.perf_counter() - t0, status="optimal", gap=0.0)
     model = _Model(problem, "time")
-    budget_scaled = budget / model.scale
+    # half a byte of slack: live bytes are integers, so it admits no decision over the budget, and
+    # CBC's preprocessing declared a problem whose optimum meets a row exactly infeasible
+    # (hypothesis found it: a 3-value chain at its floor)
+    budget_scaled = (budget + 0.5) / model.scale
     start = save_all(problem).decision
     for t in _worst_positions(problem, [start, warm.decision], budget, initial_rows):
         model.add_row(t, budget_scaled)

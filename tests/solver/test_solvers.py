@@ -88,6 +88,17 @@ def test_ilp_matches_brute_force(sizes, costs, slack):
         assert heuristic.recompute_time >= expected - 1e-12
 
 
+def test_ilp_finds_an_optimum_that_meets_a_row_exactly():
+    # CBC's preprocessing called this infeasible at its floor (1226 B): saving v0 and v2 and
+    # recomputing v1 peaks at exactly the budget
+    p = chain_problem([76, 150, 77], [0.00390625, 0.0078125, 0.0078125])
+    floor = min(p.peak(p.normalise(np.array(bits)))
+                for bits in itertools.product([False, True], repeat=3))
+    sol = solve_ilp(p, floor, gap=0.0)
+    assert sol.status == "optimal" and sol.peak <= floor
+    assert sol.recompute_time == pytest.approx(brute_force(p, floor))
+
+
 def test_infeasible_budget_and_min_peak():
     p = chain_problem([100, 200, 300, 400], [1e-3] * 4)
     floor = min(p.peak(p.normalise(np.array(bits)))
