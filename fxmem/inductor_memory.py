@@ -229,11 +229,10 @@ def channels_last_copies(gm: torch.fx.GraphModule) -> list[str]:
     whose channels are not already innermost, e.g. a 3x3 weight; 1x1 weights already are) gets
     a channels-last copy.
     """
-    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
-    if not convs or not optimizes_layout(gm):
+    if not optimizes_layout(gm):
         return []
     copied: list[str] = []
-    for conv in convs:
+    for conv in (n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default):
         for arg in conv.args[:2]:
             if not isinstance(arg, torch.fx.Node) or arg.op != "placeholder" or arg.name in copied:
                 continue
@@ -245,21 +244,22 @@ def channels_last_copies(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequence,
-                 writes_out: Sequence[bool]) -> StepStorages:
-    """``storages`` (already lowered) with Inductor's buffer pool: a buffer a graph makes and
-    frees can be reused once dead, keyed by ``keys_of[s]`` (dtype and exact bytes, as
-    ``buffer_reuse_key``; ``None`` for what Inductor does not pool, e.g. an op's internal
-    scratch). What
-    the forward saves is an input of the backward, freed there but never pooled (``FreeLine``;
-    donation only allows the in-place reuse that ``accumulates`` models; see
-    :func:`fxmem.memory_model.simulate`). A buffer is taken from
-    the pool when Inductor allocates it: outputs of its own kernels, and of extern kernels it
-    calls with ``out=`` (``writes_out[i]`` for op ``i``). The outputs of an extern op that returns
-    several tensors (``convolution_backward``, the RNG-replay wrappers) are views of its tuple to
-    Inductor and never pooled: their keys are ``None``."""
+                 writes_out: Sequence[bool], returns_tuple: Sequence[bool]) -> StepStorages:
+    """``storages`` (already lowered) with Inductor's buffer pool.
+
+    A buffer a graph makes and frees can be reused once dead, keyed by ``keys_of[s]`` (dtype and
+    exact bytes, as ``buffer_reuse_key``; ``None`` for an op's internal scratch, which is not
+    Inductor's). Not pooled: what the forward saves, an input of the backward freed there
+    (``FreeLine``; see :func:`fxmem.memory_model.simulate`), and the outputs of an extern op that
+    returns several tensors (``returns_tuple[i]``: ``convolution_backward``, the RNG-replay
+    wrappers), views of its tuple to Inductor. A buffer is taken from the pool when Inductor
+    allocates it: outputs of its own kernels, and of extern kernels it calls with ``out=``
+    (``writes_out[i]`` for op ``i``)."""
     keys: dict[int, object] = {}
     recipients: set[int] = set()
     for i, created in enumerate(storages.creates):
+        if returns_tuple[i] and kinds[i] is Lowered.EXTERN:
+            continue
         for s in created:
             if s in storages.resident or keys_of[s] is None or storages.nbytes[s] == 0:
                 continue

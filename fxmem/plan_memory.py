@@ -53,13 +53,13 @@ def plan_storages(
     reads: list[tuple[int, ...]] = []
     phase_of: list[str] = []  # per storage: "fw" or "bw"
     # per storage: Inductor's buffer-reuse key (dtype, exact bytes); None: an op's internal scratch
-    dtype_of: list[tuple[torch.dtype, int] | None] = []
+    reuse_key_of: list[tuple[torch.dtype, int] | None] = []
 
     def new_storage(t: torch.Tensor, phase: str) -> int:
         nbytes.append(allocation_bytes(int(t.untyped_storage().nbytes()), device))
         category.append("temporaries")
         phase_of.append(phase)
-        dtype_of.append((t.dtype, int(t.untyped_storage().nbytes())))
+        reuse_key_of.append((t.dtype, int(t.untyped_storage().nbytes())))
         return len(nbytes) - 1
 
     fw_ids: dict[StorageWeakRef, int] = {}
@@ -83,7 +83,7 @@ def plan_storages(
         elif node.op == "call_function":
             before = len(nbytes)
             fw_nodes[node.name] = tuple(fw_id(t) for t in tensors)
-            _add_scratch(node, device, nbytes, category, phase_of, dtype_of, "fw")
+            _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, "fw")
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
@@ -121,7 +121,7 @@ def plan_storages(
                     ids.append(new_storage(t, "bw"))
                 bw_ids[key] = ids[-1]
             bw_nodes[node.name] = tuple(ids)
-            _add_scratch(node, device, nbytes, category, phase_of, dtype_of, "bw")
+            _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, "bw")
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
@@ -134,7 +134,7 @@ def plan_storages(
     if lowering == "inductor":
         backward_start = _add_layout_copies(fw, fw_nodes, op_names, creates, reads, backward_start,
                                             lambda s: _copy_storage(s, nbytes, category, phase_of,
-                                                                    dtype_of))
+                                                                    reuse_key_of))
 
     read_in_bw = {s for r in reads[backward_start:] for s in r}
     for s in range(len(nbytes)):
@@ -166,23 +166,20 @@ def plan_storages(
     nodes = {**{("fw", n.name): n for n in fw.graph.nodes},
              **{("bw", n.name): n for n in bw.graph.nodes}}
     op_nodes = [nodes.get((phase, name)) for phase, name in zip(phases, op_names)]
+    # node None: the channels-last copies' kernel, whose buffers Inductor allocates
     writes_out = [node is None or node.target in _OUT_EXTERNS for node in op_nodes]
-    # an extern op's tuple of outputs: each is a view of the tuple for Inductor, never pooled
-    tuple_out = [node is not None and isinstance(node.meta.get("val"), (tuple, list))
-                 for node in op_nodes]
-    for i, created in enumerate(storages.creates):
-        if tuple_out[i] and per_op[i] is Lowered.EXTERN:
-            for s in created:
-                dtype_of[s] = None
-    return pool_buffers(lower_storages(storages, per_op), per_op, dtype_of, writes_out)
+    returns_tuple = [node is not None and isinstance(node.meta.get("val"), (tuple, list))
+                     for node in op_nodes]
+    return pool_buffers(lower_storages(storages, per_op), per_op, reuse_key_of, writes_out,
+                        returns_tuple)
 
 
 def _copy_storage(s: int, nbytes: list[int], category: list[str], phase_of: list[str],
-                  dtype_of: list) -> int:
+                  reuse_key_of: list) -> int:
     nbytes.append(nbytes[s])
     category.append("temporaries")
     phase_of.append("fw")
-    dtype_of.append(dtype_of[s])
+    reuse_key_of.append(reuse_key_of[s])
     return len(nbytes) - 1
 
 
@@ -207,14 +204,14 @@ def _add_layout_copies(fw, fw_nodes, op_names, creates, reads, backward_start, c
     return backward_start + 1
 
 
-def _add_scratch(node, device, nbytes, category, phase_of, dtype_of, phase) -> None:
+def _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, phase) -> None:
     """An op's internal scratch as a storage it creates and nothing reads (freed right after)."""
     scratch = scratch_bytes(node, device)
     if scratch:
         nbytes.append(allocation_bytes(scratch, device))
         category.append("temporaries")
         phase_of.append(phase)
-        dtype_of.append(None)
+        reuse_key_of.append(None)
 
 
 def _input_keys(node: torch.fx.Node) -> set[StorageWeakRef]:
