@@ -32,7 +32,7 @@ import torch.fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from .budget import parse_budget
-from .passes.inductor_order import SplitDelayedAddmm
+from .passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_place
 from .planner import LEVERS, Plan, PlanOptions, optimizer_bytes, plan_joint
 
 __all__ = ["fxmem_backend", "FxmemPartitioner", "make_backend", "PlanLog"]
@@ -98,6 +98,15 @@ def _boxed(gm: torch.fx.GraphModule, _example_inputs):
     return gm
 
 
+def _compile_keeping_recomputed_in_place(*args, **kwargs):
+    """Inductor's ``compile_fx_inner`` (per graph; the backward's runs later, on its first call)
+    with fusion heuristics that leave recomputed ops where the plan put them."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    with keep_recomputed_in_place():
+        return compile_fx_inner(*args, **kwargs)
+
+
 def make_backend(options: PlanOptions, plans: PlanLog, *, lowering: str = "inductor",
                  exact_random: bool = True):
     """A TorchDynamo backend that plans every graph it is given with ``options``."""
@@ -119,7 +128,8 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, lowering: str = "induc
         # AOTAutograd's cache would skip the partitioner, so the plan (model.plan, the report)
         # would be missing; Inductor's FX graph cache still serves the kernels
         with torch._functorch.config.patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            return compile_fx(gm, example_inputs, config_patches=patches,
+                              inner_compile=_compile_keeping_recomputed_in_place)
 
     return backend
 

@@ -22,6 +22,7 @@ from .inductor_memory import (
     channels_last_copies,
     lower_storages,
     lowering_kinds,
+    optimizes_layout,
     pool_buffers,
 )
 from .memory_model import StepStorages
@@ -64,6 +65,8 @@ def plan_storages(
 
     fw_ids: dict[StorageWeakRef, int] = {}
     fw_nodes: dict[str, tuple[int, ...]] = {}
+    # Inductor's layout optimisation runs the convolutions, and so their backward, channels-last
+    channels_last = lowering == "inductor" and optimizes_layout(fw)
 
     def fw_id(t: torch.Tensor, resident_category: str | None = None) -> int:
         key = StorageWeakRef(t.untyped_storage())
@@ -83,7 +86,8 @@ def plan_storages(
         elif node.op == "call_function":
             before = len(nbytes)
             fw_nodes[node.name] = tuple(fw_id(t) for t in tensors)
-            _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, "fw")
+            _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, "fw",
+                         channels_last)
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
@@ -121,7 +125,8 @@ def plan_storages(
                     ids.append(new_storage(t, "bw"))
                 bw_ids[key] = ids[-1]
             bw_nodes[node.name] = tuple(ids)
-            _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, "bw")
+            _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, "bw",
+                         channels_last)
             if node.target is not operator.getitem:
                 op_names.append(node.name)
                 creates.append(tuple(range(before, len(nbytes))))
@@ -204,9 +209,10 @@ def _add_layout_copies(fw, fw_nodes, op_names, creates, reads, backward_start, c
     return backward_start + 1
 
 
-def _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, phase) -> None:
+def _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, phase,
+                 channels_last) -> None:
     """An op's internal scratch as a storage it creates and nothing reads (freed right after)."""
-    scratch = scratch_bytes(node, device)
+    scratch = scratch_bytes(node, device, channels_last=channels_last)
     if scratch:
         nbytes.append(allocation_bytes(scratch, device))
         category.append("temporaries")

@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from .capture import CapturedStep
-from .inductor_memory import Lowered, lower_storages, lowering_kinds
+from .inductor_memory import Lowered, lower_storages, lowering_kinds, optimizes_layout
 from .memory_model import simulate
 from .passes.rng_replay import is_random
 from .solver.problem import Pull, RecomputeProblem
@@ -84,7 +84,8 @@ def build_problem(
     seconds (default: ``costs``), e.g. arithmetic alone -- is charged to the realised values
     whose kernels compute them.
     """
-    storages = step_storages(step)
+    # Inductor's layout optimisation runs the convolutions (and their gradients) channels-last
+    storages = step_storages(step, channels_last=lowering == "inductor" and optimizes_layout(step.gm))
     costs = dict(costs)
     if lowering == "inductor":
         storages, costs = _lowered(step, storages, costs, fused_cost)

@@ -35,11 +35,13 @@ def allocation_bytes(nbytes: int, device: torch.device) -> int:
     return int(nbytes)
 
 
-def scratch_bytes(node: torch.fx.Node, device: torch.device) -> int:
+def scratch_bytes(node: torch.fx.Node, device: torch.device, *, channels_last: bool = False) -> int:
     """Bytes an op allocates and frees inside itself, beyond its outputs. On the CPU,
     ``native_dropout`` draws its noise into a tensor like its input before making the bool mask
     (CUDA fuses it), and oneDNN's ``convolution_backward`` copies the output gradient and the
-    input into its own layouts. The RNG-replay wrappers run the op they wrap."""
+    input into its own layouts -- unless they are ``channels_last`` (as Inductor's layout
+    optimisation makes them), when it only reorders the weight. The RNG-replay wrappers run the
+    op they wrap."""
     if device.type != "cpu" or node.op != "call_function":
         return 0
     target, args = node.target, node.args
@@ -49,7 +51,9 @@ def scratch_bytes(node: torch.fx.Node, device: torch.device) -> int:
     elif not isinstance(target, torch._ops.OpOverload) and len(args) > 1 \
             and isinstance(args[1], torch._ops.OpOverload):
         target, args = args[1], args[2:]  # run_with_rng_state(state, op, *args)
-    if target is torch.ops.aten.convolution_backward.default and len(args) > 1:
+    if target is torch.ops.aten.convolution_backward.default and len(args) > 2:
+        if channels_last:  # oneDNN works on channels-last tensors in place; it reorders the weight
+            return 2 * _nbytes(args[2])
         # oneDNN reorders the output gradient and the input into its blocked layouts
         return sum(_nbytes(a) for a in args[:2])
     if target is not torch.ops.aten.native_dropout.default or not args:
@@ -75,10 +79,12 @@ def _tensors(val) -> list[torch.Tensor]:
     return []
 
 
-def step_storages(step: CapturedStep, device: torch.device | None = None) -> StepStorages:
+def step_storages(step: CapturedStep, device: torch.device | None = None, *,
+                  channels_last: bool = False) -> StepStorages:
     """The storages a captured step creates, reads and keeps, in graph order.
 
-    ``device`` selects the allocator's rounding (default: the step's device).
+    ``device`` selects the allocator's rounding (default: the step's device); ``channels_last``:
+    the convolutions run channels-last (:func:`scratch_bytes`).
     """
     device = device or step.device
     gm = step.gm
@@ -121,7 +127,7 @@ def step_storages(step: CapturedStep, device: torch.device | None = None) -> Ste
             before = len(nbytes)
             ids = storage_ids(_tensors(node.meta.get("val")), op_index)
             node_storages[node.name] = ids
-            scratch = scratch_bytes(node, device)
+            scratch = scratch_bytes(node, device, channels_last=channels_last)
             if scratch:  # a storage of the op's own that nothing reads: freed right after it
                 nbytes.append(allocation_bytes(scratch, device))
                 created_by.append(op_index)

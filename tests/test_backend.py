@@ -83,21 +83,34 @@ def test_backend_with_eager_lowering_matches_eager_gradients():
 
 
 @pytest.mark.slow
-def test_backend_lowers_through_inductor_with_eager_gradients():
+def test_backend_lowers_through_inductor_with_eager_gradients(monkeypatch):
+    import torch._inductor.scheduler as scheduler
+    from torch._inductor.virtualized import V
+
+    from fxmem.passes.recompute import RECOMPUTED
+
     model, idx = tiny_gpt()
     expected = grads(model, model, idx)
     # Inductor holds less than eager (fused values never exist): a budget well under eager's
     # peak, so that the plan must recompute dropout too
     budget = _budget(model, idx, fraction=0.82)
     torch._dynamo.reset()
+    choices = []  # Inductor's heuristics while it fuses each graph (the backward's: lazily)
+    can_fuse = scheduler.Scheduler.can_fuse
+    monkeypatch.setattr(scheduler.Scheduler, "can_fuse", lambda self, *args, **kwargs: (
+        choices.append(type(V.choices).__name__), can_fuse(self, *args, **kwargs))[1])
     compiled = torch.compile(model, backend="fxmem", options={"budget": budget})
     got = grads(model, compiled, idx)
+    assert choices and set(choices) == {"KeepRecomputedInPlace"}
     # Inductor fuses and reorders floating-point work: equal up to fp32 rounding
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(expected[1], got[1]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     plan = LAST_PLANS.latest
     assert plan.solution.num_recomputed > 0 and plan.record.replayed  # dropout recomputed too
+    tagged = {n.name for n in plan.graphs["backward"].graph.nodes if n.meta.get(RECOMPUTED)}
+    recomputed = set(plan.record.recomputed) - set(plan.record.replayed)  # replays: renamed
+    assert recomputed and recomputed <= tagged
     torch._dynamo.reset()
 
 

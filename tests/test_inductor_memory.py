@@ -186,3 +186,49 @@ def test_a_backward_input_is_freed_not_pooled():
     # at op 3 (use_x) y is dead but held for r while x is read: 10 + 100 + 100; at op 4 x is gone
     assert timeline.total.tolist() == [110, 210, 210, 210, 110]  # pooling x: 110 at op 3
     assert timeline.allocated.tolist() == [100, 200, 200, 200, 200]  # r took y's bytes
+
+
+def test_channels_last_convolution_backward_needs_no_copies_of_its_activations():
+    from fxmem.storages import scratch_bytes
+
+    def f(go, x, w):
+        return aten.convolution_backward(go, x, w, [0], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                         [True, True, False])
+
+    gm = traced(f, (4, 8, 16, 16), (4, 8, 16, 16), (8, 8, 3, 3))
+    node = next(n for n in gm.graph.nodes if n.target is aten.convolution_backward.default)
+    cpu = torch.device("cpu")
+    activation, weight = 4 * 8 * 16 * 16 * 4, 8 * 8 * 9 * 4
+    # oneDNN reorders a contiguous output gradient and input into its blocked layout; given
+    # channels-last tensors (Inductor's layout optimisation) it reorders only the weight
+    assert scratch_bytes(node, cpu) == 2 * activation
+    assert scratch_bytes(node, cpu, channels_last=True) == 2 * weight
+    assert scratch_bytes(node, torch.device("meta"), channels_last=True) == 0
+
+
+class _Part:  # the parts of an Inductor scheduler node that KeepRecomputedInPlace looks at
+    def __init__(self, *origins):
+        self.node = type("IRNode", (), {"origins": set(origins)})()
+
+    def get_nodes(self):
+        return [self]
+
+
+def test_recomputed_ops_are_not_fused_horizontally(monkeypatch):
+    from torch._inductor.choices import InductorChoices
+
+    from fxmem.passes.inductor_order import KeepRecomputedInPlace
+    from fxmem.passes.recompute import RECOMPUTED
+
+    gm = traced(lambda x: (x.relu() * 2).sum(), (4, 4))
+    relu, mul = [n for n in gm.graph.nodes if n.op == "call_function"][:2]
+    relu.meta[RECOMPUTED] = True
+    asked = []
+    monkeypatch.setattr(InductorChoices, "can_fuse_horizontal",
+                        staticmethod(lambda *args: asked.append(args) or True))
+    choices = KeepRecomputedInPlace()
+    assert not choices.can_fuse_horizontal(None, _Part(relu), _Part(mul), 100)
+    assert not choices.can_fuse_horizontal(None, _Part(mul), _Part(mul, relu), 100)
+    assert asked == []  # refused before Inductor's own heuristics are asked
+    assert choices.can_fuse_horizontal(None, _Part(mul), _Part(mul), 100) and len(asked) == 1
+    assert choices.uuid() == KeepRecomputedInPlace().uuid()

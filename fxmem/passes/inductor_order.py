@@ -1,4 +1,6 @@
-"""Keep Inductor from moving matrix products late: a post-grad pass that splits delayed ``addmm``.
+"""Keep Inductor from moving work away from where fxmem's memory model puts it.
+
+**Delayed matrix products:** a post-grad pass that splits delayed ``addmm``.
 
 Inductor's post-grad pattern ``add(mm(a, b), c) -> addmm(c, a, b)`` places the fused op where the
 ``add`` was. When ``c`` is made much later than ``a`` and ``b`` -- a tied embedding's gradient,
@@ -9,17 +11,31 @@ This pass undoes that: the product is computed right after its inputs are (where
 fxmem's memory model put it) and only the sum waits. Its output is usually far smaller than its
 inputs (a weight gradient against an activation gradient), so the split is kept only where it
 frees more than it holds.
+
+**Hoisted recomputation:** Inductor fuses kernels that only share reads ("horizontal" fusion). A
+recomputed op placed right before its first use (:mod:`fxmem.passes.recompute`) that reads a saved
+activation some earlier kernel also reads is fused into that kernel, so it runs -- and its output
+is alive -- from there on: on WRN-28-2 the ReLUs recomputed for two later blocks' convolution
+gradients were made one block early, 8 MiB over the plan. :class:`KeepRecomputedInPlace` is an
+``InductorChoices`` that refuses horizontal fusions with a recomputed op (``node.meta`` tag
+:data:`~fxmem.passes.recompute.RECOMPUTED`); fusing a recomputed op into its consumers
+(vertical fusion) is still allowed.
 """
 
 from __future__ import annotations
 
 import logging
 
+import contextlib
+
 import torch
 import torch.fx
+from torch._inductor.choices import InductorChoices
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-__all__ = ["SplitDelayedAddmm"]
+from .recompute import RECOMPUTED
+
+__all__ = ["SplitDelayedAddmm", "KeepRecomputedInPlace", "keep_recomputed_in_place"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -90,3 +106,33 @@ def _last_reader(mat: torch.fx.Node, position: dict) -> torch.fx.Node:
                 stack.append(user)  # a view of the same storage
             readers.append(user)
     return max(readers, key=lambda r: position.get(r, -1))
+
+
+def _has_recomputed(snode) -> bool:
+    """Whether an Inductor scheduler node (fused or not) computes a recomputed op."""
+    for part in snode.get_nodes():
+        for origin in getattr(getattr(part, "node", None), "origins", None) or ():
+            if origin.meta.get(RECOMPUTED):
+                return True
+    return False
+
+
+class KeepRecomputedInPlace(InductorChoices):
+    """Inductor's heuristics, except that no recomputed op is fused horizontally (with a kernel it
+    shares only reads with), which would run it, and keep its output, before its first use."""
+
+    @staticmethod
+    def can_fuse_horizontal(scheduler, node1, node2, shared_data_score) -> bool:
+        if _has_recomputed(node1) or _has_recomputed(node2):
+            return False
+        return InductorChoices.can_fuse_horizontal(scheduler, node1, node2, shared_data_score)
+
+    def uuid(self) -> str:
+        return "fxmem.KeepRecomputedInPlace.v1"
+
+
+def keep_recomputed_in_place() -> contextlib.AbstractContextManager:
+    """Install :class:`KeepRecomputedInPlace` as Inductor's choices handler for this thread."""
+    from torch._inductor.virtualized import V
+
+    return V.set_choices_handler(KeepRecomputedInPlace())

@@ -21,7 +21,9 @@ from torch._functorch.partitioners import _extract_fwd_bwd_modules
 
 from ..joint import forward_node_names
 
-__all__ = ["RecomputeRecord", "split_with_saved", "sink_recomputed", "remove_dead"]
+__all__ = ["RecomputeRecord", "split_with_saved", "sink_recomputed", "remove_dead", "RECOMPUTED"]
+
+RECOMPUTED = "fxmem_recomputed"  # node.meta key: a forward op the backward runs again
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ def split_with_saved(
     _save_copies_of(fw, bw, set(buffers), num_fwd_outputs)
     copied = [n for n in bw.graph.nodes if n.op == "call_function" and n.name in forward]
     moved = sink_recomputed(bw, {n.name for n in copied})
+    for n in copied:  # Inductor's fusion keeps them where they are (passes.inductor_order)
+        n.meta[RECOMPUTED] = True
     recomputed = [n.name for n in copied if not _is_view(n)]
     views = [n.name for n in copied if _is_view(n)]
     received = tuple(n.name for n in bw.graph.nodes if n.op == "placeholder" and n.name in forward
