@@ -18,7 +18,8 @@ A step is forward + loss + backward with the gradients set to None before it. Pe
 measured with ``fxmem.measure_memory`` after the first (compiling) call and the warm-up steps,
 counting the bytes that the model (parameters, buffers) and the inputs hold at the start plus the
 allocator's events during the step. Time (``time.perf_counter``): a peer X and ``fxmem @ X`` run
-``--repeats`` timed steps each in alternating blocks of two (X's block, fxmem's, then fxmem's,
+``--repeats`` timed steps each (more when steps are fast: at least ``--min-timed-seconds`` of
+timed steps per side) in alternating blocks of two (X's block, fxmem's, then fxmem's,
 X's, ...), each block after one untimed step (switching configuration changes what the CPU
 allocator holds, and that transition is charged to neither), so that both see the same machine
 load; the verdict "fxmem no slower than X" is the median of fxmem's step time over X's, the i-th
@@ -232,6 +233,15 @@ def build_peer(name: str, label: str, model: torch.nn.Module, rec: dict):
     raise ValueError(label)
 
 
+def repeats_for(st: Stepper, ns) -> int:
+    """``ns.repeats``, or more for a fast step: enough that the timed steps of one configuration
+    take ``ns.min_timed_seconds`` (estimated from one untimed step), rounded up to whole blocks."""
+    step = st.timed()
+    st.zero()
+    n = max(ns.repeats, math.ceil(ns.min_timed_seconds / max(step, 1e-3)))
+    return n + n % 2
+
+
 def run_pair(name: str, factory, label: str, ns) -> tuple[dict, dict | None]:
     """Peer ``label``, then ``fxmem @ label`` at its measured peak built while the peer lives; both
     timed in ``ns.repeats`` interleaved rounds (the peer alone if fxmem fails at that budget).
@@ -252,7 +262,7 @@ def run_pair(name: str, factory, label: str, ns) -> tuple[dict, dict | None]:
         if f_st is None:
             peer.update(time_alone(p_st, ns.repeats))
         else:
-            tp, tf = time_interleaved(p_st, f_st, ns.repeats)
+            tp, tf = time_interleaved(p_st, f_st, repeats_for(p_st, ns))
             peer.update(step_stats(tp, f"interleaved with {fx['config']}"))
             fx.update(step_stats(tf, f"interleaved with {label}"))
             fx["loadavg_1min"].append(os.getloadavg()[0])
@@ -554,18 +564,19 @@ def workload_table(result: dict) -> list[str]:
     lines = [
         f"## {result['workload']}",
         "",
-        "| configuration | measured peak MiB | step ms median | step ms min | first call s | "
+        "| configuration | measured peak MiB | step ms median | step ms min | n | first call s | "
         "budget MiB | predicted MiB | within budget | time vs target (paired; medians; mins) | "
         "solve s | gap | status | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["peers"]:
         if not p["ok"]:
             lines.append(f"| {p['config']} | error: {p['error'].splitlines()[0][:120]} "
-                         "| | | | | | | | | | | |")
+                         "| | | | | | | | | | | | |")
             continue
         lines.append(f"| {p['config']} | {_mib(p['measured_peak'])} | "
                      f"{1e3 * p['median_step_seconds']:.0f} | {1e3 * p['min_step_seconds']:.0f} | "
+                     f"{len(p['step_seconds'])} | "
                      f"{p['first_call_seconds']:.1f} | | | | | | | | {_load(p)} |")
     for r in sorted(result["fxmem"], key=lambda r: -r["budget"]):
         if r["budget"] >= 2**50:
@@ -573,7 +584,7 @@ def workload_table(result: dict) -> list[str]:
         if not r["ok"]:
             why = (f"infeasible (floor {_mib(r.get('floor'))} MiB)" if r.get("floor")
                    else r["error"].splitlines()[0][:120])
-            lines.append(f"| {r['config']} | {why} | | | | {_mib(r['budget'])} | | | | | | | |")
+            lines.append(f"| {r['config']} | {why} | | | | | {_mib(r['budget'])} | | | | | | | |")
             continue
         ratio = ("" if r.get("paired_ratio_median") is None else
                  f"{r['paired_ratio_median']:.2f}; {r['time_ratio_vs_target']:.2f}; "
@@ -581,8 +592,8 @@ def workload_table(result: dict) -> list[str]:
         gap = "n/a" if r["gap"] is None else f"{100 * r['gap']:.2f}%"
         lines.append(
             f"| {r['config']} | {_mib(r['measured_peak'])} | {1e3 * r['median_step_seconds']:.0f} | "
-            f"{1e3 * r['min_step_seconds']:.0f} | {r['first_call_seconds']:.1f} | "
-            f"{_mib(r['budget'])} | {_mib(r['predicted_peak'])} | "
+            f"{1e3 * r['min_step_seconds']:.0f} | {len(r['step_seconds'])} | "
+            f"{r['first_call_seconds']:.1f} | {_mib(r['budget'])} | {_mib(r['predicted_peak'])} | "
             f"{'yes' if r['within_budget'] else '**no**'} | {ratio} | {r['solve_seconds']:.2f} | "
             f"{gap} | {r['status']} | {_load(r)} |")
     floor = result["fxmem_floor"]
@@ -610,6 +621,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-timed-seconds", type=float, default=12.0,
+                        help="a peer and fxmem @ peer get more than --repeats timed steps each "
+                             "when their steps are fast, until each side's take this long")
     parser.add_argument("--warmup", type=int, default=1, help="steps after the first (compiling) call")
     parser.add_argument("--amb", default=AMB_DEFAULT, help="activation_memory_budget values")
     parser.add_argument("--spread", type=int, default=4,
@@ -635,6 +649,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "argv": sys.argv[1:] if argv is None else list(argv),
         "repeats": ns.repeats,
+        "min_timed_seconds": ns.min_timed_seconds,
         "warmup": ns.warmup,
     }
     try:
@@ -663,8 +678,9 @@ def write(results: list[dict], env: dict, ns) -> None:
         "# fxmem against checkpointing and torch.compile's memory budget (CPU)",
         "",
         f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['threads']} threads); "
-        f"{env['repeats']} timed steps after {env['warmup']} warm-up step(s) "
-        "following the first (compiling) call.",
+        f"{env['repeats']} timed steps (a peer and fxmem @ peer: at least "
+        f"{env.get('min_timed_seconds', 0):g} s of them each, `n` in the tables) after "
+        f"{env['warmup']} warm-up step(s) following the first (compiling) call.",
         "",
         "A step is forward + loss + backward (no optimizer), gradients set to None before it. "
         "Peak: `fxmem.measure_memory` of one step, counting the bytes the model and the inputs "
