@@ -24,9 +24,8 @@ gradients were made one block early, 8 MiB over the plan. :class:`KeepRecomputed
 
 from __future__ import annotations
 
-import logging
-
 import contextlib
+import logging
 
 import torch
 import torch.fx
