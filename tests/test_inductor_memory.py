@@ -207,17 +207,18 @@ def test_channels_last_convolution_backward_needs_no_copies_of_its_activations()
 
 
 class _Part:  # the parts of an Inductor scheduler node that KeepRecomputedInPlace looks at
-    def __init__(self, *origins):
+    def __init__(self, order, *origins):
         self.node = type("IRNode", (), {"origins": set(origins)})()
+        self.min_order = self.max_order = order
 
     def get_nodes(self):
         return [self]
 
 
-def test_recomputed_ops_are_not_fused_horizontally(monkeypatch):
+def test_recomputed_ops_are_not_fused_horizontally_from_afar(monkeypatch):
     from torch._inductor.choices import InductorChoices
 
-    from fxmem.passes.inductor_order import KeepRecomputedInPlace
+    from fxmem.passes.inductor_order import NEAR, KeepRecomputedInPlace
     from fxmem.passes.recompute import RECOMPUTED
 
     gm = traced(lambda x: (x.relu() * 2).sum(), (4, 4))
@@ -227,8 +228,11 @@ def test_recomputed_ops_are_not_fused_horizontally(monkeypatch):
     monkeypatch.setattr(InductorChoices, "can_fuse_horizontal",
                         staticmethod(lambda *args: asked.append(args) or True))
     choices = KeepRecomputedInPlace()
-    assert not choices.can_fuse_horizontal(None, _Part(relu), _Part(mul), 100)
-    assert not choices.can_fuse_horizontal(None, _Part(mul), _Part(mul, relu), 100)
+    far = NEAR + 1
+    assert not choices.can_fuse_horizontal(None, _Part(0, relu), _Part(far, mul), 100)
+    assert not choices.can_fuse_horizontal(None, _Part(0, mul), _Part(far, mul, relu), 100)
     assert asked == []  # refused before Inductor's own heuristics are asked
-    assert choices.can_fuse_horizontal(None, _Part(mul), _Part(mul), 100) and len(asked) == 1
+    assert choices.can_fuse_horizontal(None, _Part(0, mul), _Part(far, mul), 100)
+    assert choices.can_fuse_horizontal(None, _Part(0, mul), _Part(1, relu), 100)  # next door
+    assert len(asked) == 2
     assert choices.uuid() == KeepRecomputedInPlace().uuid()

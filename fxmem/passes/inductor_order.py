@@ -18,7 +18,7 @@ activation some earlier kernel also reads is fused into that kernel, so it runs 
 is alive -- from there on: on WRN-28-2 the ReLUs recomputed for two later blocks' convolution
 gradients were made one block early, 8 MiB over the plan. :class:`KeepRecomputedInPlace` is an
 ``InductorChoices`` that refuses horizontal fusions with a recomputed op (``node.meta`` tag
-:data:`~fxmem.passes.recompute.RECOMPUTED`); fusing a recomputed op into its consumers
+:data:`~fxmem.passes.recompute.RECOMPUTED`) across more than a few kernels; fusing a recomputed op into its consumers
 (vertical fusion) is still allowed.
 """
 
@@ -34,7 +34,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .recompute import RECOMPUTED
 
-__all__ = ["SplitDelayedAddmm", "KeepRecomputedInPlace", "keep_recomputed_in_place"]
+__all__ = ["SplitDelayedAddmm", "KeepRecomputedInPlace", "keep_recomputed_in_place", "NEAR"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -107,6 +107,14 @@ def _last_reader(mat: torch.fx.Node, position: dict) -> torch.fx.Node:
     return max(readers, key=lambda r: position.get(r, -1))
 
 
+NEAR = 4  # scheduler nodes: a fusion this close moves a recomputed op past next to nothing
+
+
+def _distance(node1, node2) -> int:
+    """How far apart two scheduler nodes are in Inductor's order (``are_long_distant_nodes``)."""
+    return max(abs(node1.min_order - node2.max_order), abs(node2.min_order - node1.max_order))
+
+
 def _has_recomputed(snode) -> bool:
     """Whether an Inductor scheduler node (fused or not) computes a recomputed op."""
     for part in snode.get_nodes():
@@ -118,11 +126,13 @@ def _has_recomputed(snode) -> bool:
 
 class KeepRecomputedInPlace(InductorChoices):
     """Inductor's heuristics, except that no recomputed op is fused horizontally (with a kernel it
-    shares only reads with), which would run it, and keep its output, before its first use."""
+    shares only reads with) more than :data:`NEAR` nodes away, which would run it, and keep its
+    output, well before its first use. (Most such fusions are with the next kernel; refusing
+    those too made steps slower and saved no memory.)"""
 
     @staticmethod
     def can_fuse_horizontal(scheduler, node1, node2, shared_data_score) -> bool:
-        if _has_recomputed(node1) or _has_recomputed(node2):
+        if (_has_recomputed(node1) or _has_recomputed(node2)) and _distance(node1, node2) > NEAR:
             return False
         return InductorChoices.can_fuse_horizontal(scheduler, node1, node2, shared_data_score)
 
