@@ -221,15 +221,19 @@ def optimizes_layout(gm: torch.fx.GraphModule) -> bool:
         return True  # the copies: the side of more memory
 
 
-def channels_last_copies(gm: torch.fx.GraphModule) -> list[str]:
+def channels_last_copies(gm: torch.fx.GraphModule, *, layout_optimized: bool | None = None
+                         ) -> list[str]:
     """Placeholders of ``gm`` that Inductor copies into channels-last buffers.
 
     When Inductor optimises the layout of a graph with convolutions, each convolution requires
     channels-last input and weight; a graph input in another layout (a contiguous 4-d tensor
     whose channels are not already innermost, e.g. a 3x3 weight; 1x1 weights already are) gets
-    a channels-last copy.
+    a channels-last copy. ``layout_optimized``: :func:`optimizes_layout` of ``gm``, if the caller
+    has decided it already.
     """
-    if not optimizes_layout(gm):
+    if layout_optimized is None:
+        layout_optimized = optimizes_layout(gm)
+    if not layout_optimized:
         return []
     copied: list[str] = []
     for conv in (n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default):

@@ -136,7 +136,7 @@ def plan_storages(
     bw_out = next(n for n in bw.graph.nodes if n.op == "output").args[0]
     grads = {s for n in bw_out if isinstance(n, torch.fx.Node) for s in bw_nodes[n.name]}
 
-    if lowering == "inductor":
+    if channels_last:
         backward_start = _add_layout_copies(fw, fw_nodes, op_names, creates, reads, backward_start,
                                             lambda s: _copy_storage(s, nbytes, category, phase_of,
                                                                     reuse_key_of))
@@ -193,7 +193,7 @@ def _add_layout_copies(fw, fw_nodes, op_names, creates, reads, backward_start, c
     the start of the forward, read by the convolutions and, in place of the original, by the
     backward (the forward saves the copy). Returns the new ``backward_start``."""
     copies: dict[int, int] = {}
-    for name in channels_last_copies(fw):
+    for name in channels_last_copies(fw, layout_optimized=True):
         original = fw_nodes[name][0]
         if original not in copies:  # two placeholders of one storage: one copy
             copies[original] = copy(original)
