@@ -22,6 +22,19 @@ layout -- the images, every 3x3 weight -- is copied into a new channels-last buf
 of the forward, and when the forward also saves that input for the backward it saves the copy,
 which then lives until the backward's last read of it (:func:`channels_last_copies`).
 
+On the CPU, Inductor's C++ backend emits the kernels between two extern calls as one function
+(``CppScheduling``'s kernel group, flushed at the next extern kernel): the outputs of all of them
+are allocated before it runs, and the inputs that die in any of them are freed after it
+(:func:`kernel_groups`). A value recomputed for the next convolution's gradient, emitted in the
+group of the previous block's batch-norm gradient, is allocated while that gradient's dying
+inputs are still alive.
+
+Layout optimisation makes channels-last only the convolutions and the values that lead to one or
+follow one up to the last convolution (``GraphLowering.find_nodes_prefer_channels_last``); the
+rest -- the activation the classifier's pooling reads -- stays contiguous
+(:func:`contiguous_values`). A gradient for a convolution's backward that a kernel computes in
+place of such a value is written there and copied channels-last for the convolution.
+
 Inductor's generated code pools buffers: a dead buffer is not freed if a later allocation of the
 same dtype and size in the same graph can reuse it; it stays allocated until then
 (:func:`pool_buffers`; ``codegen/wrapper.py``'s ``FreeIfNotReusedLine``/``AllocateLine``).
@@ -40,6 +53,7 @@ import dataclasses
 import enum
 import logging
 import operator
+import types
 from collections.abc import Sequence
 
 import torch
@@ -48,7 +62,7 @@ import torch.fx
 from .memory_model import StepStorages
 
 __all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
-           "pool_buffers"]
+           "pool_buffers", "kernel_groups", "contiguous_values"]
 
 log = logging.getLogger(__name__)
 
@@ -271,3 +285,38 @@ def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequ
             if kinds[i] in (Lowered.KERNEL, Lowered.REDUCTION) or writes_out[i]:
                 recipients.add(s)
     return dataclasses.replace(storages, reuse_keys=keys, pool_recipients=frozenset(recipients))
+
+
+def kernel_groups(kinds: Sequence[Lowered], backward_start: int) -> tuple[int, ...]:
+    """For each op, the last op of its kernel group: where what dies in it is freed on the CPU.
+
+    Inductor's C++ backend emits the kernels between two extern calls (and no further than the end
+    of a graph: ``backward_start`` separates the forward's ops from the backward's) as one
+    function and frees what died in them after it. An extern kernel frees what dies there right
+    after itself. For :attr:`~fxmem.memory_model.StepStorages.release_after`."""
+    n = len(kinds)
+    release = list(range(n))
+    end = n - 1
+    for i in range(n - 1, -1, -1):
+        if i == backward_start - 1:
+            end = i  # the forward's last group ends with the forward
+        if kinds[i] is Lowered.EXTERN:
+            end = i - 1  # the group before an extern kernel ends right before it
+            continue
+        release[i] = max(i, end)
+    return tuple(release)
+
+
+
+def contiguous_values(gm: torch.fx.GraphModule) -> set[str]:
+    """Nodes of ``gm`` (a graph whose layout Inductor optimises) with 4-d outputs that Inductor
+    keeps contiguous: those outside ``GraphLowering.find_nodes_prefer_channels_last``."""
+    from torch._inductor.graph import GraphLowering
+
+    try:
+        channels_last = GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=gm))
+    except Exception as exc:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see
+        log.debug("find_nodes_prefer_channels_last failed (%s); assuming all channels-last", exc)
+        return set()
+    return {n.name for n in gm.graph.nodes if n.op == "call_function" and n not in channels_last
+            and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 4}

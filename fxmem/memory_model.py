@@ -14,7 +14,9 @@ Rules, matching eager PyTorch:
 - gradient accumulation (``a + b`` in the backward where ``a`` dies there) reuses ``a``'s storage,
   as autograd's input buffer accumulates in place;
 - optionally, buffer pooling as Inductor's generated code does it (``reuse_keys``): a dead buffer
-  that a later allocation of the same key reuses stays allocated until that allocation.
+  that a later allocation of the same key reuses stays allocated until that allocation;
+- optionally, deferred frees (``release_after``): what dies at an op is freed only after a later
+  op, as Inductor's C++ code frees the dead inputs of a group of kernels after the whole group.
 """
 
 from __future__ import annotations
@@ -59,11 +61,17 @@ class StepStorages:
     # until then. What the forward makes and the backward frees is never pooled.
     reuse_keys: Mapping[int, object] = dataclasses.field(default_factory=dict)
     pool_recipients: frozenset[int] = frozenset()
+    # per op: the op after which the storages that die at it are freed (empty: the op itself).
+    # An input an op takes over (``accumulates``) still passes to it at its own op.
+    release_after: tuple[int, ...] = ()
 
     def __post_init__(self):
         n = len(self.op_names)
         if len(self.creates) != n or len(self.reads) != n:
             raise ValueError("creates and reads need one entry per op")
+        if self.release_after and (len(self.release_after) != n or any(
+                not i <= r < n for i, r in enumerate(self.release_after))):
+            raise ValueError("release_after needs one entry per op, each at or after its op")
         if len(self.nbytes) != len(self.category):
             raise ValueError("nbytes and category need one entry per storage")
         bad = set(self.category) - set(CATEGORIES)
@@ -150,10 +158,13 @@ def simulate(
     for c, b in (constant or {}).items():
         live_by_cat[_CAT[c]] += int(b)
 
+    release = list(range(len(order)))  # position -> position after which its dead are freed
+    if step.release_after:
+        release = [max(t, position[step.release_after[op]]) for t, op in enumerate(order)]
     frees_at: dict[int, list[int]] = {}
     for s, t in last_use.items():
         if s not in step.resident:
-            frees_at.setdefault(t, []).append(s)
+            frees_at.setdefault(release[t] if t < len(order) else t, []).append(s)
 
     takes = _take_overs(step, order, last_use, frees_at, nbytes)
     taken_over = set(takes.values())  # storages whose bytes a later storage now holds

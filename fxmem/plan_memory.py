@@ -10,6 +10,7 @@ own inputs or earlier values (a view).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -20,9 +21,11 @@ from .capture import CapturedStep, Role
 from .inductor_memory import (
     Lowered,
     channels_last_copies,
+    contiguous_values,
     lower_storages,
     lowering_kinds,
     optimizes_layout,
+    kernel_groups,
     pool_buffers,
 )
 from .memory_model import StepStorages
@@ -175,8 +178,49 @@ def plan_storages(
     writes_out = [node is None or node.target in _OUT_EXTERNS for node in op_nodes]
     returns_tuple = [node is not None and isinstance(node.meta.get("val"), (tuple, list))
                      for node in op_nodes]
-    return pool_buffers(lower_storages(storages, per_op), per_op, reuse_key_of, writes_out,
-                        returns_tuple)
+    lowered = lower_storages(storages, per_op)
+    if channels_last:
+        lowered = _channels_last_gradients(lowered, per_op, op_nodes, bw_nodes,
+                                           {s for name in contiguous_values(fw)
+                                            for s in fw_nodes.get(name, ())}, reuse_key_of)
+    lowered = pool_buffers(lowered, per_op, reuse_key_of, writes_out, returns_tuple)
+    if device.type == "cpu":  # the C++ backend frees a kernel group's dead inputs after the group
+        lowered = dataclasses.replace(lowered, release_after=kernel_groups(per_op, backward_start))
+    return lowered
+
+
+def _channels_last_gradients(storages: StepStorages, kinds, op_nodes, bw_nodes, contiguous,
+                             reuse_key_of: list) -> StepStorages:
+    """A gradient a convolution's backward reads, computed by a kernel in place of a forward value
+    Inductor keeps contiguous (the activation the classifier's pooling reads): the kernel writes it
+    there, contiguous, and a channels-last copy of it for the convolution, which reads the copy."""
+    if not contiguous:
+        return storages
+    creates, reads = list(storages.creates), list(storages.reads)
+    nbytes, category = list(storages.nbytes), list(storages.category)
+    creator = {s: i for i, made in enumerate(creates) for s in made}
+    copies: dict[int, int] = {}
+    for i, node in enumerate(op_nodes):
+        if node is None or node.target is not torch.ops.aten.convolution_backward.default:
+            continue
+        for arg in node.args[:2]:
+            for s in bw_nodes.get(arg.name, ()) if isinstance(arg, torch.fx.Node) else ():
+                j = creator.get(s)
+                if j is None or kinds[j] is not Lowered.KERNEL or not any(
+                        a in contiguous and nbytes[a] == nbytes[s]
+                        for a in storages.accumulates.get(s, ())):
+                    continue
+                if s not in copies:
+                    copies[s] = len(nbytes)
+                    nbytes.append(nbytes[s])
+                    category.append("temporaries")
+                    reuse_key_of.append(reuse_key_of[s])
+                    creates[j] = creates[j] + (copies[s],)
+                reads[i] = tuple(sorted(copies.get(r, r) for r in reads[i]))
+    if not copies:
+        return storages
+    return dataclasses.replace(storages, creates=tuple(creates), reads=tuple(reads),
+                               nbytes=tuple(nbytes), category=tuple(category))
 
 
 def _copy_storage(s: int, nbytes: list[int], category: list[str], phase_of: list[str],

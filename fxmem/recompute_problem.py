@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from .capture import CapturedStep
-from .inductor_memory import Lowered, lower_storages, lowering_kinds, optimizes_layout
+from .inductor_memory import Lowered, kernel_groups, lower_storages, lowering_kinds, optimizes_layout
 from .memory_model import simulate
 from .passes.rng_replay import is_random
 from .solver.problem import Pull, RecomputeProblem
@@ -145,6 +145,10 @@ def build_problem(
         if not direct[k]:
             need_start[k] = min(starts)
         need_end[k] = max(need_end[k], max(starts))
+    # where what dies at each position is freed (later than its last read in a kernel group)
+    release = np.array(storages.release_after or range(len(storages.op_names)), dtype=np.int64)
+    fwd_end = release[fwd_end]
+    need_end = np.where(need_end >= 0, release[np.maximum(need_end, 0)], -1)
     if pull_window is None:
         pull_window = max(64, (len(storages.op_names) - n_fwd) // 8)
     pulls = _pulls(n, inputs, direct, need_start, need_end, pull_window)
@@ -172,7 +176,7 @@ def build_problem(
     total = timeline.total.astype(np.int64)
     delta = np.zeros(len(total) + 1, dtype=np.int64)
     for k in range(n):
-        last = max(fwd_end[k], max(bwd_reads[k], default=-1))
+        last = max(fwd_end[k], release[max(bwd_reads[k], default=0)] if bwd_reads[k] else -1)
         if last > fwd_end[k]:
             delta[fwd_end[k] + 1] -= size[k]
             delta[last + 1] += size[k]
@@ -216,7 +220,10 @@ def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=N
             inlined_cost[name] = body + own
         else:
             costs[name] = costs.get(name, 0.0) + body
-    return lower_storages(storages, kinds), costs
+    lowered = lower_storages(storages, kinds)
+    if step.device.type == "cpu":  # the C++ backend frees a kernel group's dead inputs after it
+        lowered = dataclasses.replace(lowered, release_after=kernel_groups(kinds, storages.backward_start))
+    return lowered, costs
 
 
 def _pulls(n, inputs, direct, need_start, need_end, window) -> list[Pull]:

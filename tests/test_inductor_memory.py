@@ -2,11 +2,18 @@
 
 import dataclasses
 
+import pytest
 import torch
 import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fxmem.inductor_memory import Lowered, channels_last_copies, lower_storages, lowering_kinds
+from fxmem.inductor_memory import (
+    Lowered,
+    channels_last_copies,
+    kernel_groups,
+    lower_storages,
+    lowering_kinds,
+)
 from fxmem.memory_model import StepStorages, simulate
 from fxmem.passes.inductor_order import SplitDelayedAddmm
 
@@ -150,6 +157,37 @@ def test_a_pooled_buffer_held_across_a_peak_raises_it():
                                           pool_recipients=frozenset({4})))
     assert free == 10 + 5 + 1000
     assert pooled.peak == free + 100  # a's dead buffer waits for c through the big temporary
+
+
+def _group_step(accumulates=None, **kw):
+    # x (resident) -> a = k0(x) -> b = k1(a) -> c = k2(b), k0..k2 kernels of one group; c is kept
+    return StepStorages(
+        op_names=("a", "b", "c"), creates=((1,), (2,), (3,)), reads=((0,), (1,), (2,)),
+        nbytes=(10, 100, 100, 100), category=("inputs",) + ("temporaries",) * 3,
+        resident=frozenset({0}), pinned=frozenset({3}), accumulates=accumulates or {},
+        backward_start=3, **kw)
+
+
+def test_a_kernel_group_frees_what_dies_in_it_after_the_whole_group():
+    # op by op, a dies at b and b at c: never more than two of the three live
+    assert simulate(_group_step()).total.tolist() == [110, 210, 210]
+    # one C++ function: a and b are freed only after c, so all three are live at c
+    grouped = simulate(_group_step(release_after=(2, 2, 2)))
+    assert grouped.total.tolist() == [110, 210, 310]
+    # an in-place take-over still happens at its own op: c written into b, which dies there
+    inplace = simulate(_group_step(release_after=(2, 2, 2), accumulates={3: (2,)}))
+    assert inplace.total.tolist() == [110, 210, 210]
+    with pytest.raises(ValueError, match="release_after"):
+        _group_step(release_after=(0, 0, 2))  # freed before its own op
+
+
+def test_kernel_groups_end_at_extern_kernels_and_at_the_end_of_the_forward():
+    K, E, I = Lowered.KERNEL, Lowered.EXTERN, Lowered.INLINED
+    #                     0  1  2  3  4  5  6  7
+    groups = kernel_groups([K, I, E, K, K, K, E, K], backward_start=5)
+    # ops 0-1 end where the extern op 2 starts; op 2 frees after itself; 3-4 end with the forward
+    # (op 4); the backward's 5 ends before the extern 6; 7 ends the graph
+    assert groups == (1, 1, 2, 4, 4, 5, 6, 7)
 
 
 def test_pools_match_keys_and_do_not_cross_from_forward_to_backward():

@@ -127,8 +127,8 @@ def _has_recomputed(snode) -> bool:
 class KeepRecomputedInPlace(InductorChoices):
     """Inductor's heuristics, except that no recomputed op is fused horizontally (with a kernel it
     shares only reads with) more than :data:`NEAR` nodes away, which would run it, and keep its
-    output, well before its first use. (Most such fusions are with the next kernel; refusing
-    those too made steps slower and saved no memory.)"""
+    output, well before its first use. (Most such fusions are with the next kernel and save
+    no memory to refuse; that refusing them costs time was not established.)"""
 
     @staticmethod
     def can_fuse_horizontal(scheduler, node1, node2, shared_data_score) -> bool:
