@@ -274,3 +274,15 @@ def test_recomputed_ops_are_not_fused_horizontally_from_afar(monkeypatch):
     assert choices.can_fuse_horizontal(None, _Part(0, mul), _Part(1, relu), 100)  # next door
     assert len(asked) == 2
     assert choices.uuid() == KeepRecomputedInPlace().uuid()
+
+
+def test_values_after_the_last_convolution_that_feed_none_stay_contiguous():
+    from fxmem.inductor_memory import contiguous_values
+
+    def f(x, w1, w2):
+        a = torch.nn.functional.conv2d(x, w1, padding=1).relu()  # feeds a convolution
+        b = torch.nn.functional.conv2d(a, w2, padding=1)
+        return b.relu().mean((2, 3)).sum()  # after the last convolution, read by the pooling
+
+    gm = traced(f, (2, 3, 8, 8), (4, 3, 3, 3), (4, 4, 3, 3))
+    assert contiguous_values(gm) == {"relu_1"}
