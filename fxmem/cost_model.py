@@ -22,6 +22,8 @@ from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
+from .passes.rng_replay import is_random
+
 __all__ = ["DeviceSpec", "H100", "cpu_spec", "calibrate", "spec_for", "node_flops", "node_bytes",
            "node_time", "graph_costs", "ProfiledCosts", "profile_costs"]
 
@@ -32,11 +34,14 @@ _MISSING = object()
 
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
-    """A device's throughput: dense matmul FLOP/s per dtype, bytes/s, seconds per op launch."""
+    """A device's throughput: dense matmul FLOP/s per dtype, bytes/s, seconds per op launch, and
+    random numbers generated per second (0: not a bound, as on GPUs, where Philox keeps up with
+    memory)."""
     name: str
     flops_per_s: Mapping[torch.dtype, float]
     bytes_per_s: float
     op_overhead_s: float
+    random_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.flops_per_s.get(torch.float32, 0) <= 0 or self.bytes_per_s <= 0:
@@ -44,7 +49,8 @@ class DeviceSpec:
         object.__setattr__(self, "flops_per_s", MappingProxyType(dict(self.flops_per_s)))
 
     def __hash__(self) -> int:
-        return hash((self.name, frozenset(self.flops_per_s.items()), self.bytes_per_s))
+        return hash((self.name, frozenset(self.flops_per_s.items()), self.bytes_per_s,
+                     self.random_per_s))
 
     def flops_rate(self, dtype: torch.dtype | None) -> float:
         """FLOP/s for ``dtype``; the float32 rate for a dtype the spec does not list."""
@@ -59,8 +65,11 @@ H100 = DeviceSpec("NVIDIA H100 SXM (datasheet)",
 
 
 def cpu_spec() -> DeviceSpec:
-    """A modest default for a small (2-core) CPU: a default, not a measurement (see calibrate)."""
-    return DeviceSpec("cpu (default)", {torch.float32: 5e10}, bytes_per_s=1e10, op_overhead_s=2e-6)
+    """A modest default for a small (2-core) CPU: a default, not a measurement (see calibrate).
+    Random numbers are slow on a CPU: a dropout mask of 4M elements takes about 20 ms on 2 cores,
+    five times its memory traffic."""
+    return DeviceSpec("cpu (default)", {torch.float32: 5e10}, bytes_per_s=1e10, op_overhead_s=2e-6,
+                      random_per_s=2e8)
 
 
 def _wall(fn: Callable[[], Any], device: torch.device) -> float:
@@ -99,11 +108,13 @@ def calibrate(device: torch.device | str, seconds: float = 1.0) -> DeviceSpec:
     dst = torch.empty_like(src)
     bandwidth = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device, 0.25 * seconds)
     x, k = torch.zeros(1, device=device), 100
-    overhead = _best_time(lambda: [x.add_(1) for _ in range(k)], device, 0.15 * seconds) / k
+    overhead = _best_time(lambda: [x.add_(1) for _ in range(k)], device, 0.1 * seconds) / k
+    mask = torch.empty(2**20 if not cuda else 2**26, device=device)
+    random = mask.numel() / _best_time(lambda: mask.bernoulli_(0.9), device, 0.05 * seconds)
     name = f"{torch.cuda.get_device_name(device) if cuda else device.type} (calibrated)"
-    log.info("calibrated %s: %.3g fp32 FLOP/s, %.3g B/s, %.3g s per op", name,
-             flops[torch.float32], bandwidth, overhead)
-    return DeviceSpec(name, flops, bandwidth, overhead)
+    log.info("calibrated %s: %.3g fp32 FLOP/s, %.3g B/s, %.3g s per op, %.3g random numbers/s",
+             name, flops[torch.float32], bandwidth, overhead, random)
+    return DeviceSpec(name, flops, bandwidth, overhead, random)
 
 
 def spec_for(device: torch.device | str) -> DeviceSpec:
@@ -205,7 +216,8 @@ def node_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
         return 0.0
     tensors = _input_tensors(node) + _tensors(node.meta.get("val"))  # the first float's dtype
     dtype = next((t.dtype for t in tensors if t.is_floating_point() or t.is_complex()), None)
-    return max(flops / spec.flops_rate(dtype), nbytes / spec.bytes_per_s) + spec.op_overhead_s
+    return max(flops / spec.flops_rate(dtype), nbytes / spec.bytes_per_s,
+               _random_time(node, spec)) + spec.op_overhead_s
 
 
 def compute_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
@@ -215,7 +227,15 @@ def compute_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
         return 0.0
     tensors = _input_tensors(node) + _tensors(node.meta.get("val"))
     dtype = next((t.dtype for t in tensors if t.is_floating_point() or t.is_complex()), None)
-    return node_flops(node) / spec.flops_rate(dtype)
+    return max(node_flops(node) / spec.flops_rate(dtype), _random_time(node, spec))
+
+
+def _random_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
+    """Seconds to generate a random op's numbers (one per element of its first output)."""
+    if not spec.random_per_s or not is_random(node):
+        return 0.0
+    outs = _tensors(node.meta.get("val"))
+    return outs[0].numel() / spec.random_per_s if outs else 0.0
 
 
 def graph_costs(gm: torch.fx.GraphModule, spec: DeviceSpec) -> dict[str, float]:

@@ -255,3 +255,20 @@ def test_profile_costs_long_graph_times_each_distinct_op_once():
     costs = profile_costs(gm, "cpu", repeats=1)
     assert costs.measured == 1 and costs.reused == 249
     assert len({c for c in costs.values() if c > 0}) == 1
+
+
+def test_random_ops_are_priced_by_the_numbers_they_generate():
+    from fxmem.cost_model import compute_time
+
+    gm = trace(lambda x: aten.native_dropout(x, 0.1, True)[0] * 2.0, torch.randn(2**20))
+    dropout = next(n for n in gm.graph.nodes if n.target is aten.native_dropout.default)
+    mul = next(n for n in gm.graph.nodes if n.target is aten.mul.Tensor)
+    spec = cpu_spec()
+    assert spec.random_per_s > 0
+    generating = 2**20 / spec.random_per_s  # 5 ms at the default 2e8 numbers/s
+    assert node_time(dropout, spec) == pytest.approx(generating + spec.op_overhead_s)
+    assert compute_time(dropout, spec) == pytest.approx(generating)  # fused, it still generates
+    assert node_time(mul, spec) < generating / 4  # a pointwise op of the same size: its bytes
+    no_bound = DeviceSpec("no rng bound", {torch.float32: 5e10}, 1e10, 2e-6)
+    assert node_time(dropout, no_bound) == pytest.approx(
+        node_bytes(dropout) / 1e10 + 2e-6)  # without the bound: the roofline
