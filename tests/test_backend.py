@@ -92,8 +92,10 @@ def test_backend_lowers_through_inductor_with_eager_gradients(monkeypatch):
     model, idx = tiny_gpt()
     expected = grads(model, model, idx)
     # Inductor holds less than eager (fused values never exist): a budget well under eager's
-    # peak, so that the plan must recompute dropout too
-    budget = _budget(model, idx, fraction=0.82)
+    # peak, so that the plan must recompute dropout too. Random numbers are costly on the CPU
+    # (DeviceSpec.random_per_s), so the planner recomputes dropout last: 0.78 of eager's peak
+    # recomputes 17 values and no dropout, 0.76 (1% over the floor) 34 and 3 dropouts
+    budget = _budget(model, idx, fraction=0.76)
     torch._dynamo.reset()
     choices = []  # Inductor's heuristics while it fuses each graph (the backward's: lazily)
     can_fuse = scheduler.Scheduler.can_fuse

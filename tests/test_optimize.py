@@ -96,7 +96,7 @@ def test_rng_is_left_as_eager_leaves_it():
     model, args, kwargs = tiny_gpt(dropout=0.2)
     grads_of(model, model, *args, **kwargs, seed=3)
     after_eager = torch.random.get_rng_state()
-    om = fxmem.optimize(model, _between(model, args, fraction=0.3))
+    om = fxmem.optimize(model, _between(model, args, fraction=0.05))
     om(*args)  # plan
     grads_of(model, om, *args, **kwargs, seed=3)
     assert om.plan.record.replayed, "the plan should recompute some dropout"
