@@ -163,7 +163,7 @@ def options_from_mapping(options: Mapping[str, Any] | None) -> tuple[PlanOptions
 
 # Planning margins (fractions of the budget) per lowering. Inductor's: with its channels-last
 # copies, buffer pool and the C++ backend's kernel groups modelled, measured peaks on the CPU equal
-# the model's or fall under it on the three bench workloads (-1.3%..0); the margin is left for
+# the model's to 0.1 MiB or fall under it on the three bench workloads; the margin is left for
 # models and devices (Triton) the model has not been measured on.
 DEFAULT_MARGIN = {"eager": 0.01, "inductor": 0.03}
 
