@@ -307,7 +307,6 @@ def kernel_groups(kinds: Sequence[Lowered], backward_start: int) -> tuple[int, .
     return tuple(release)
 
 
-
 def contiguous_values(gm: torch.fx.GraphModule) -> set[str]:
     """Nodes of ``gm`` (a graph whose layout Inductor optimises) with 4-d outputs that Inductor
     keeps contiguous: those outside ``GraphLowering.find_nodes_prefer_channels_last``."""

@@ -22,10 +22,10 @@ from .inductor_memory import (
     Lowered,
     channels_last_copies,
     contiguous_values,
+    kernel_groups,
     lower_storages,
     lowering_kinds,
     optimizes_layout,
-    kernel_groups,
     pool_buffers,
 )
 from .memory_model import StepStorages

@@ -176,7 +176,7 @@ def build_problem(
     total = timeline.total.astype(np.int64)
     delta = np.zeros(len(total) + 1, dtype=np.int64)
     for k in range(n):
-        last = max(fwd_end[k], release[max(bwd_reads[k], default=0)] if bwd_reads[k] else -1)
+        last = max(fwd_end[k], release[max(bwd_reads[k])] if bwd_reads[k] else -1)
         if last > fwd_end[k]:
             delta[fwd_end[k] + 1] -= size[k]
             delta[last + 1] += size[k]
