@@ -62,7 +62,7 @@ import torch.fx
 from .memory_model import StepStorages
 
 __all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
-           "pool_buffers", "kernel_groups", "contiguous_values"]
+           "pool_buffers", "kernel_groups", "free_after_kernel_groups", "contiguous_values"]
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,17 @@ def kernel_groups(kinds: Sequence[Lowered], backward_start: int) -> tuple[int, .
             continue
         release[i] = max(i, end)
     return tuple(release)
+
+
+def free_after_kernel_groups(storages: StepStorages, kinds: Sequence[Lowered],
+                             device: torch.device) -> StepStorages:
+    """``storages`` (lowered, ``kinds[i]`` for op ``i``) with the frees of the C++ backend's kernel
+    groups on the CPU (:func:`kernel_groups`); as they are on other devices, whose kernels free
+    what dies in them one by one."""
+    if device.type != "cpu":
+        return storages
+    return dataclasses.replace(storages,
+                               release_after=kernel_groups(kinds, storages.backward_start))
 
 
 def contiguous_values(gm: torch.fx.GraphModule) -> set[str]:

@@ -22,7 +22,7 @@ from .inductor_memory import (
     Lowered,
     channels_last_copies,
     contiguous_values,
-    kernel_groups,
+    free_after_kernel_groups,
     lower_storages,
     lowering_kinds,
     optimizes_layout,
@@ -184,9 +184,7 @@ def plan_storages(
                                            {s for name in contiguous_values(fw)
                                             for s in fw_nodes.get(name, ())}, reuse_key_of)
     lowered = pool_buffers(lowered, per_op, reuse_key_of, writes_out, returns_tuple)
-    if device.type == "cpu":  # the C++ backend frees a kernel group's dead inputs after the group
-        lowered = dataclasses.replace(lowered, release_after=kernel_groups(per_op, backward_start))
-    return lowered
+    return free_after_kernel_groups(lowered, per_op, device)
 
 
 def _channels_last_gradients(storages: StepStorages, kinds, op_nodes, bw_nodes, contiguous,

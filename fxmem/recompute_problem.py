@@ -22,7 +22,13 @@ import torch
 import torch.fx
 
 from .capture import CapturedStep
-from .inductor_memory import Lowered, kernel_groups, lower_storages, lowering_kinds, optimizes_layout
+from .inductor_memory import (
+    Lowered,
+    free_after_kernel_groups,
+    lower_storages,
+    lowering_kinds,
+    optimizes_layout,
+)
 from .memory_model import simulate
 from .passes.rng_replay import is_random
 from .solver.problem import Pull, RecomputeProblem
@@ -220,10 +226,7 @@ def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=N
             inlined_cost[name] = body + own
         else:
             costs[name] = costs.get(name, 0.0) + body
-    lowered = lower_storages(storages, kinds)
-    if step.device.type == "cpu":  # the C++ backend frees a kernel group's dead inputs after it
-        lowered = dataclasses.replace(lowered, release_after=kernel_groups(kinds, storages.backward_start))
-    return lowered, costs
+    return free_after_kernel_groups(lower_storages(storages, kinds), kinds, step.device), costs
 
 
 def _pulls(n, inputs, direct, need_start, need_end, window) -> list[Pull]:
