@@ -38,30 +38,40 @@ def checkpoint_blocks(problem: RecomputeProblem, budget: int | None = None) -> R
 
 def greedy(problem: RecomputeProblem, budget: int, max_steps: int | None = None) -> RecomputeSolution:
     """Start from save-all; while the peak is over budget, stop saving the value alive at the peak
-    that frees the most bytes per second of recomputation."""
+    that frees the most bytes per second of recomputation -- among those whose recomputation
+    lowers the memory there without raising the peak elsewhere (recomputing a value needs its
+    inputs, and may bring them back early)."""
     t0 = time.perf_counter()
     saved = problem.normalise(~problem.never_save).saved.copy()
+    decision = problem.normalise(saved)
+    memory = problem.memory(decision)
+    tried = np.zeros(problem.num_candidates, dtype=bool)  # given up in vain since the last step
     steps = 0
     limit = max_steps or 4 * problem.num_candidates
     while steps < limit:
-        decision = problem.normalise(saved)
-        memory = problem.memory(decision)
         t = int(np.argmax(memory))
         if memory[t] <= budget:
             break
         lo, hi = problem.fwd_end + 1, problem.need_end
-        alive = decision.saved & (lo <= t) & (t <= hi) & ~problem.must_save
-        if not alive.any():
-            break
+        # ``saved``: a value given up but saved again by normalise (a far pull forces it) is
+        # not a candidate
+        alive = decision.saved & saved & (lo <= t) & (t <= hi) & ~problem.must_save & ~tried
         # recomputing i frees its keep window at t unless t falls in its recompute window
         frees = problem.size - problem.again_size * (
             (problem.need_start <= t) & (t <= problem.need_end))
-        score = np.where(alive, frees / (problem.cost + 1e-9), -np.inf)
+        score = np.where(alive & (frees > 0), frees / (problem.cost + 1e-9), -np.inf)
         best = int(np.argmax(score))
-        if not np.isfinite(score[best]) or frees[best] <= 0:
+        if not np.isfinite(score[best]):
             break
-        saved[best] = False
-        steps += 1
-    decision = problem.normalise(saved)
+        trial = saved.copy()
+        trial[best] = False
+        trial_decision = problem.normalise(trial)
+        trial_memory = problem.memory(trial_decision)
+        if trial_memory[t] < memory[t] and trial_memory.max() <= memory[t]:
+            saved, decision, memory = trial, trial_decision, trial_memory
+            tried[:] = False
+            steps += 1
+        else:
+            tried[best] = True
     return solution_for(problem, decision, strategy="greedy", budget=budget,
                         solve_seconds=time.perf_counter() - t0, status="heuristic")

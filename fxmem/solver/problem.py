@@ -24,6 +24,7 @@ Solvers see only this module; :mod:`fxmem.recompute_problem` builds it from a gr
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -99,10 +100,18 @@ class RecomputeProblem:
                         stack.append(k)
         return need
 
-    def active_pulls(self, saved: np.ndarray, recomputed: np.ndarray):
-        for p in self.pulls:
-            if recomputed[p.by] and not saved[p.target] and not saved[list(p.interior)].any():
-                yield p
+    @functools.cached_property
+    def _pull_arrays(self) -> _PullArrays:
+        return _PullArrays.of(self.pulls)
+
+    def active_pulls(self, saved: np.ndarray, recomputed: np.ndarray) -> np.ndarray:
+        """Indices into ``pulls`` of the pulls a decision makes: ``by`` recomputed, and neither
+        ``target`` nor any interior value saved."""
+        a = self._pull_arrays
+        if not len(a.by):
+            return np.zeros(0, dtype=np.int64)
+        interior_saved = np.bincount(a.owner, weights=saved[a.interior], minlength=len(a.by))
+        return np.flatnonzero(recomputed[a.by] & ~saved[a.target] & (interior_saved == 0))
 
     def normalise(self, saved: np.ndarray) -> Decision:
         """The decision a save-set implies: far pulls cut (their targets saved), unneeded
@@ -111,8 +120,9 @@ class RecomputeProblem:
         while True:
             need = self.needed(saved)
             recomputed = need & ~saved
-            forced = [p.target for p in self.active_pulls(saved, recomputed) if p.far]
-            if not forced:
+            active = self.active_pulls(saved, recomputed)
+            forced = self._pull_arrays.target[active[self._pull_arrays.far[active]]]
+            if not len(forced):
                 break
             saved = saved.copy()
             saved[forced] = True
@@ -129,13 +139,17 @@ class RecomputeProblem:
         for i in np.flatnonzero(decision.recomputed):
             delta[self.need_start[i]] += self.again_size[i]
             delta[self.need_end[i] + 1] -= self.again_size[i]
-        earliest: dict[int, int] = {}
-        for p in self.active_pulls(decision.saved, decision.recomputed):
-            if not p.far and p.start < self.need_start[p.target]:
-                earliest[p.target] = min(earliest.get(p.target, p.start), p.start)
-        for i, start in earliest.items():
-            delta[start] += self.again_size[i]
-            delta[self.need_start[i]] -= self.again_size[i]
+        a = self._pull_arrays
+        active = self.active_pulls(decision.saved, decision.recomputed)
+        target, start = a.target[active], a.start[active]
+        early = ~a.far[active] & (start < self.need_start[target])
+        target, start = target[early], start[early]
+        if len(target):
+            earliest = np.full(self.num_candidates, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(earliest, target, start)
+            pulled = np.flatnonzero(earliest < np.iinfo(np.int64).max)
+            np.add.at(delta, earliest[pulled], self.again_size[pulled])
+            np.add.at(delta, self.need_start[pulled], -self.again_size[pulled])
         return self.base + np.cumsum(delta[:-1])
 
     def peak(self, decision: Decision) -> int:
@@ -149,6 +163,32 @@ class RecomputeProblem:
 
     def again_interval(self, i: int) -> tuple[int, int]:
         return int(self.need_start[i]), int(self.need_end[i])
+
+
+@dataclasses.dataclass(frozen=True)
+class _PullArrays:
+    """``pulls`` as arrays, so a decision's active pulls are found without a Python loop."""
+
+    by: np.ndarray
+    target: np.ndarray
+    start: np.ndarray
+    far: np.ndarray
+    interior: np.ndarray  # the interior values of every pull, concatenated
+    owner: np.ndarray  # the pull each entry of ``interior`` belongs to
+
+    @classmethod
+    def of(cls, pulls: tuple[Pull, ...]) -> _PullArrays:
+        def ints(values):
+            return np.fromiter(values, dtype=np.int64)
+
+        return cls(
+            by=ints(p.by for p in pulls),
+            target=ints(p.target for p in pulls),
+            start=ints(p.start for p in pulls),
+            far=np.fromiter((p.far for p in pulls), dtype=bool),
+            interior=ints(j for p in pulls for j in p.interior),
+            owner=ints(k for k, p in enumerate(pulls) for _ in p.interior),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Solvers on plain data: the ILP against brute force on small problems, and the baselines."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -134,3 +135,72 @@ def test_problem_validates_its_data():
     p = chain_problem([100, 200], [1e-3, 1e-3])
     with pytest.raises(ValueError, match="one entry per candidate"):
         RecomputeProblem(**{**p.__dict__, "size": np.array([1, 2, 3])})
+
+
+def _reference_memory(problem, decision):
+    """The linear model written out one pull at a time (what the vectorised one must equal)."""
+    memory = problem.base.astype(np.int64).copy()
+    for i in np.flatnonzero(decision.saved):
+        memory[problem.fwd_end[i] + 1: problem.need_end[i] + 1] += problem.size[i]
+    for i in np.flatnonzero(decision.recomputed):
+        memory[problem.need_start[i]: problem.need_end[i] + 1] += problem.again_size[i]
+    earliest = {}
+    for p in problem.pulls:
+        active = (decision.recomputed[p.by] and not decision.saved[p.target]
+                  and not decision.saved[list(p.interior)].any())
+        if active and not p.far and p.start < problem.need_start[p.target]:
+            earliest[p.target] = min(earliest.get(p.target, p.start), p.start)
+    for i, start in earliest.items():
+        memory[start: problem.need_start[i]] += problem.again_size[i]
+    return memory
+
+
+@st.composite
+def pulled_chains(draw):
+    """Chains whose recomputation pulls earlier values, some through interior values, some far."""
+    n = draw(st.integers(3, 8))
+    p = chain_problem(draw(st.lists(st.integers(1, 500), min_size=n, max_size=n)),
+                      draw(st.lists(st.floats(1e-6, 1e-2), min_size=n, max_size=n)))
+    pulls = []
+    for by in range(2, n):
+        for target in range(by - 1):
+            if draw(st.booleans()):
+                interior = tuple(range(target + 1, by))
+                pulls.append(Pull(target=target, by=by, start=int(p.need_start[by]),
+                                  interior=interior, far=draw(st.booleans())))
+    return dataclasses.replace(p, pulls=p.pulls + tuple(pulls))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problem=pulled_chains(), bits=st.lists(st.booleans(), min_size=8, max_size=8))
+def test_memory_equals_the_model_written_out(problem, bits):
+    saved = np.array(bits[: problem.num_candidates])
+    decision = problem.normalise(saved)
+    assert not any(p.far for p in problem.pulls if decision.recomputed[p.by] and not decision.saved[p.target]
+                   and not decision.saved[list(p.interior)].any())
+    np.testing.assert_array_equal(problem.memory(decision), _reference_memory(problem, decision))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problem=pulled_chains(), fraction=st.floats(0.0, 1.0))
+def test_greedy_never_raises_the_peak_and_stops(problem, fraction):
+    # far pulls force values given up back into the saved set: the greedy once chose the same
+    # value again and again until its step limit, and took steps that raised the peak
+    floor = min(problem.peak(problem.normalise(np.array(bits)))
+                for bits in itertools.product([False, True], repeat=problem.num_candidates))
+    top = save_all(problem).peak
+    budget = int(floor + fraction * (top - floor))
+    sol = greedy(problem, budget, max_steps=problem.num_candidates)
+    assert sol.peak <= top
+    if sol.feasible:
+        assert sol.recompute_time >= brute_force(problem, budget) - 1e-12
+        return
+    # it stops over budget only where giving up any value alive at the peak does not help
+    memory = problem.memory(sol.decision)
+    t = int(np.argmax(memory))
+    alive = sol.decision.saved & (problem.fwd_end < t) & (t <= problem.need_end)
+    for i in np.flatnonzero(alive & ~problem.must_save):
+        saved = sol.decision.saved.copy()
+        saved[i] = False
+        trial = problem.memory(problem.normalise(saved))
+        assert trial[t] >= memory[t] or trial.max() > memory[t]
