@@ -66,16 +66,14 @@ from bench.workloads import WORKLOADS  # noqa: E402
 from fxmem.measure import live_tensor_bytes  # noqa: E402
 from fxmem.models.wide_resnet import BasicBlock  # noqa: E402
 from fxmem.optimize import optimize  # noqa: E402
+from fxmem.planner import default_margin  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MiB = 2**20
 AMB_DEFAULT = "1.0,0.5,0.2,0.05"
-try:  # fxmem.optimize's default margin: it plans for this fraction under the budget
-    from fxmem.optimize import DEFAULT_MARGIN  # noqa: E402
-
-    SAFETY_MARGIN = DEFAULT_MARGIN["inductor"]
-except ImportError:  # fxmem before per-lowering margins
-    SAFETY_MARGIN = 0.01
+# fxmem.optimize's default margin here (Inductor on the CPU): it plans for this fraction under the
+# budget
+SAFETY_MARGIN = default_margin("inductor", "cpu")
 
 _T0 = time.perf_counter()
 

@@ -154,18 +154,11 @@ def options_from_mapping(options: Mapping[str, Any] | None) -> tuple[PlanOptions
     plan_options = PlanOptions(
         budget=parse_budget(options["budget"]), allow=allow,
         strategy=options.get("strategy", "ilp"), time_limit=float(options.get("time_limit", 30.0)),
-        safety_margin=float(options.get("safety_margin",
-                                        DEFAULT_MARGIN[options.get("lowering", "inductor")])),
+        safety_margin=None if options.get("safety_margin") is None
+        else float(options["safety_margin"]),  # None: default_margin, once the device is known
         optimizer_state=state, optimizer_step=step, cost=options.get("cost", "roofline"),
     )
     return plan_options, options.get("lowering", "inductor"), bool(options.get("exact_random", True))
-
-
-# Planning margins (fractions of the budget) per lowering. Inductor's: with its channels-last
-# copies, buffer pool and the C++ backend's kernel groups modelled, measured peaks on the CPU equal
-# the model's to 0.1 MiB or fall under it on the three bench workloads; the margin is left for
-# models and devices (Triton) the model has not been measured on.
-DEFAULT_MARGIN = {"eager": 0.01, "inductor": 0.03}
 
 LAST_PLANS = PlanLog()  # plans made through torch.compile(backend="fxmem"), newest last
 

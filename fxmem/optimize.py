@@ -27,11 +27,11 @@ from torch.utils import _pytree as pytree
 from .budget import parse_budget
 from .capture import _check_loss, _held_tensors, loss_from_output
 from .errors import FxmemError, StepInputError
-from .backend import DEFAULT_MARGIN, PlanLog, make_backend
+from .backend import PlanLog, make_backend
 from .microbatch import COUPLING_CHOICES, run_microbatched
-from .planner import LEVERS, Plan, PlanOptions, optimizer_bytes
+from .planner import LEVERS, Plan, PlanOptions, default_margin, optimizer_bytes
 
-__all__ = ["optimize", "OptimizedModule", "DEFAULT_MARGIN"]
+__all__ = ["optimize", "OptimizedModule"]
 
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,9 @@ class OptimizedModule(torch.nn.Module):
             args_, kwargs_ = pytree.tree_unflatten(leaves, spec)
             raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn, device) from exc
         options = self._options
+        if options.safety_margin is None:
+            options = dataclasses.replace(
+                options, safety_margin=default_margin(self._lowering, device))
         if self._optimizer is not None:
             grads = [p for p in self.module.parameters() if p.requires_grad]
             state, step_bytes = optimizer_bytes(self._optimizer, grads)
@@ -327,9 +330,9 @@ def optimize(
     "args[0]" or "kwargs['labels']": dim or None}) overrides the batch dimension found.
     ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
     graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
-    few KiB to MiB at the peak. Default: 1% for eager lowering, 3% for Inductor, whose buffers
-    fxmem models from its fusion, layout and buffer-pool rules (:mod:`fxmem.inductor_memory`),
-    not from its output.
+    few KiB to MiB at the peak. Default (:func:`fxmem.planner.default_margin`): 1%, and 3% for
+    Inductor on a GPU, whose buffers fxmem models from Inductor's fusion, layout and buffer-pool
+    rules (:mod:`fxmem.inductor_memory`) but has not measured against Triton's.
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -338,8 +341,6 @@ def optimize(
     allow = frozenset([allow] if isinstance(allow, str) else allow)
     if allow - LEVERS:
         raise ValueError(f"unknown levers {sorted(allow - LEVERS)}; the levers are {sorted(LEVERS)}")
-    if safety_margin is None:
-        safety_margin = DEFAULT_MARGIN[lowering]
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
                           time_limit=time_limit, safety_margin=safety_margin, cost=cost)
     if microbatch_coupling not in COUPLING_CHOICES:

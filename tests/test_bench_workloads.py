@@ -175,7 +175,7 @@ def test_inductor_plan_near_its_floor_holds_the_budget(over_floor):
     budget and within the planning margin of the prediction (recomputed ReLUs that Inductor fused
     into an earlier kernel once held 10 MiB more than planned here)."""
     import fxmem
-    from fxmem.backend import DEFAULT_MARGIN
+    from fxmem.planner import default_margin
 
     w = WORKLOADS["wrn_28_2"]()
     model, args, kwargs = w["model"], w["args"], w["kwargs"]
@@ -194,4 +194,4 @@ def test_inductor_plan_near_its_floor_holds_the_budget(over_floor):
     peak = fxmem.measure_memory(step, baseline=[model, list(args), list(kwargs.values())]).peak
     assert om.plan.solution.num_recomputed > 0
     assert peak <= budget, (peak, budget, om.plan.report())
-    assert abs(peak - om.plan.predicted_peak) <= DEFAULT_MARGIN["inductor"] * budget
+    assert abs(peak - om.plan.predicted_peak) <= default_margin("inductor", "cpu") * budget

@@ -65,6 +65,19 @@ def test_budget_above_the_unoptimised_peak_recomputes_nothing_and_matches_eager(
     assert plan.predicted_peak == plan.unoptimized_peak
     assert "predicted peak" in plan.report()
     assert set(plan.graphs) == {"joint", "forward", "backward"}
+    assert plan.options.safety_margin == 0.01  # the default, resolved for the model's device
+
+
+def test_default_margin_is_wider_only_where_the_model_is_unmeasured():
+    from fxmem.planner import default_margin
+
+    assert default_margin("eager", "cpu") == default_margin("inductor", "cpu") == 0.01
+    assert default_margin("eager", "cuda") == 0.01
+    assert default_margin("inductor", "cuda") == 0.03  # Triton's buffers not yet measured
+    model, args, kwargs = tiny_gpt()
+    om = fxmem.optimize(model, "10GiB", safety_margin=0.2)
+    om(*args, **kwargs)
+    assert om.plan.options.safety_margin == 0.2  # a margin given is kept
 
 
 def test_budget_sweep_holds_is_monotone_and_keeps_gradients_exact():
