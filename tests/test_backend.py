@@ -93,9 +93,10 @@ def test_backend_lowers_through_inductor_with_eager_gradients(monkeypatch):
     expected = grads(model, model, idx)
     # Inductor holds less than eager (fused values never exist): a budget well under eager's
     # peak, so that the plan must recompute dropout too. Random numbers are costly on the CPU
-    # (DeviceSpec.random_per_s), so the planner recomputes dropout last: 0.78 of eager's peak
-    # recomputes 17 values and no dropout, 0.76 (1% over the floor) 34 and 3 dropouts
-    budget = _budget(model, idx, fraction=0.76)
+    # (DeviceSpec.random_per_s), so the planner recomputes dropout last: with the CPU's 1%
+    # planning margin, 0.76 of eager's peak recomputes 17 values and no dropout, 0.745 (about 1%
+    # over the floor) 23 and one dropout, 0.74 34 and 3 dropouts
+    budget = _budget(model, idx, fraction=0.745)
     torch._dynamo.reset()
     choices = []  # Inductor's heuristics while it fuses each graph (the backward's: lazily)
     can_fuse = scheduler.Scheduler.can_fuse

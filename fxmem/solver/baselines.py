@@ -42,8 +42,7 @@ def greedy(problem: RecomputeProblem, budget: int, max_steps: int | None = None)
     lowers the memory there without raising the peak elsewhere (recomputing a value needs its
     inputs, and may bring them back early)."""
     t0 = time.perf_counter()
-    saved = problem.normalise(~problem.never_save).saved.copy()
-    decision = problem.normalise(saved)
+    decision = problem.normalise(~problem.never_save)
     memory = problem.memory(decision)
     tried = np.zeros(problem.num_candidates, dtype=bool)  # given up in vain since the last step
     steps = 0
@@ -53,9 +52,7 @@ def greedy(problem: RecomputeProblem, budget: int, max_steps: int | None = None)
         if memory[t] <= budget:
             break
         lo, hi = problem.fwd_end + 1, problem.need_end
-        # ``saved``: a value given up but saved again by normalise (a far pull forces it) is
-        # not a candidate
-        alive = decision.saved & saved & (lo <= t) & (t <= hi) & ~problem.must_save & ~tried
+        alive = decision.saved & (lo <= t) & (t <= hi) & ~problem.must_save & ~tried
         # recomputing i frees its keep window at t unless t falls in its recompute window
         frees = problem.size - problem.again_size * (
             (problem.need_start <= t) & (t <= problem.need_end))
@@ -63,12 +60,12 @@ def greedy(problem: RecomputeProblem, budget: int, max_steps: int | None = None)
         best = int(np.argmax(score))
         if not np.isfinite(score[best]):
             break
-        trial = saved.copy()
+        trial = decision.saved.copy()
         trial[best] = False
         trial_decision = problem.normalise(trial)
         trial_memory = problem.memory(trial_decision)
         if trial_memory[t] < memory[t] and trial_memory.max() <= memory[t]:
-            saved, decision, memory = trial, trial_decision, trial_memory
+            decision, memory = trial_decision, trial_memory
             tried[:] = False
             steps += 1
         else:
