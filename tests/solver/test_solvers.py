@@ -176,8 +176,9 @@ def pulled_chains(draw):
 def test_memory_equals_the_model_written_out(problem, bits):
     saved = np.array(bits[: problem.num_candidates])
     decision = problem.normalise(saved)
-    assert not any(p.far for p in problem.pulls if decision.recomputed[p.by] and not decision.saved[p.target]
-                   and not decision.saved[list(p.interior)].any())
+    assert not any(p.far for p in problem.pulls
+                   if decision.recomputed[p.by] and not decision.saved[p.target]
+                   and not decision.saved[list(p.interior)].any())  # normalise cut far pulls
     np.testing.assert_array_equal(problem.memory(decision), _reference_memory(problem, decision))
 
 
