@@ -45,13 +45,13 @@ def greedy(problem: RecomputeProblem, budget: int, max_steps: int | None = None)
     decision = problem.normalise(~problem.never_save)
     memory = problem.memory(decision)
     tried = np.zeros(problem.num_candidates, dtype=bool)  # given up in vain since the last step
+    lo, hi = problem.fwd_end + 1, problem.need_end  # where a saved value is kept past its use
     steps = 0
     limit = max_steps or 4 * problem.num_candidates
     while steps < limit:
         t = int(np.argmax(memory))
         if memory[t] <= budget:
             break
-        lo, hi = problem.fwd_end + 1, problem.need_end
         alive = decision.saved & (lo <= t) & (t <= hi) & ~problem.must_save & ~tried
         # recomputing i frees its keep window at t unless t falls in its recompute window
         frees = problem.size - problem.again_size * (

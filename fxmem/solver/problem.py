@@ -108,8 +108,6 @@ class RecomputeProblem:
         """Indices into ``pulls`` of the pulls a decision makes: ``by`` recomputed, and neither
         ``target`` nor any interior value saved."""
         a = self._pull_arrays
-        if not len(a.by):
-            return np.zeros(0, dtype=np.int64)
         interior_saved = np.bincount(a.owner, weights=saved[a.interior], minlength=len(a.by))
         return np.flatnonzero(recomputed[a.by] & ~saved[a.target] & (interior_saved == 0))
 
