@@ -4,7 +4,8 @@
 2. Build the recompute problem (plain data) and solve it for the budget.
 3. Split the joint graph with the chosen save-set (recompute pass) and simulate the forward and
    backward graphs with the memory model -- the exact check of the solver's linear model. If the
-   simulated peak is over budget, tighten the solver's budget by the excess and solve again.
+   simulated peak is over budget, add what the linear model missed to its base at the positions
+   where it missed it (the simulation's points mapped to the joint graph's), and solve again.
 
 A budget at or above the unoptimised peak recomputes nothing. A budget under the smallest peak
 any plan reaches raises :class:`BudgetError` naming that floor and what holds it.
@@ -17,6 +18,7 @@ import functools
 import logging
 import time
 
+import numpy as np
 import torch
 import torch.fx
 
@@ -31,7 +33,7 @@ from .recompute_problem import build_problem, saved_nodes
 from .solver import checkpoint_blocks, greedy, min_peak, save_all, solve_ilp
 from .solver.result import RecomputeSolution
 
-__all__ = ["PlanOptions", "Plan", "plan_joint", "default_margin", "LEVERS"]
+__all__ = ["PlanOptions", "Plan", "plan_joint", "default_margin", "model_miss", "LEVERS"]
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,7 @@ def plan_joint(
             )
     elif unoptimized > limit:  # the margin holds for the unrewritten step too
         best = None
+        missed = np.zeros(problem.num_positions, dtype=np.int64)  # what the model missed, where
         for round_ in range(options.max_rounds):
             solution = _solve(options.strategy, problem, target, options)
             if not solution.feasible:
@@ -192,9 +195,14 @@ def plan_joint(
             if timeline.peak <= limit:
                 best = (solution, fw, bw, record, timeline)
                 break
-            # tighten by the excess, and by at least a growing step (0.25%, 0.5%, 1%... of the
-            # budget): a miss by a few bytes must not give the solver the same target again
-            target -= max(timeline.peak - limit + 1, (options.budget // 400) << round_)
+            # the simulated excess is where the linear model is low, often far from the model's
+            # own peak: a lower target alone would not move it. Add the miss there, the largest
+            # seen at each position, so the next round avoids it; and tighten by a growing step
+            # (0.25%, 0.5%, ... of the budget) so a miss by a few bytes is not met again
+            missed = np.maximum(missed, model_miss(pmap.problem, pmap.labels, solution.decision,
+                                                   timeline))
+            problem = dataclasses.replace(pmap.problem, base=pmap.problem.base + missed)
+            target = limit - ((options.budget // 400) << round_)
         if best is None:  # the linear model misled the solver: try the smallest-peak plan
             floor_solution = min_peak(problem, time_limit=options.time_limit)
             floor = (floor_solution, *realise(floor_solution))
@@ -214,6 +222,30 @@ def plan_joint(
     return Plan(options=options, solution=solution, record=record, predicted_peak=timeline.peak,
                 unoptimized_peak=unoptimized, timeline=timeline, graphs=graphs,
                 candidates=problem.num_candidates, plan_seconds=time.perf_counter() - t0)
+
+
+def model_miss(problem, labels: tuple[str, ...], decision, timeline: MemoryTimeline) -> np.ndarray:
+    """Per position of ``problem``, how many bytes the simulation of the realised graphs holds
+    beyond the linear model's prediction for ``decision`` (0 where it holds less).
+
+    A simulation point maps to the joint graph's position of the first op at or after it that
+    the joint graph has in the same phase: recomputed ops run right before the backward op that
+    first needs them, which is where the model charges them."""
+    model = problem.memory(decision)
+    n_fwd = problem.backward_start
+    position = {label: t for t, label in enumerate(labels)}
+    miss = np.zeros(problem.num_positions, dtype=np.int64)
+    total = timeline.total
+    mapped = problem.num_positions - 1
+    for k in range(len(timeline.labels) - 1, -1, -1):  # latest first: "the next op" is known
+        t = position.get(timeline.labels[k])
+        in_backward = k >= timeline.backward_start
+        if t is not None and (t >= n_fwd) == in_backward:
+            mapped = t
+        elif not in_backward and mapped >= n_fwd:
+            mapped = n_fwd - 1  # a forward point after the last forward op the joint has
+        miss[mapped] = max(miss[mapped], int(total[k]) - int(model[mapped]))
+    return miss
 
 
 def _budget_error(timeline: MemoryTimeline, options: PlanOptions, unoptimized: int) -> BudgetError:

@@ -43,6 +43,7 @@ _BLOCK_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # "model.blocks.3.attn" -> "mode
 class ProblemMap:
     problem: RecomputeProblem
     candidate_nodes: tuple[str, ...]  # candidate index -> node name
+    labels: tuple[str, ...] = ()  # position -> the joint graph's op (or epilogue point) there
 
 
 def _tag(node: torch.fx.Node, tag) -> bool:
@@ -162,10 +163,13 @@ def build_problem(
     keep_idx = np.flatnonzero(needed)
     remap = {int(old): new for new, old in enumerate(keep_idx)}
 
-    must_save, never_save, cost, block_names = [], [], [], []
+    must_save, never_save, cost, block_names, transient = [], [], [], [], []
     for k in keep_idx:
         s = cands[k]
         op = op_nodes[producer[k]]
+        # what the op allocates that nothing reads: its scratch, made again when it is recomputed
+        transient.append(sum(storages.nbytes[t] for t in storages.creates[producer[k]]
+                             if t != s and t not in readers))
         random = is_random(op)
         must_save.append((random and not replay_random) or _is_mutating(op)
                          or not isinstance(op.meta.get("val"), (torch.Tensor, tuple, list)))
@@ -202,13 +206,14 @@ def build_problem(
         base=base,
         backward_start=n_fwd,
         block=np.array([blocks.get(b, -1) if b else -1 for b in block_names], dtype=np.int64),
+        transient=np.array(transient, dtype=np.int64),
         pulls=tuple(
             Pull(remap[p.target], remap[p.by], p.start, tuple(remap[j] for j in p.interior if j in remap),
                  p.far)
             for p in pulls if p.target in remap and p.by in remap
         ),
     )
-    return ProblemMap(problem=problem, candidate_nodes=problem.names)
+    return ProblemMap(problem=problem, candidate_nodes=problem.names, labels=timeline.labels)
 
 
 def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=None):

@@ -9,7 +9,8 @@ Variables per candidate ``i``: ``save[i]`` (binary), ``need[i]`` and ``again[i]`
                pulled[i, s] >= need[m] - save[m] - save[i] - sum(save[interior])   (pulls)
                again[i] >= need[i] - save[i]
                save[i] <= need[i]
-               base[t] + sum_i size[i] * (save[i] * keep[i,t] + again[i] * again_window[i,t]) <= B
+               base[t] + sum_i size[i] * (save[i] * keep[i,t] + again[i] * again_window[i,t])
+                       + sum_{i first needed at t} transient[i] * again[i] <= B
 
 The memory rows are many (one per position) and dense, so they are generated lazily: solve with
 the rows at the worst positions of the warm start, evaluate the answer at every position, add the
@@ -116,6 +117,8 @@ class _Model:
         again = (p.need_start <= t) & (t <= p.need_end)
         terms = [float(p.size[i]) / self.scale * self.save[i] for i in np.flatnonzero(keep)]
         terms += [float(p.again_size[i]) / self.scale * self.again[i] for i in np.flatnonzero(again)]
+        made = (p.need_start == t) & (p.transient > 0)
+        terms += [float(p.transient[i]) / self.scale * self.again[i] for i in np.flatnonzero(made)]
         for i, starts in self.pulled.items():
             if t < p.need_start[i]:
                 live = [w for s, w in starts if s <= t]

@@ -12,7 +12,10 @@ Memory at position ``t`` (a linear function of the decision, with the pull terms
             + sum_i size[i] * pulled[i, t]
 
 (``again_size`` replaces ``size`` in the recomputed and pulled terms where the lowering fuses a
-recomputed value into its consumers.)
+recomputed value into its consumers), plus ``sum_i transient[i] * recomputed[i]`` at
+``need_start[i]`` alone: what the recomputation allocates and frees at once -- its op's scratch and
+the outputs of a multi-output op that nothing needs (replaying dropout on the CPU draws its noise
+into a tensor as large as its input).
 
 where ``base`` is what the step holds when nothing is kept past its forward use, ``keep[i, t]``
 is 1 on ``(fwd_end[i], need_end[i]]`` and ``again[i, t]`` on ``[need_start[i], need_end[i]]``.
@@ -63,12 +66,16 @@ class RecomputeProblem:
     # bytes a recomputed copy occupies in the backward (default ``size``); 0 for a value the
     # lowering fuses into its consumers (Inductor inlines recomputed pointwise ops)
     again_size: np.ndarray | None = None
+    # bytes a recomputation allocates and frees at its first need beyond the value (default 0)
+    transient: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.names)
         if self.again_size is None:
             object.__setattr__(self, "again_size", np.asarray(self.size).copy())
-        for field in ("size", "again_size", "cost", "fwd_end", "need_start", "need_end", "direct", "must_save",
+        if self.transient is None:
+            object.__setattr__(self, "transient", np.zeros(n, dtype=np.int64))
+        for field in ("size", "again_size", "transient", "cost", "fwd_end", "need_start", "need_end", "direct", "must_save",
                       "never_save", "block"):
             if len(getattr(self, field)) != n:
                 raise ValueError(f"{field} needs one entry per candidate ({n})")
@@ -135,7 +142,8 @@ class RecomputeProblem:
                 delta[self.fwd_end[i] + 1] += self.size[i]
                 delta[self.need_end[i] + 1] -= self.size[i]
         for i in np.flatnonzero(decision.recomputed):
-            delta[self.need_start[i]] += self.again_size[i]
+            delta[self.need_start[i]] += self.again_size[i] + self.transient[i]
+            delta[self.need_start[i] + 1] -= self.transient[i]
             delta[self.need_end[i] + 1] -= self.again_size[i]
         a = self._pull_arrays
         active = self.active_pulls(decision.saved, decision.recomputed)
