@@ -186,12 +186,16 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, 
     return kinds
 
 
-def lower_storages(storages: StepStorages, kinds: Sequence[Lowered]) -> StepStorages:
+def lower_storages(storages: StepStorages, kinds: Sequence[Lowered], *,
+                   unexpanded: frozenset[int] = frozenset(), from_op: int = 0) -> StepStorages:
     """``storages`` as Inductor runs them, given each op's lowering (``kinds[i]`` for op ``i``).
 
     An inlined op creates nothing: readers of its storage read its inputs instead (transitively),
     so they live until the last consumer. A realised loop body may take over an input buffer of
     its size that dies there (Inductor's in-place buffer reuse).
+
+    ``unexpanded``: inlined storages that ops from ``from_op`` on read as themselves (each still
+    created by its op, with 0 bytes) -- the values a recompute problem may choose to realise.
     """
     if len(kinds) != len(storages.op_names):
         raise ValueError("kinds needs one entry per op")
@@ -202,14 +206,14 @@ def lower_storages(storages: StepStorages, kinds: Sequence[Lowered]) -> StepStor
     for i, kind in enumerate(kinds):
         read = set()
         for s in storages.reads[i]:
-            read.update(expand.get(s, (s,)))
+            read.update((s,) if i >= from_op and s in unexpanded else expand.get(s, (s,)))
         reads.append(tuple(sorted(read)))
         created = storages.creates[i]
         if kind is Lowered.INLINED and not (set(created) & (storages.pinned | storages.resident)):
             for s in created:
                 expand[s] = tuple(sorted(read))
                 nbytes[s] = 0
-            creates.append(())
+            creates.append(tuple(s for s in created if s in unexpanded))
         else:
             creates.append(created)
     accumulates = dict(storages.accumulates)

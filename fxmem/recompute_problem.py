@@ -86,16 +86,22 @@ def build_problem(
     farther pulls are cut by saving a value on the way.
 
     ``lowering="inductor"`` models the step as Inductor runs it (:mod:`fxmem.inductor_memory`):
-    values Inductor inlines into their consumers are not candidates (they never exist in memory;
-    the backward recomputes them inside its kernels), and their cost -- ``fused_cost(node)``,
-    seconds (default: ``costs``), e.g. arithmetic alone -- is charged to the realised values
-    whose kernels compute them.
+    values Inductor inlines into their consumers never exist in memory, and their cost --
+    ``fused_cost(node)``, seconds (default: ``costs``), e.g. arithmetic alone -- is charged to
+    the realised values whose kernels compute them. An inlined forward value the backward reads
+    is an *optional* candidate: by default the backward's kernels compute it again from its
+    inputs, which live until its last reader (a residual sum keeps every term of the sum alive);
+    saving it realises it in the forward and frees its inputs early (as eager autograd and the
+    min-cut partitioner do). Saving all of them is the unoptimised step; not saving one costs no
+    memory of its own (``again_size`` 0) but reads its inputs again.
     """
     # Inductor's layout optimisation runs the convolutions (and their gradients) channels-last
     storages = step_storages(step, channels_last=lowering == "inductor" and optimizes_layout(step.gm))
     costs = dict(costs)
+    optional: dict[int, tuple[int, float]] = {}  # inlined value -> (bytes if realised, cost)
+    input_reads = storages.reads  # what each op reads, for what recomputing it needs
     if lowering == "inductor":
-        storages, costs = _lowered(step, storages, costs, fused_cost)
+        storages, costs, optional, input_reads = _lowered(step, storages, costs, fused_cost)
     elif lowering != "eager":
         raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
     timeline = simulate(storages, constant=constant, epilogue=epilogue)
@@ -124,7 +130,10 @@ def build_problem(
              if s not in kept and _op_position(creator[s], nodes, position) < n_fwd]
     index = {s: k for k, s in enumerate(cands)}
     n = len(cands)
-    size = np.array([storages.nbytes[s] for s in cands], dtype=np.int64)
+    held = np.array([storages.nbytes[s] for s in cands], dtype=np.int64)  # in the timeline
+    size = np.array([optional[s][0] if s in optional else storages.nbytes[s] for s in cands],
+                    dtype=np.int64)
+    fused = np.array([s in optional for s in cands], dtype=bool)
     producer = np.array([_op_position(creator[s], nodes, position) for s in cands])
     fwd_reads = [[p for p in readers.get(s, []) if p < n_fwd] for s in cands]
     bwd_reads = [[p for p in readers.get(s, []) if p >= n_fwd] for s in cands]
@@ -135,7 +144,7 @@ def build_problem(
 
     inputs = []
     for k, s in enumerate(cands):
-        ins = {index[t] for t in storages.reads[producer[k]] if t in index and t != s}
+        ins = {index[t] for t in input_reads[producer[k]] if t in index and t != s}
         inputs.append(tuple(sorted(ins)))
     # A value the backward reads is made (saved or recomputed) for its first read. A value only a
     # recomputation reads is needed when its consumers are first needed: propagate through such
@@ -145,13 +154,15 @@ def build_problem(
     for k in range(n):
         for j in inputs[k]:
             consumers.setdefault(j, []).append(k)
+    # (A fused consumer is computed again inside each of its readers: its inputs live to its end.)
     for k in sorted(range(n), key=lambda k: -producer[k]):
-        starts = [need_start[c] for c in consumers.get(k, ()) if need_end[c] >= 0]
-        if not starts:
+        users = [c for c in consumers.get(k, ()) if need_end[c] >= 0]
+        if not users:
             continue
         if not direct[k]:
-            need_start[k] = min(starts)
-        need_end[k] = max(need_end[k], max(starts))
+            need_start[k] = min(need_start[c] for c in users)
+        need_end[k] = max(need_end[k], max(need_end[c] if fused[c] else need_start[c]
+                                           for c in users))
     # where what dies at each position is freed (later than its last read in a kernel group)
     release = np.array(storages.release_after or range(len(storages.op_names)), dtype=np.int64)
     fwd_end = release[fwd_end]
@@ -178,7 +189,7 @@ def build_problem(
             not must_save[-1] and not direct[k] and _tag(op, torch.Tag.pointwise)
             and all(_tag(c, torch.Tag.pointwise) for c in consumers)
         )
-        cost.append(float(costs.get(op.name, 0.0)))
+        cost.append(optional[s][1] if s in optional else float(costs.get(op.name, 0.0)))
         block_names.append(_block_of(op))
     blocks = {b: i for i, b in enumerate(dict.fromkeys(b for b in block_names if b))}
 
@@ -188,8 +199,8 @@ def build_problem(
     for k in range(n):
         last = max(fwd_end[k], release[max(bwd_reads[k])] if bwd_reads[k] else -1)
         if last > fwd_end[k]:
-            delta[fwd_end[k] + 1] -= size[k]
-            delta[last + 1] += size[k]
+            delta[fwd_end[k] + 1] -= held[k]
+            delta[last + 1] += held[k]
     base = total + np.cumsum(delta[:-1])
 
     problem = RecomputeProblem(
@@ -207,6 +218,7 @@ def build_problem(
         backward_start=n_fwd,
         block=np.array([blocks.get(b, -1) if b else -1 for b in block_names], dtype=np.int64),
         transient=np.array(transient, dtype=np.int64),
+        again_size=np.where(fused[keep_idx], 0, size[keep_idx]),
         pulls=tuple(
             Pull(remap[p.target], remap[p.by], p.start, tuple(remap[j] for j in p.interior if j in remap),
                  p.far)
@@ -217,8 +229,10 @@ def build_problem(
 
 
 def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=None):
-    """Storages as Inductor runs them, and costs with each inlined op's cost charged to the ops
-    that read it (through other inlined ops)."""
+    """Storages as Inductor runs them; costs with each inlined op's cost charged to the ops that
+    read it (through other inlined ops); the optional candidates (inlined forward values the
+    backward reads: storage -> (bytes, seconds to compute again)); and each op's reads with
+    those values unexpanded (what recomputing the op needs)."""
     kinds_by_name = lowering_kinds(step.gm, step.device)
     kinds = [kinds_by_name.get(name, Lowered.EXTERN) for name in storages.op_names]
     nodes = {n.name: n for n in step.gm.graph.nodes}
@@ -231,7 +245,20 @@ def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=N
             inlined_cost[name] = body + own
         else:
             costs[name] = costs.get(name, 0.0) + body
-    return free_after_kernel_groups(lower_storages(storages, kinds), kinds, step.device), costs
+    n_fwd = storages.backward_start
+    read_in_backward = {s for read in storages.reads[n_fwd:] for s in read}
+    kept = storages.pinned | storages.resident
+    # recomputing one in the backward's kernels reads its inputs again: priced as its own kernel
+    optional = {
+        s: (storages.nbytes[s], costs.get(name, 0.0))
+        for i, name in enumerate(storages.op_names[:n_fwd])
+        if kinds[i] is Lowered.INLINED and not is_random(nodes[name])
+        for s in storages.creates[i] if s in read_in_backward and s not in kept
+    }
+    unexpanded = frozenset(optional)
+    lowered = lower_storages(storages, kinds, unexpanded=unexpanded, from_op=n_fwd)
+    input_reads = lower_storages(storages, kinds, unexpanded=unexpanded).reads
+    return (free_after_kernel_groups(lowered, kinds, step.device), costs, optional, input_reads)
 
 
 def _pulls(n, inputs, direct, need_start, need_end, window) -> list[Pull]:

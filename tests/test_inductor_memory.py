@@ -286,3 +286,16 @@ def test_values_after_the_last_convolution_that_feed_none_stay_contiguous():
 
     gm = traced(f, (2, 3, 8, 8), (4, 3, 3, 3), (4, 4, 3, 3))
     assert contiguous_values(gm) == {"relu_1"}
+
+
+def test_unexpanded_inlined_values_are_read_as_themselves_from_the_given_op_on():
+    # x (resident) -> a = inlined(x) -> f = kernel(a) in the forward; the backward's g reads a
+    step = StepStorages(
+        op_names=("a", "f", "g"), creates=((1,), (2,), (3,)), reads=((0,), (1,), (1,)),
+        nbytes=(100, 100, 100, 100), category=("inputs",) + ("temporaries",) * 3,
+        resident=frozenset({0}), pinned=frozenset({3}), accumulates={}, backward_start=2)
+    kinds = [Lowered.INLINED, Lowered.KERNEL, Lowered.KERNEL]
+    assert lower_storages(step, kinds).reads[2] == (0,)
+    lowered = lower_storages(step, kinds, unexpanded=frozenset({1}), from_op=2)
+    assert lowered.reads[1] == (0,) and lowered.reads[2] == (1,)
+    assert lowered.creates[0] == (1,) and lowered.nbytes[1] == 0  # made, but free, by its op
