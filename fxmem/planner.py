@@ -170,7 +170,7 @@ def plan_joint(
     unoptimized = timeline.peak
     solution = base_solution
     # the simulated peak must leave the margin free: room for what the memory model misses
-    limit = target = int(options.budget * (1.0 - options.safety_margin))
+    limit = int(options.budget * (1.0 - options.safety_margin))
     if unoptimized > limit and "recompute" not in options.allow:
         if unoptimized <= options.budget:
             log.warning("without recomputation the step needs %s, under the budget of %s but "
@@ -183,29 +183,9 @@ def plan_joint(
                 floor=unoptimized, holders=timeline.breakdown(), unoptimized=unoptimized,
             )
     elif unoptimized > limit:  # the margin holds for the unrewritten step too
-        best = None
-        missed = np.zeros(problem.num_positions, dtype=np.int64)  # what the model missed, where
-        for round_ in range(options.max_rounds):
-            solution = _solve(options.strategy, problem, target, options)
-            if not solution.feasible:
-                break
-            fw, bw, record, timeline = realise(solution)
-            log.debug("plan round %d: model peak %d, simulated %d, budget %d", round_,
-                      solution.peak, timeline.peak, options.budget)
-            if timeline.peak <= limit:
-                best = (solution, fw, bw, record, timeline)
-                break
-            # the simulated excess is where the linear model is low, often far from the model's
-            # own peak: a lower target alone would not move it. Add the miss there, the largest
-            # seen at each position, so the next round avoids it; and tighten by a growing step
-            # (0.25%, 0.5%, ... of the budget) so a miss by a few bytes is not met again
-            missed = np.maximum(missed, model_miss(pmap.problem, pmap.labels, solution.decision,
-                                                   timeline))
-            problem = dataclasses.replace(pmap.problem, base=pmap.problem.base + missed)
-            target = limit - ((options.budget // 400) << round_)
-        if best is None:  # the linear model misled the solver: try the smallest-peak plan
-            floor_solution = min_peak(problem, time_limit=options.time_limit)
-            floor = (floor_solution, *realise(floor_solution))
+        best, problem = _fit(pmap, realise, limit, options)
+        if best is None:  # the linear model misled the solver: the smallest-peak plan
+            floor = _smallest_peak(pmap, realise, problem, limit, options)
             if floor[4].peak <= limit:
                 best = floor
             elif unoptimized <= options.budget:  # at or above the unoptimised peak: as it is
@@ -222,6 +202,62 @@ def plan_joint(
     return Plan(options=options, solution=solution, record=record, predicted_peak=timeline.peak,
                 unoptimized_peak=unoptimized, timeline=timeline, graphs=graphs,
                 candidates=problem.num_candidates, plan_seconds=time.perf_counter() - t0)
+
+
+def _fit(pmap, realise, limit: int, options: PlanOptions):
+    """Solve, realise and simulate until the simulated peak is at most ``limit``; then spend what
+    is left under it, recomputing less, while the plans get cheaper and still fit. Returns the
+    cheapest fitting plan (or None) and the problem with what its model missed added."""
+    problem, target = pmap.problem, limit
+    missed = np.zeros(problem.num_positions, dtype=np.int64)  # what the model missed, where
+    best = None
+    for round_ in range(options.max_rounds):
+        solution = _solve(options.strategy, problem, target, options)
+        if not solution.feasible:
+            break
+        realised = (solution, *realise(solution))
+        peak = realised[4].peak
+        log.debug("plan round %d: model peak %d, simulated %d, budget %d", round_,
+                  solution.peak, peak, options.budget)
+        if peak <= limit:
+            if best is not None and best[0].recompute_time <= solution.recompute_time:
+                break
+            best = realised
+            # a plan far under the limit recomputes more than it must (the corrections below
+            # hold for the decision they came from, not every other), and its peak can fall
+            # under a tighter budget's: give the solver the slack
+            if limit - peak <= options.budget // 200:
+                break
+            target += limit - peak
+            continue
+        if best is not None:  # spending the slack overshot: keep the plan that fit
+            break
+        # the simulated excess is where the linear model is low, often far from the model's own
+        # peak: a lower target alone would not move it. Add the miss there, the largest seen at
+        # each position, so the next round avoids it; and tighten by a growing step (0.25%,
+        # 0.5%, ... of the budget) so a miss by a few bytes is not met again
+        missed = np.maximum(missed, model_miss(pmap.problem, pmap.labels, solution.decision,
+                                               realised[4]))
+        problem = dataclasses.replace(pmap.problem, base=pmap.problem.base + missed)
+        target = limit - ((options.budget // 400) << round_)
+    return best, problem
+
+
+def _smallest_peak(pmap, realise, problem, limit: int, options: PlanOptions, passes: int = 3):
+    """The realised plan with the smallest simulated peak found by ``min_peak``, fed with what
+    the model missed for the previous pass's plan (the floor a BudgetError reports)."""
+    best = None
+    for _ in range(passes):
+        solution = min_peak(problem, time_limit=options.time_limit, gap=0.01)
+        realised = (solution, *realise(solution))
+        if best is None or realised[4].peak < best[4].peak:
+            best = realised
+        if best[4].peak <= limit:
+            break
+        miss = model_miss(pmap.problem, pmap.labels, solution.decision, realised[4])
+        problem = dataclasses.replace(problem, base=np.maximum(problem.base,
+                                                               pmap.problem.base + miss))
+    return best
 
 
 def model_miss(problem, labels: tuple[str, ...], decision, timeline: MemoryTimeline) -> np.ndarray:

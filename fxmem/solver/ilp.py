@@ -222,8 +222,10 @@ def solve_ilp(
                         status=status, gap=g)
 
 
-def min_peak(problem: RecomputeProblem, *, time_limit: float = 30.0) -> RecomputeSolution:
-    """The decision with the smallest linear-model peak (the floor of feasible budgets)."""
+def min_peak(problem: RecomputeProblem, *, time_limit: float = 30.0, gap: float = 0.0
+             ) -> RecomputeSolution:
+    """The decision with the smallest linear-model peak (the floor of feasible budgets), within
+    ``gap`` of it."""
     t0 = time.perf_counter()
     everything = problem.normalise(problem.must_save)  # recompute all that may be recomputed
     model = _Model(problem, "peak")
@@ -235,7 +237,7 @@ def min_peak(problem: RecomputeProblem, *, time_limit: float = 30.0) -> Recomput
         if remaining <= 0.5:
             break
         model.warm_start(best)
-        status, decision, _ = model.solve(remaining, 0.0)
+        status, decision, _ = model.solve(remaining, gap)
         if decision is None:
             break
         if problem.peak(decision) < problem.peak(best):
