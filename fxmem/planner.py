@@ -152,7 +152,6 @@ def plan_joint(
     pmap = build_problem(step, costs, constant=constant, epilogue=epilogue, replay_random=True,
                          lowering=options.lowering,
                          fused_cost=functools.partial(compute_time, spec=spec))
-    problem = pmap.problem
 
     def realise(solution: RecomputeSolution):
         names = saved_nodes(pmap, solution.decision.saved)
@@ -164,7 +163,7 @@ def plan_joint(
                                  lowering=options.lowering)
         return fw, bw, record, simulate(storages, constant=constant, epilogue=epilogue)
 
-    base_solution = save_all(problem, options.budget)
+    base_solution = save_all(pmap.problem, options.budget)
     fw, bw, record, timeline = realise(base_solution)
     base = (base_solution, fw, bw, record, timeline)
     unoptimized = timeline.peak
@@ -183,9 +182,9 @@ def plan_joint(
                 floor=unoptimized, holders=timeline.breakdown(), unoptimized=unoptimized,
             )
     elif unoptimized > limit:  # the margin holds for the unrewritten step too
-        best, problem = _fit(pmap, realise, limit, options)
+        best, missed = _fit(pmap, realise, limit, options)
         if best is None:  # the linear model misled the solver: the smallest-peak plan
-            floor = _smallest_peak(pmap, realise, problem, limit, options)
+            floor = _smallest_peak(pmap, realise, missed, limit, options)
             if floor[4].peak <= limit:
                 best = floor
             elif unoptimized <= options.budget:  # at or above the unoptimised peak: as it is
@@ -201,13 +200,14 @@ def plan_joint(
     graphs = {"joint": joint, "forward": fw, "backward": bw}
     return Plan(options=options, solution=solution, record=record, predicted_peak=timeline.peak,
                 unoptimized_peak=unoptimized, timeline=timeline, graphs=graphs,
-                candidates=problem.num_candidates, plan_seconds=time.perf_counter() - t0)
+                candidates=pmap.problem.num_candidates, plan_seconds=time.perf_counter() - t0)
 
 
 def _fit(pmap, realise, limit: int, options: PlanOptions):
     """Solve, realise and simulate until the simulated peak is at most ``limit``; then spend what
     is left under it, recomputing less, while the plans get cheaper and still fit. Returns the
-    cheapest fitting plan (or None) and the problem with what its model missed added."""
+    cheapest fitting plan (or None) and what the model missed, per position (see
+    :func:`model_miss`)."""
     problem, target = pmap.problem, limit
     missed = np.zeros(problem.num_positions, dtype=np.int64)  # what the model missed, where
     best = None
@@ -238,26 +238,31 @@ def _fit(pmap, realise, limit: int, options: PlanOptions):
         # 0.5%, ... of the budget) so a miss by a few bytes is not met again
         missed = np.maximum(missed, model_miss(pmap.problem, pmap.labels, solution.decision,
                                                realised[4]))
-        problem = dataclasses.replace(pmap.problem, base=pmap.problem.base + missed)
+        problem = _with_missed(pmap, missed)
         target = limit - ((options.budget // 400) << round_)
-    return best, problem
+    return best, missed
 
 
-def _smallest_peak(pmap, realise, problem, limit: int, options: PlanOptions, passes: int = 3):
+def _smallest_peak(pmap, realise, missed: np.ndarray, limit: int, options: PlanOptions,
+                   passes: int = 3):
     """The realised plan with the smallest simulated peak found by ``min_peak``, fed with what
-    the model missed for the previous pass's plan (the floor a BudgetError reports)."""
+    the model missed (``missed``, then for each pass's plan): the floor a BudgetError reports."""
     best = None
     for _ in range(passes):
-        solution = min_peak(problem, time_limit=options.time_limit, gap=0.01)
+        solution = min_peak(_with_missed(pmap, missed), time_limit=options.time_limit, gap=0.01)
         realised = (solution, *realise(solution))
         if best is None or realised[4].peak < best[4].peak:
             best = realised
         if best[4].peak <= limit:
             break
-        miss = model_miss(pmap.problem, pmap.labels, solution.decision, realised[4])
-        problem = dataclasses.replace(problem, base=np.maximum(problem.base,
-                                                               pmap.problem.base + miss))
+        missed = np.maximum(missed, model_miss(pmap.problem, pmap.labels, solution.decision,
+                                               realised[4]))
     return best
+
+
+def _with_missed(pmap, missed: np.ndarray):
+    """The problem with what its linear model missed added to its base."""
+    return dataclasses.replace(pmap.problem, base=pmap.problem.base + missed)
 
 
 def model_miss(problem, labels: tuple[str, ...], decision, timeline: MemoryTimeline) -> np.ndarray:
