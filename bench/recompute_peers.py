@@ -10,9 +10,12 @@ For each workload, in one process, this measures the peak memory and the step ti
 - ``compile amb=b``: ``torch.compile(model)`` compiled under
   ``torch._functorch.config.patch(activation_memory_budget=b)`` for b in 1.0, 0.5, 0.2, 0.05;
 
-and ``fxmem @ X``: ``fxmem.optimize(model, P, lowering="inductor")`` at each peer X's measured
-peak P, built while X is still alive, the two then timed interleaved; and fxmem alone at budgets
-spread from its floor to its unoptimised peak.
+and ``fxmem @ X``: ``fxmem.optimize(model, P, lowering="inductor", exact_random=R)`` at each peer
+X's measured peak P, built while X is still alive, the two then timed interleaved; and fxmem alone
+at budgets spread from its floor to its unoptimised peak (``exact_random=True``). R follows the
+peer's random numbers: True (dropout drawn as eager PyTorch draws it, fxmem's default) against
+``eager`` and ``checkpoint``, False (Inductor's fused, seeded dropout, as ``torch.compile`` draws
+it) against the ``compile`` peers, so that each pair computes the same kind of step.
 
 A step is forward + loss + backward with the gradients set to None before it. Peak: one step
 measured with ``fxmem.measure_memory`` after the first (compiling) call and the warm-up steps,
@@ -240,6 +243,11 @@ def repeats_for(st: Stepper, ns) -> int:
     return n + n % 2
 
 
+def is_compiled_peer(label: str) -> bool:
+    """A ``torch.compile`` peer: Inductor draws its random numbers (``fallback_random=False``)."""
+    return label.startswith("compile")
+
+
 def run_pair(name: str, factory, label: str, ns) -> tuple[dict, dict | None]:
     """Peer ``label``, then ``fxmem @ label`` at its measured peak built while the peer lives; both
     timed in ``ns.repeats`` interleaved rounds (the peer alone if fxmem fails at that budget).
@@ -254,7 +262,8 @@ def run_pair(name: str, factory, label: str, ns) -> tuple[dict, dict | None]:
         peer.update(prepare(p_st, warmup=ns.warmup, first_context=context))
         # no TorchDynamo reset here: fxmem compiles its own code object, the peer's stays compiled
         fx, f_st = start_fxmem(name, factory, peer["measured_peak"], f"fxmem @ {label}", ns,
-                               target=label, reset=False)
+                               target=label, reset=False,
+                               exact_random=not is_compiled_peer(label))
         if fx["ok"]:  # the live peer's model and inputs are not fxmem's strays
             fx["stray_bytes_at_start"] -= peer["measured_start"]
         if f_st is None:
@@ -306,15 +315,16 @@ def compare(peer: dict, fx: dict) -> None:
 
 
 def start_fxmem(name: str, factory, budget: int, label: str, ns, target: str | None = None,
-                reset: bool = True) -> tuple[dict, Stepper | None]:
+                reset: bool = True, exact_random: bool = True) -> tuple[dict, Stepper | None]:
     """``optimize`` a fresh model at ``budget``, then its first call, warm-up and measured step.
     Returns the record and the stepper to time (None if it failed)."""
-    rec: dict[str, Any] = {"config": label, "kind": "fxmem", "budget": int(budget), "target": target}
+    rec: dict[str, Any] = {"config": label, "kind": "fxmem", "budget": int(budget), "target": target,
+                           "exact_random": exact_random}
     t0 = time.perf_counter()
     st = None
     try:
         w = fresh(factory, reset=reset)
-        om = optimize(w["model"], int(budget), lowering="inductor")
+        om = optimize(w["model"], int(budget), lowering="inductor", exact_random=exact_random)
         st = Stepper(om, w)
         rec.update(prepare(st, warmup=ns.warmup))
         rec.update(plan_fields(om.plan), ok=True, within_budget=rec["measured_peak"] <= budget)
@@ -683,8 +693,12 @@ def write(results: list[dict], env: dict, ns) -> None:
         "A step is forward + loss + backward (no optimizer), gradients set to None before it. "
         "Peak: `fxmem.measure_memory` of one step, counting the bytes the model and the inputs "
         "hold at the start plus the CPU allocator's events during the step. `fxmem @ X` is "
-        "`fxmem.optimize(model, budget=peak of X, lowering=\"inductor\")`, built while X is still "
-        "alive; the two are then timed together, in alternating blocks of two timed steps "
+        "`fxmem.optimize(model, budget=peak of X, lowering=\"inductor\", exact_random=R)`, built "
+        "while X is still alive, with R = True against `eager` and `checkpoint` (dropout drawn as "
+        "eager PyTorch draws it: fxmem's default, gradients equal eager's) and R = False against "
+        "the `compile` peers (Inductor's fused, seeded dropout, as torch.compile draws it), so "
+        "that each pair computes the same kind of step; the spread budgets use R = True. The "
+        "two are then timed together, in alternating blocks of two timed steps "
         "(X, fxmem; fxmem, X; ...), each block after one untimed step (the switch changes what "
         "the CPU allocator holds), so that both see the same machine load. `time vs target`: the "
         "median of fxmem's i-th timed step over X's i-th (the verdict: <= 1.00 is no slower), "

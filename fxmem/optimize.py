@@ -131,8 +131,9 @@ class OptimizedModule(torch.nn.Module):
 
     def __init__(self, model, options: PlanOptions, *, optimizer=None, loss_fn=None,
                  lowering: str = "eager", microbatches: int | None = None,
-                 microbatch_coupling: str = "refuse", batch_dims=None):
+                 microbatch_coupling: str = "refuse", batch_dims=None, exact_random: bool = True):
         super().__init__()
+        self._exact_random = exact_random
         self._microbatches = microbatches
         self._coupling = microbatch_coupling
         self._batch_dims = batch_dims
@@ -227,7 +228,8 @@ class OptimizedModule(torch.nn.Module):
         if "microbatch" in options.allow or self._microbatches:
             micro, options = self._plan_microbatches(leaves, spec, slots, options)
         plans = PlanLog()
-        backend = make_backend(options, plans, lowering=self._lowering)
+        backend = make_backend(options, plans, lowering=self._lowering,
+                               exact_random=self._exact_random)
         fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
         return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro)
 
@@ -316,6 +318,7 @@ def optimize(
     microbatches: int | None = None,
     microbatch_coupling: str = "refuse",
     batch_dims: Mapping[str, int | None] | None = None,
+    exact_random: bool = True,
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
@@ -333,11 +336,18 @@ def optimize(
     few KiB to MiB at the peak. Default (:func:`fxmem.planner.default_margin`): 1%, and 3% for
     Inductor on a GPU, whose buffers fxmem models from Inductor's fusion, layout and buffer-pool
     rules (:mod:`fxmem.inductor_memory`) but has not measured against Triton's.
+    ``exact_random`` (with ``lowering="inductor"``): True (default) draws random ops (dropout) as
+    eager PyTorch does, so the step's values and gradients equal eager's under the same seed;
+    False lets Inductor fuse them into its kernels with its own seeded generator, as
+    ``torch.compile`` does by default (faster; a recomputed random op still reproduces the
+    forward's values, but they differ from eager's).
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if lowering not in ("eager", "inductor"):
         raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
+    if not isinstance(exact_random, bool):
+        raise TypeError(f"exact_random must be a bool, got {type(exact_random).__name__}")
     allow = frozenset([allow] if isinstance(allow, str) else allow)
     if allow - LEVERS:
         raise ValueError(f"unknown levers {sorted(allow - LEVERS)}; the levers are {sorted(LEVERS)}")
@@ -353,4 +363,4 @@ def optimize(
     options = dataclasses.replace(options, allow=allow)
     return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn, lowering=lowering,
                            microbatches=microbatches, microbatch_coupling=microbatch_coupling,
-                           batch_dims=batch_dims)
+                           batch_dims=batch_dims, exact_random=exact_random)

@@ -182,7 +182,11 @@ def build_problem(
         transient.append(sum(storages.nbytes[t] for t in storages.creates[producer[k]]
                              if t != s and t not in readers))
         random = is_random(op)
-        must_save.append((random and not replay_random) or _is_mutating(op)
+        # a random op with no tensor input (Inductor's seeds) cannot be replayed: no device to
+        # take the generator state of
+        replayable = replay_random and any(
+            isinstance(a.meta.get("val"), torch.Tensor) for a in op.all_input_nodes)
+        must_save.append((random and not replayable) or _is_mutating(op)
                          or not isinstance(op.meta.get("val"), (torch.Tensor, tuple, list)))
         consumers = [op_nodes[p] for p in fwd_reads[k]]
         never_save.append(
@@ -240,9 +244,15 @@ def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=N
     for name in storages.op_names:
         node = nodes[name]
         body = sum(inlined_cost.get(inp.name, 0.0) for inp in node.all_input_nodes)
-        if kinds_by_name.get(name) in (Lowered.INLINED, Lowered.VIEW):
+        kind = kinds_by_name.get(name)
+        if kind in (Lowered.INLINED, Lowered.VIEW):
             own = costs.get(name, 0.0) if fused_cost is None else fused_cost(node)
             inlined_cost[name] = body + own
+        elif kind in (Lowered.KERNEL, Lowered.REDUCTION) and fused_cost is not None:
+            # recomputed in the backward, Inductor fuses it into the kernel that reads it: its
+            # arithmetic, not a kernel's memory traffic and launch (as the min-cut partitioner
+            # prices a fusible op)
+            costs[name] = fused_cost(node) + body
         else:
             costs[name] = costs.get(name, 0.0) + body
     n_fwd = storages.backward_start

@@ -189,6 +189,8 @@ def test_bad_input_is_a_clear_error():
         fxmem.optimize(model, "1 parsec")
     with pytest.raises(ValueError, match="strategy"):
         fxmem.optimize(model, "1GiB", strategy="magic")
+    with pytest.raises(TypeError, match="exact_random must be a bool"):
+        fxmem.optimize(model, "1GiB", exact_random="yes")
     with pytest.raises(fxmem.StepInputError, match="is on meta"):
         fxmem.optimize(model, "1GiB")(args[0].to("meta"), args[1].to("meta"))
 
@@ -230,3 +232,30 @@ def test_profiled_costs_plan_too():
     assert om.plan.solution.recompute_time > 0
     with pytest.raises(ValueError, match="cost must be"):
         fxmem.optimize(model, "1GiB", cost="guess")
+
+
+@pytest.mark.slow
+def test_inductor_random_recomputed_reproduces_the_forward():
+    """With ``exact_random=False`` Inductor draws dropout with its own seeded generator (not
+    eager's values); a plan that recomputes the masks must still give the gradients of the plan
+    that saves them, under the same seed."""
+    model, args, kwargs = tiny_gpt(dropout=0.2)
+    eager = grads_of(model, model, *args, **kwargs)
+    saved = fxmem.optimize(model, "10GiB", lowering="inductor", exact_random=False)
+    expected = grads_of(model, saved, *args, **kwargs)
+    top = saved.plan.unoptimized_peak
+    with pytest.raises(fxmem.BudgetError) as info:
+        fxmem.optimize(model, 1024, lowering="inductor", exact_random=False)(*args, **kwargs)
+    budget = int(info.value.floor * 1.03)
+    assert budget < top
+    tight = fxmem.optimize(model, budget, lowering="inductor", exact_random=False)
+    got = grads_of(model, tight, *args, **kwargs)
+    assert tight.plan.solution.num_recomputed > 0
+    recomputed = set(tight.plan.record.recomputed)
+    assert any("random" in name for name in recomputed), sorted(recomputed)
+    (l0, g0), (l1, g1) = expected, got
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected[0], eager[0])  # Inductor's masks, not eager's
+    assert measured_step_peak(model, tight, args, kwargs) <= budget

@@ -48,3 +48,31 @@ def test_inlined_sums_the_backward_reads_are_optional_candidates():
     assert not problem.needed(everything.saved)[inputs].all()  # saved sums do not need them
     assert (problem.need_end[inputs] >= problem.need_end[last]).all()
     assert problem.cost[last] > 0
+
+
+class SeededDropout(torch.nn.Module):
+    """Dropout as Inductor rewrites it with ``fallback_random=False``: seeds drawn once per step
+    (``inductor_seeds``, no tensor input), then a deterministic function of a seed."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        seeds = torch.ops.prims.inductor_seeds.default(1, x.device)
+        seed = torch.ops.prims.inductor_lookup_seed.default(seeds, 0)
+        keep = torch.ops.prims.inductor_random.default([8, 16], seed, "rand") > 0.5
+        return (self.lin(x).relu() * keep).sum()
+
+
+def test_random_op_without_tensor_inputs_is_saved_and_its_seeded_uses_recomputable():
+    torch.manual_seed(0)
+    step = capture_step(SeededDropout(), (torch.randn(8, 16),))
+    costs = graph_costs(step.gm, spec_for(step.device))
+    problem = build_problem(step, costs, replay_random=True, lowering="inductor").problem
+    index = {name: i for i, name in enumerate(problem.names)}
+    # replaying it would need a device's generator state, taken from a tensor input it lacks
+    assert problem.must_save[index["inductor_seeds"]]
+    # what Inductor computes from the saved seeds is a pure function: the solver may recompute it
+    assert not problem.must_save[index["inductor_random"]]
+    assert not problem.must_save[index["gt"]]
