@@ -184,7 +184,12 @@ def plan_joint(
     elif unoptimized > limit:  # the margin holds for the unrewritten step too
         best, missed = _fit(pmap, realise, limit, options)
         if best is None:  # the linear model misled the solver: the smallest-peak plan
-            floor = _smallest_peak(pmap, realise, missed, limit, options)
+            # first as a 1-byte budget finds it (the floor BudgetError reports: a budget over it
+            # must fit), then fed with what the rounds' plans missed
+            floor = _smallest_peak(pmap, realise, np.zeros_like(missed), limit, options)
+            if floor[4].peak > limit and missed.any():
+                fed = _smallest_peak(pmap, realise, missed, limit, options)
+                floor = min(floor, fed, key=lambda t: t[4].peak)
             if floor[4].peak <= limit:
                 best = floor
             elif unoptimized <= options.budget:  # at or above the unoptimised peak: as it is

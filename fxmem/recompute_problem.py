@@ -244,15 +244,9 @@ def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=N
     for name in storages.op_names:
         node = nodes[name]
         body = sum(inlined_cost.get(inp.name, 0.0) for inp in node.all_input_nodes)
-        kind = kinds_by_name.get(name)
-        if kind in (Lowered.INLINED, Lowered.VIEW):
+        if kinds_by_name.get(name) in (Lowered.INLINED, Lowered.VIEW):
             own = costs.get(name, 0.0) if fused_cost is None else fused_cost(node)
             inlined_cost[name] = body + own
-        elif kind in (Lowered.KERNEL, Lowered.REDUCTION) and fused_cost is not None:
-            # recomputed in the backward, Inductor fuses it into the kernel that reads it: its
-            # arithmetic, not a kernel's memory traffic and launch (as the min-cut partitioner
-            # prices a fusible op)
-            costs[name] = fused_cost(node) + body
         else:
             costs[name] = costs.get(name, 0.0) + body
     n_fwd = storages.backward_start
