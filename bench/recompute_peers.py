@@ -10,12 +10,9 @@ For each workload, in one process, this measures the peak memory and the step ti
 - ``compile amb=b``: ``torch.compile(model)`` compiled under
   ``torch._functorch.config.patch(activation_memory_budget=b)`` for b in 1.0, 0.5, 0.2, 0.05;
 
-and ``fxmem @ X``: ``fxmem.optimize(model, P, lowering="inductor", exact_random=R)`` at each peer
-X's measured peak P, built while X is still alive, the two then timed interleaved; and fxmem alone
-at budgets spread from its floor to its unoptimised peak (``exact_random=True``). R follows the
-peer's random numbers: True (dropout drawn as eager PyTorch draws it, fxmem's default) against
-``eager`` and ``checkpoint``, False (Inductor's fused, seeded dropout, as ``torch.compile`` draws
-it) against the ``compile`` peers, so that each pair computes the same kind of step.
+and ``fxmem @ X``: ``fxmem.optimize(model, P, lowering="inductor")`` at each peer X's measured
+peak P, built while X is still alive, the two then timed interleaved; and fxmem alone at budgets
+spread from its floor to its unoptimised peak.
 
 A step is forward + loss + backward with the gradients set to None before it. Peak: one step
 measured with ``fxmem.measure_memory`` after the first (compiling) call and the warm-up steps,
@@ -243,11 +240,6 @@ def repeats_for(st: Stepper, ns) -> int:
     return n + n % 2
 
 
-def is_compiled_peer(label: str) -> bool:
-    """A ``torch.compile`` peer: Inductor draws its random numbers (``fallback_random=False``)."""
-    return label.startswith("compile")
-
-
 def run_pair(name: str, factory, label: str, ns) -> tuple[dict, dict | None]:
     """Peer ``label``, then ``fxmem @ label`` at its measured peak built while the peer lives; both
     timed in ``ns.repeats`` interleaved rounds (the peer alone if fxmem fails at that budget).
@@ -262,8 +254,7 @@ def run_pair(name: str, factory, label: str, ns) -> tuple[dict, dict | None]:
         peer.update(prepare(p_st, warmup=ns.warmup, first_context=context))
         # no TorchDynamo reset here: fxmem compiles its own code object, the peer's stays compiled
         fx, f_st = start_fxmem(name, factory, peer["measured_peak"], f"fxmem @ {label}", ns,
-                               target=label, reset=False,
-                               exact_random=not is_compiled_peer(label))
+                               target=label, reset=False)
         if fx["ok"]:  # the live peer's model and inputs are not fxmem's strays
             fx["stray_bytes_at_start"] -= peer["measured_start"]
         if f_st is None:
@@ -315,16 +306,15 @@ def compare(peer: dict, fx: dict) -> None:
 
 
 def start_fxmem(name: str, factory, budget: int, label: str, ns, target: str | None = None,
-                reset: bool = True, exact_random: bool = True) -> tuple[dict, Stepper | None]:
+                reset: bool = True) -> tuple[dict, Stepper | None]:
     """``optimize`` a fresh model at ``budget``, then its first call, warm-up and measured step.
     Returns the record and the stepper to time (None if it failed)."""
-    rec: dict[str, Any] = {"config": label, "kind": "fxmem", "budget": int(budget), "target": target,
-                           "exact_random": exact_random}
+    rec: dict[str, Any] = {"config": label, "kind": "fxmem", "budget": int(budget), "target": target}
     t0 = time.perf_counter()
     st = None
     try:
         w = fresh(factory, reset=reset)
-        om = optimize(w["model"], int(budget), lowering="inductor", exact_random=exact_random)
+        om = optimize(w["model"], int(budget), lowering="inductor")
         st = Stepper(om, w)
         rec.update(prepare(st, warmup=ns.warmup))
         rec.update(plan_fields(om.plan), ok=True, within_budget=rec["measured_peak"] <= budget)
@@ -419,8 +409,7 @@ def fxmem_floor(name: str, factory) -> dict:
 
 def spread_runs(name: str, factory, floor: dict, unopt: int, runs: list[dict], ns) -> None:
     """fxmem alone at budgets spread from its floor to its unoptimised peak, appended to ``runs``;
-    then more budgets in the widest gaps until ``ns.min_fxmem`` runs with eager's random numbers
-    (one sweep of the same step) succeed (at most 4 more)."""
+    then more budgets in the widest gaps until ``ns.min_fxmem`` runs succeed (at most 4 more)."""
     lo = math.ceil(floor["floor"] / (1.0 - SAFETY_MARGIN) * 1.002)
     hi = max(unopt, lo)
     n = max(2, ns.spread)
@@ -438,9 +427,8 @@ def spread_runs(name: str, factory, floor: dict, unopt: int, runs: list[dict], n
                             ns)
             runs.append(rec)
     extra = 0
-    while sum(r["ok"] and r.get("exact_random", True) for r in runs) < ns.min_fxmem and extra < 4:
-        done = sorted({r["budget"] for r in runs
-                       if r["budget"] < 2**50 and r.get("exact_random", True)})
+    while sum(r["ok"] for r in runs) < ns.min_fxmem and extra < 4:
+        done = sorted({r["budget"] for r in runs if r["budget"] < 2**50})
         gaps = [(b2 - b1, (b1 + b2) // 2) for b1, b2 in zip(done, done[1:]) if b1 >= lo]
         if not gaps:
             break
@@ -450,23 +438,16 @@ def spread_runs(name: str, factory, floor: dict, unopt: int, runs: list[dict], n
 
 
 def summarize(peers: list[dict], runs: list[dict]) -> dict:
-    """Budgets held and monotonicity (within each random policy: eager's dropout and Inductor's
-    are different steps, with different peaks), and the peers fxmem is no slower than."""
     ok_runs = sorted((r for r in runs if r["ok"] and r["budget"] < 2**50),
                      key=lambda r: -r["budget"])
     violations = []
-    for exact in (True, False):
-        group = [r for r in ok_runs if r.get("exact_random", True) == exact]
-        for hi_run, lo_run in zip(group, group[1:]):
-            if lo_run["measured_peak"] > hi_run["measured_peak"]:
-                violations.append({
-                    "exact_random": exact,
-                    "budget_high": hi_run["budget"], "peak_high": hi_run["measured_peak"],
-                    "budget_low": lo_run["budget"], "peak_low": lo_run["measured_peak"],
-                    "rise_bytes": lo_run["measured_peak"] - hi_run["measured_peak"]})
+    for hi_run, lo_run in zip(ok_runs, ok_runs[1:]):
+        if lo_run["measured_peak"] > hi_run["measured_peak"]:
+            violations.append({"budget_high": hi_run["budget"], "peak_high": hi_run["measured_peak"],
+                               "budget_low": lo_run["budget"], "peak_low": lo_run["measured_peak"],
+                               "rise_bytes": lo_run["measured_peak"] - hi_run["measured_peak"]})
     return {
         "fxmem_runs_ok": len(ok_runs),
-        "fxmem_runs_ok_exact_random": sum(r.get("exact_random", True) for r in ok_runs),
         "fxmem_runs_failed": sum(not r["ok"] for r in runs),
         "within_budget": sum(r["within_budget"] for r in ok_runs),
         "monotone": not violations,
@@ -521,8 +502,7 @@ def summary_line(result: dict) -> str:
     s = result["summary"]
     no_slower = ", ".join(s["no_slower_than"]) or "none"
     line = (f"measured <= budget in {s['within_budget']}/{s['fxmem_runs_ok']} runs; "
-            f"({s.get('fxmem_runs_ok_exact_random', '?')} with exact random); "
-            f"monotone (per random policy): {'yes' if s['monotone'] else 'no'}; no slower (median paired ratio <= 1) "
+            f"monotone: {'yes' if s['monotone'] else 'no'}; no slower (median paired ratio <= 1) "
             f"than peers: {no_slower}")
     if s["slower_than"]:
         line += f"; slower than: {', '.join(s['slower_than'])}"
@@ -544,14 +524,12 @@ def plot_workload(result: dict, stem: str = "recompute_peers") -> str | None:
         return None
     name = result["workload"]
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for exact, style, label in ((True, "-o", "fxmem, eager's random (by budget)"),
-                                (False, "--s", "fxmem, Inductor's random (by budget)")):
-        runs = sorted((r for r in result["fxmem"] if r["ok"] and r["budget"] < 2**50
-                       and r.get("exact_random", True) == exact), key=lambda r: r["budget"])
-        if runs:
-            ax.plot([r["measured_peak"] / MiB for r in runs],
-                    [1e3 * r["median_step_seconds"] for r in runs],
-                    style, color="black", lw=1.5, ms=4, label=label, zorder=3)
+    runs = sorted((r for r in result["fxmem"] if r["ok"] and r["budget"] < 2**50),
+                  key=lambda r: r["budget"])
+    if runs:
+        ax.plot([r["measured_peak"] / MiB for r in runs],
+                [1e3 * r["median_step_seconds"] for r in runs],
+                "-o", color="black", lw=1.5, ms=4, label="fxmem (sorted by budget)", zorder=3)
     markers = "sDv^<>pPX*"
     for i, p in enumerate(q for q in result["peers"] if q["ok"]):
         x, y = p["measured_peak"] / MiB, 1e3 * p["median_step_seconds"]
@@ -705,12 +683,8 @@ def write(results: list[dict], env: dict, ns) -> None:
         "A step is forward + loss + backward (no optimizer), gradients set to None before it. "
         "Peak: `fxmem.measure_memory` of one step, counting the bytes the model and the inputs "
         "hold at the start plus the CPU allocator's events during the step. `fxmem @ X` is "
-        "`fxmem.optimize(model, budget=peak of X, lowering=\"inductor\", exact_random=R)`, built "
-        "while X is still alive, with R = True against `eager` and `checkpoint` (dropout drawn as "
-        "eager PyTorch draws it: fxmem's default, gradients equal eager's) and R = False against "
-        "the `compile` peers (Inductor's fused, seeded dropout, as torch.compile draws it), so "
-        "that each pair computes the same kind of step; the spread budgets use R = True. The "
-        "two are then timed together, in alternating blocks of two timed steps "
+        "`fxmem.optimize(model, budget=peak of X, lowering=\"inductor\")`, built while X is still "
+        "alive; the two are then timed together, in alternating blocks of two timed steps "
         "(X, fxmem; fxmem, X; ...), each block after one untimed step (the switch changes what "
         "the CPU allocator holds), so that both see the same machine load. `time vs target`: the "
         "median of fxmem's i-th timed step over X's i-th (the verdict: <= 1.00 is no slower), "
