@@ -339,8 +339,9 @@ def optimize(
     ``exact_random`` (with ``lowering="inductor"``): True (default) draws random ops (dropout) as
     eager PyTorch does, so the step's values and gradients equal eager's under the same seed;
     False lets Inductor fuse them into its kernels with its own seeded generator, as
-    ``torch.compile`` does by default (faster; a recomputed random op still reproduces the
-    forward's values, but they differ from eager's).
+    ``torch.compile`` does by default (a recomputed random op still reproduces the forward's
+    values, but they differ from eager's; on a CPU not faster: Inductor's kernels holding random
+    ops are not vectorised).
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
