@@ -30,7 +30,7 @@ from .inductor_memory import (
     optimizes_layout,
 )
 from .memory_model import simulate
-from .passes.rng_replay import is_random
+from .passes.rng_replay import is_random, is_replayable
 from .solver.problem import Pull, RecomputeProblem
 from .storages import step_storages
 
@@ -181,12 +181,8 @@ def build_problem(
         # what the op allocates that nothing reads: its scratch, made again when it is recomputed
         transient.append(sum(storages.nbytes[t] for t in storages.creates[producer[k]]
                              if t != s and t not in readers))
-        random = is_random(op)
-        # a random op with no tensor input (Inductor's seeds) cannot be replayed: no device to
-        # take the generator state of
-        replayable = replay_random and any(
-            isinstance(a.meta.get("val"), torch.Tensor) for a in op.all_input_nodes)
-        must_save.append((random and not replayable) or _is_mutating(op)
+        replayable = replay_random and is_replayable(op)
+        must_save.append((is_random(op) and not replayable) or _is_mutating(op)
                          or not isinstance(op.meta.get("val"), (torch.Tensor, tuple, list)))
         consumers = [op_nodes[p] for p in fwd_reads[k]]
         never_save.append(

@@ -13,9 +13,9 @@ from fxmem.models import GPT, GPTConfig, wide_resnet_28_2
 from graphs_for_tests import DataDependent, RandomNet, random_net_spec
 
 
-def tiny_gpt(dropout=0.1):
+def tiny_gpt(dropout=0.1, n_layer=2):
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=512, n_layer=2, n_head=2, d_model=64, max_seq_len=64, dropout=dropout)
+    cfg = GPTConfig(vocab_size=512, n_layer=n_layer, n_head=2, d_model=64, max_seq_len=64, dropout=dropout)
     idx = torch.randint(0, 512, (4, 64))
     return GPT(cfg), (idx, idx), {}
 
@@ -239,10 +239,7 @@ def test_inductor_random_recomputed_reproduces_the_forward():
     """With ``exact_random=False`` Inductor draws dropout with its own seeded generator (not
     eager's values); a plan that recomputes the masks must still give the gradients of the plan
     that saves them, under the same seed."""
-    torch.manual_seed(0)  # one block: each plan is an Inductor compile
-    cfg = GPTConfig(vocab_size=512, n_layer=1, n_head=2, d_model=64, max_seq_len=64, dropout=0.2)
-    idx = torch.randint(0, 512, (4, 64))
-    model, args, kwargs = GPT(cfg), (idx, idx), {}
+    model, args, kwargs = tiny_gpt(dropout=0.2, n_layer=1)  # each plan is an Inductor compile
     eager = grads_of(model, model, *args, **kwargs)
     saved = fxmem.optimize(model, "10GiB", lowering="inductor", exact_random=False)
     expected = grads_of(model, saved, *args, **kwargs)

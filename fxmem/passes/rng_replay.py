@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
 
-__all__ = ["RngReplayRecord", "replay_random_ops", "is_random"]
+__all__ = ["RngReplayRecord", "replay_random_ops", "is_random", "is_replayable"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,13 @@ def is_random(node: torch.fx.Node) -> bool:
     target = node.target
     return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
             and torch.Tag.nondeterministic_seeded in target.tags)
+
+
+def is_replayable(node: torch.fx.Node) -> bool:
+    """A random op this pass can replay: the generator state it saves is that of the device of a
+    tensor input (Inductor's seeds, with none, cannot be)."""
+    return is_random(node) and any(
+        isinstance(a.meta.get("val"), torch.Tensor) for a in node.all_input_nodes)
 
 
 @dataclasses.dataclass(frozen=True)
