@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.workloads import WORKLOADS  # noqa: E402
 from fxmem import Workload, format_bytes  # noqa: E402
-from fxmem.report import format_comparison, plot_memory  # noqa: E402
+from fxmem.planning.report import format_comparison, plot_memory  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import fxmem  # noqa: E402
 from bench.environment import cpu_name  # noqa: E402
-from fxmem.optimize import optimize  # noqa: E402
+from fxmem.api.optimize import optimize  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MiB = 2**20

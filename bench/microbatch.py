@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import fxmem  # noqa: E402
 from bench.environment import cpu_name  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
-from fxmem.models import wide_resnet_28_2  # noqa: E402
+from fxmem.examples import wide_resnet_28_2  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MiB = 2**20

@@ -63,10 +63,10 @@ sys.path.insert(0, str(ROOT))
 import fxmem  # noqa: E402
 from bench.environment import cpu_name  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
-from fxmem.measure import live_tensor_bytes  # noqa: E402
-from fxmem.models.wide_resnet import BasicBlock  # noqa: E402
-from fxmem.optimize import optimize  # noqa: E402
-from fxmem.planner import default_margin  # noqa: E402
+from fxmem.memory.measure import live_tensor_bytes  # noqa: E402
+from fxmem.examples.wide_resnet import BasicBlock  # noqa: E402
+from fxmem.api.optimize import optimize  # noqa: E402
+from fxmem.planning.planner import default_margin  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MiB = 2**20

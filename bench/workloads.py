@@ -7,7 +7,7 @@ factory calls ``torch.manual_seed(0)`` first, so weights and inputs are reproduc
 and returns the model in ``train()`` mode (dropout and batch-norm statistics active).
 
 ``gpt_decoder``
-    The project's own :class:`fxmem.models.GPT`: 6 layers, 8 heads, d_model 512,
+    The project's own :class:`fxmem.examples.GPT`: 6 layers, 8 heads, d_model 512,
     vocabulary 8192, context 256, dropout 0.1, tied embeddings (about 23M parameters).
     Inputs ``(idx, targets)``: random token ids of shape ``(batch, seq)``.
 
@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 
-from fxmem.models import GPT, GPTConfig, wide_resnet_28_2
+from fxmem.examples import GPT, GPTConfig, wide_resnet_28_2
 
 __all__ = ["gpt_decoder", "wrn_28_2", "hf_gpt2", "decoder_1b", "WORKLOADS"]
 

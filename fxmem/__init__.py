@@ -5,14 +5,14 @@ memory model, measure what the allocator really saw, and rewrite the step (recom
 an ILP) so that its peak stays under a budget given in bytes.
 """
 
-from .budget import BudgetError, format_bytes, parse_budget
-from .capture import CapturedStep, Role, capture_step, loss_from_output
-from .errors import CaptureError, FxmemError, MicrobatchError, StepInputError
-from .estimate import MemoryEstimate, estimate
-from .measure import MeasuredMemory, measure_memory, measure_peak
-from .optimize import OptimizedModule, optimize
-from .planner import Plan, PlanOptions
-from .workload import Workload, load_workload
+from fxmem.budget import BudgetError, format_bytes, parse_budget
+from fxmem.graph.capture import CapturedStep, Role, capture_step, loss_from_output
+from fxmem.errors import CaptureError, FxmemError, MicrobatchError, StepInputError
+from fxmem.api.estimate import MemoryEstimate, estimate
+from fxmem.memory.measure import MeasuredMemory, measure_memory, measure_peak
+from fxmem.api.optimize import OptimizedModule, optimize
+from fxmem.planning.planner import Plan, PlanOptions
+from fxmem.api.workload import Workload, load_workload
 
 __all__ = [
     "BudgetError",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import FxmemError
+from fxmem.errors import FxmemError
 
 __all__ = ["BudgetError", "parse_budget", "format_bytes"]
 

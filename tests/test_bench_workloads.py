@@ -119,7 +119,7 @@ def test_backend_bench_workload_gradients_through_inductor(name):
     differently from eager's, so for the WideResNet the bound is Inductor's own deviation (fxmem
     must add no error of its own)."""
     import torch._dynamo
-    from fxmem.backend import LAST_PLANS
+    from fxmem.api.backend import LAST_PLANS
 
     if name == "hf_gpt2":
         pytest.importorskip("transformers")
@@ -175,7 +175,7 @@ def test_inductor_plan_near_its_floor_holds_the_budget(over_floor):
     budget and within the planning margin of the prediction (recomputed ReLUs that Inductor fused
     into an earlier kernel once held 10 MiB more than planned here)."""
     import fxmem
-    from fxmem.planner import default_margin
+    from fxmem.planning.planner import default_margin
 
     w = WORKLOADS["wrn_28_2"]()
     model, args, kwargs = w["model"], w["args"], w["kwargs"]

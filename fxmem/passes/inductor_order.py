@@ -32,7 +32,7 @@ import torch.fx
 from torch._inductor.choices import InductorChoices
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .recompute import RECOMPUTED
+from fxmem.passes.recompute import RECOMPUTED
 
 __all__ = ["SplitDelayedAddmm", "KeepRecomputedInPlace", "keep_recomputed_in_place", "NEAR"]
 

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch._functorch.partitioners import _extract_fwd_bwd_modules
 
-from ..joint import forward_node_names
+from fxmem.graph.joint import forward_node_names
 
 __all__ = ["RecomputeRecord", "split_with_saved", "sink_recomputed", "remove_dead", "RECOMPUTED"]
 

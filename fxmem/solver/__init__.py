@@ -3,10 +3,10 @@
 Every strategy returns a :class:`RecomputeSolution`, so they can be swapped and compared.
 """
 
-from .baselines import checkpoint_blocks, greedy, save_all
-from .ilp import min_peak, solve_ilp
-from .problem import Decision, RecomputeProblem
-from .result import RecomputeSolution
+from fxmem.solver.baselines import checkpoint_blocks, greedy, save_all
+from fxmem.solver.ilp import min_peak, solve_ilp
+from fxmem.solver.problem import Decision, RecomputeProblem
+from fxmem.solver.result import RecomputeSolution
 
 __all__ = [
     "Decision",

@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from .problem import RecomputeProblem
-from .result import RecomputeSolution, solution_for
+from fxmem.solver.problem import RecomputeProblem
+from fxmem.solver.result import RecomputeSolution, solution_for
 
 __all__ = ["save_all", "checkpoint_blocks", "greedy"]
 

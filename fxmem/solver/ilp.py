@@ -30,9 +30,9 @@ import warnings
 import numpy as np
 import pulp  # a required dependency, imported with fxmem -- see _pulp()
 
-from .baselines import greedy, save_all
-from .problem import Decision, RecomputeProblem
-from .result import RecomputeSolution, solution_for
+from fxmem.solver.baselines import greedy, save_all
+from fxmem.solver.problem import Decision, RecomputeProblem
+from fxmem.solver.result import RecomputeSolution, solution_for
 
 __all__ = ["solve_ilp", "min_peak"]
 

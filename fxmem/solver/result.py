@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .problem import Decision, RecomputeProblem
+from fxmem.solver.problem import Decision, RecomputeProblem
 
 __all__ = ["RecomputeSolution", "solution_for"]
 

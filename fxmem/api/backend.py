@@ -1,0 +1,170 @@
+"""The ``fxmem`` torch.compile backend: TorchDynamo captures, AOTAutograd builds the joint graph,
+fxmem's planner partitions it under the budget, and the forward and backward graphs are lowered
+through TorchInductor (or run as FX code with ``lowering="eager"``).
+
+    compiled = torch.compile(model, backend="fxmem", options={"budget": "2GiB"})
+
+``options``: ``budget`` (required; bytes or a string with a unit), ``allow``, ``strategy``,
+``lowering`` ("inductor" or "eager"), ``time_limit``, ``safety_margin``, ``optimizer`` (a
+``torch.optim.Optimizer`` whose state and step count against the budget), ``exact_random``
+(default True: Inductor draws random numbers with PyTorch's own generator, so dropout matches
+eager PyTorch exactly).
+
+With Inductor the partitioner is installed as ``torch._inductor.config.custom_partitioner_fn``;
+its ``uuid`` hashes fxmem's sources and the options (the budget included), so Inductor's cache
+never reuses a plan made for another budget or another version of fxmem. The backend is
+registered through the ``torch_dynamo_backends`` entry point.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+from fxmem.budget import parse_budget
+from fxmem.passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_place
+from fxmem.planning.planner import LEVERS, Plan, PlanOptions, optimizer_bytes, plan_joint
+
+__all__ = ["fxmem_backend", "FxmemPartitioner", "make_backend", "PlanLog"]
+
+log = logging.getLogger(__name__)
+
+_OPTION_KEYS = {"budget", "allow", "strategy", "lowering", "time_limit", "safety_margin",
+                "optimizer", "exact_random", "cost"}
+
+
+class PlanLog:
+    """Where a backend leaves the plans it makes, newest last (one per compiled graph); it keeps
+    the last ``keep`` of them (a plan holds its graphs)."""
+
+    def __init__(self, keep: int = 16):
+        self.plans: collections.deque[Plan] = collections.deque(maxlen=keep)
+
+    @property
+    def latest(self) -> Plan:
+        if not self.plans:
+            raise RuntimeError("no plan yet: the graph is planned on its first call")
+        return self.plans[-1]
+
+
+@functools.cache
+def _source_hash() -> str:
+    """fxmem's sources, hashed once per process (Inductor asks for the uuid on every compile)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class FxmemPartitioner(CustomPartitionerFn):
+    """A partition function (AOTAutograd's, or Inductor's custom_partitioner_fn) that plans."""
+
+    def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None):
+        self.options, self.plans, self.n_static = options, plans, n_static
+
+    def __call__(self, joint, joint_inputs, **kwargs):
+        static = set(kwargs.get("static_lifetime_input_indices") or ())
+        if self.n_static is not None:
+            static |= set(range(self.n_static))
+        plan = plan_joint(joint, num_fwd_outputs=kwargs["num_fwd_outputs"],
+                          static_input_indices=static, options=self.options)
+        self.plans.plans.append(plan)
+        log.info("fxmem plan: %s", plan.record.summary())
+        return plan.graphs["forward"], plan.graphs["backward"]
+
+    def uuid(self) -> Any:
+        opts = dataclasses.asdict(self.options)
+        opts.pop("device_spec", None)
+        key = repr(sorted((k, repr(v)) for k, v in opts.items())) + repr(self.n_static)
+        return hashlib.sha256((_source_hash() + key).encode()).hexdigest()
+
+
+def _boxed(gm: torch.fx.GraphModule, _example_inputs):
+    """Run a graph as FX code with the boxed calling convention (inputs freed after last use)."""
+    from torch.fx.graph import _BoxedCodeGen
+
+    gm.graph.set_codegen(_BoxedCodeGen())
+    gm.recompile()
+    return gm
+
+
+def _compile_keeping_recomputed_in_place(*args, **kwargs):
+    """Inductor's ``compile_fx_inner`` (per graph; the backward's runs later, on its first call)
+    with fusion heuristics that leave recomputed ops where the plan put them."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    with keep_recomputed_in_place():
+        return compile_fx_inner(*args, **kwargs)
+
+
+def make_backend(options: PlanOptions, plans: PlanLog, *, lowering: str = "inductor",
+                 exact_random: bool = True):
+    """A TorchDynamo backend that plans every graph it is given with ``options``."""
+    if lowering not in ("inductor", "eager"):
+        raise ValueError(f"lowering must be 'inductor' or 'eager', got {lowering!r}")
+    options = dataclasses.replace(options, lowering=lowering)  # the memory model follows it
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        partitioner = FxmemPartitioner(options, plans)
+        if lowering == "eager":
+            from torch._dynamo.backends.common import aot_autograd
+
+            return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,
+                                partition_fn=partitioner)(gm, example_inputs)
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = {"custom_partitioner_fn": partitioner, "fallback_random": exact_random,
+                   "post_grad_custom_post_pass": SplitDelayedAddmm()}
+        # AOTAutograd's cache would skip the partitioner, so the plan (model.plan, the report)
+        # would be missing; Inductor's FX graph cache still serves the kernels
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, example_inputs, config_patches=patches,
+                              inner_compile=_compile_keeping_recomputed_in_place)
+
+    return backend
+
+
+def options_from_mapping(options: Mapping[str, Any] | None) -> tuple[PlanOptions, str, bool]:
+    """PlanOptions, lowering and exact_random from torch.compile's ``options`` dict."""
+    options = dict(options or {})
+    unknown = set(options) - _OPTION_KEYS
+    if unknown:
+        raise ValueError(f"unknown fxmem options {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
+    if "budget" not in options:
+        raise ValueError('the fxmem backend needs a budget: options={"budget": "2GiB"}')
+    allow = options.get("allow", ("recompute",))
+    allow = frozenset([allow] if isinstance(allow, str) else allow)
+    if allow - LEVERS:
+        raise ValueError(f"unknown levers {sorted(allow - LEVERS)}; the levers are {sorted(LEVERS)}")
+    state = step = 0
+    optimizer = options.get("optimizer")
+    if optimizer is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        state, step = optimizer_bytes(optimizer, params)
+    plan_options = PlanOptions(
+        budget=parse_budget(options["budget"]), allow=allow,
+        strategy=options.get("strategy", "ilp"), time_limit=float(options.get("time_limit", 30.0)),
+        safety_margin=None if options.get("safety_margin") is None
+        else float(options["safety_margin"]),  # None: default_margin, once the device is known
+        optimizer_state=state, optimizer_step=step, cost=options.get("cost", "roofline"),
+    )
+    return plan_options, options.get("lowering", "inductor"), bool(options.get("exact_random", True))
+
+LAST_PLANS = PlanLog()  # plans made through torch.compile(backend="fxmem"), newest last
+
+
+def fxmem_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None):
+    """``torch.compile(model, backend="fxmem", options={"budget": ...})``."""
+    plan_options, lowering, exact_random = options_from_mapping(options)
+    backend = make_backend(plan_options, LAST_PLANS, lowering=lowering, exact_random=exact_random)
+    return backend(gm, example_inputs)

@@ -1,0 +1,367 @@
+"""``fxmem.optimize``: a module whose training step fits a memory budget, in the user's own loop.
+
+    model = fxmem.optimize(model, budget="2GiB", optimizer=opt)
+    loss = model(x, y); loss.backward(); opt.step(); opt.zero_grad()
+    print(model.plan.report())
+
+The first call for each input signature (shapes, dtypes, devices, non-tensor arguments) captures
+the step with TorchDynamo (as one graph: a graph break is a :class:`CaptureError` naming it) and
+AOTAutograd, whose partitioner is fxmem's planner: the forward and backward graphs it returns save
+what the solver chose and recompute the rest. ``lowering="eager"`` runs those graphs as FX code
+(the memory model's own semantics); ``lowering="inductor"`` compiles them with TorchInductor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import types
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from fxmem.budget import parse_budget
+from fxmem.graph.capture import _check_loss, _held_tensors, loss_from_output
+from fxmem.errors import FxmemError, StepInputError
+from fxmem.api.backend import PlanLog, make_backend
+from fxmem.levers.microbatch.runtime import COUPLING_CHOICES, run_microbatched
+from fxmem.planning.planner import LEVERS, Plan, PlanOptions, default_margin, optimizer_bytes
+
+__all__ = ["optimize", "OptimizedModule"]
+
+
+log = logging.getLogger(__name__)
+
+
+class _StepModule(torch.nn.Module):
+    """The model and its loss as one module with flat tensor inputs: (loss, *held outputs)."""
+
+    def __init__(self, model, loss_fn, leaves, spec, slots):
+        super().__init__()
+        self.model = model
+        self.loss_fn, self.leaves, self.spec, self.slots = loss_fn, leaves, spec, slots
+
+    def _output(self, tensors):
+        leaves = list(self.leaves)
+        for slot, t in zip(self.slots, tensors):
+            leaves[slot] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        if self.loss_fn is not None:
+            output = self.loss_fn(self.model, *args, **kwargs)
+            _check_loss(output)
+            return output, output
+        output = self.model(*args, **kwargs)
+        return output, loss_from_output(output)
+
+    def forward(self, *tensors):
+        output, loss = self._output(tensors)
+        # other outputs are returned detached: the caller holds them, the backward ignores them
+        return (loss, *(h.detach() for h in _held_tensors(output, loss)))
+
+    def output_layout(self, tensors):
+        """How the model's output is built, found by running it once on fake tensors."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # params as fake copies: in-place
+            # updates must not reach the model; closure tensors (a loss_fn's targets) are read
+            fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
+            fakes = [mode.from_tensor(t) for t in tensors]
+            with _reparametrize_module(self.model, fake_state, tie_weights=True):
+                output, loss = self._output(fakes)
+            return _layout(output, loss, _held_tensors(output, loss))
+
+
+def _layout(output, loss, held):
+    """How to rebuild the model's output from (loss, *held): a small recipe, no tensors."""
+    if isinstance(output, torch.Tensor):
+        return ("tensor",)
+    if isinstance(output, Mapping):
+        keys = [k for k, v in output.items() if isinstance(v, torch.Tensor)]
+        return ("mapping", type(output), keys, [output[k] is loss for k in keys])
+    if isinstance(output, (tuple, list)):
+        return ("sequence", type(output), [x is loss for x in output
+                                           if isinstance(x, torch.Tensor)])
+    return ("namespace",)
+
+
+def _rebuild(layout, loss, held):
+    kind = layout[0]
+    if kind == "tensor":
+        return loss
+    rest = iter(held)
+    if kind == "mapping":
+        _, cls, keys, is_loss = layout
+        values = {k: (loss if flag else next(rest)) for k, flag in zip(keys, is_loss)}
+        try:
+            return cls(**values)
+        except TypeError:
+            return dict(values)
+    if kind == "sequence":
+        _, cls, is_loss = layout
+        return cls(loss if flag else next(rest) for flag in is_loss)
+    return types.SimpleNamespace(loss=loss, outputs=tuple(held))
+
+
+@dataclasses.dataclass
+class _Microbatching:
+    analysis: Any  # fxmem.levers.microbatch.analysis.BatchAnalysis
+    sizes: tuple[int, ...]
+    allow_coupling: bool
+    buffers: list
+    report: Any  # fxmem.levers.microbatch.runtime.MicrobatchReport
+    choice: Any = None  # fxmem.levers.microbatch.choice.MicrobatchChoice (None when k was given)
+
+
+@dataclasses.dataclass
+class _Compiled:
+    fn: Callable
+    plans: PlanLog
+    layout: tuple
+    micro: _Microbatching | None = None
+
+
+class OptimizedModule(torch.nn.Module):
+    """Wraps a model; plans on the first call for each input signature. ``plan`` is the latest."""
+
+    def __init__(self, model, options: PlanOptions, *, optimizer=None, loss_fn=None,
+                 lowering: str = "eager", microbatches: int | None = None,
+                 microbatch_coupling: str = "refuse", batch_dims=None, exact_random: bool = True):
+        super().__init__()
+        self._exact_random = exact_random
+        self._microbatches = microbatches
+        self._coupling = microbatch_coupling
+        self._batch_dims = batch_dims
+        self.module = model
+        self._options = options
+        self._optimizer = optimizer
+        self._loss_fn = loss_fn
+        self._lowering = lowering
+        self._compiled: dict[Any, _Compiled] = {}
+        self._last: _Compiled | None = None
+
+    @property
+    def plan(self) -> Plan:
+        """The plan of the latest call's input signature."""
+        if self._last is None:
+            raise RuntimeError("no plan yet: call the module on a batch first")
+        plan = self._last.plans.latest
+        if self._last.micro is not None:
+            plan.microbatch = self._last.micro.report
+        return plan
+
+    @property
+    def plans(self) -> list[Plan]:
+        """The plans of every input signature seen so far."""
+        return [p for c in self._compiled.values() for p in c.plans.plans]
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled() or not self.module.training:
+            return self.module(*args, **kwargs)  # inference: no backward to plan for
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        slots = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        tensors = [leaves[i] for i in slots]
+        key = _signature(leaves, spec, slots)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compile(leaves, spec, slots, tensors)
+            self._compiled[key] = compiled
+        self._last = compiled
+        try:
+            if compiled.micro is not None:
+                m = compiled.micro
+                params = [p for p in self.module.parameters() if p.requires_grad]
+                loss, held = run_microbatched(compiled.fn, tensors, analysis=m.analysis,
+                                              sizes=m.sizes, params=params, buffers=m.buffers,
+                                              allow_coupling=m.allow_coupling)
+                return _rebuild(compiled.layout, loss, held)
+            outputs = compiled.fn(*tensors)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            del self._compiled[key]
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, FxmemError):  # BudgetError and friends, not wrapped
+                raise inner.with_traceback(None) from None
+            raise
+        except torch._dynamo.exc.Unsupported as exc:
+            del self._compiled[key]
+            from fxmem.graph.capture import _capture_failure, _model_device
+
+            args_, kwargs_ = pytree.tree_unflatten(leaves, spec)
+            raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn,
+                                   _model_device(self.module)) from exc
+        return _rebuild(compiled.layout, outputs[0], outputs[1:])
+
+    def _compile(self, leaves, spec, slots, tensors) -> _Compiled:
+        import torch._dynamo
+
+        from fxmem.graph.capture import _model_device
+
+        device = _model_device(self.module)
+        for t in tensors:
+            if t.device != device:
+                raise StepInputError(f"an input is on {t.device} but the model is on {device}")
+        constants = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+        step = _StepModule(self.module, self._loss_fn, constants, spec, slots)
+        try:
+            layout = step.output_layout(tensors)
+        except FxmemError:
+            raise
+        except Exception as exc:  # data-dependent Python: not one graph
+            from fxmem.graph.capture import _capture_failure
+
+            args_, kwargs_ = pytree.tree_unflatten(leaves, spec)
+            raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn, device) from exc
+        options = self._options
+        if options.safety_margin is None:
+            options = dataclasses.replace(
+                options, safety_margin=default_margin(self._lowering, device))
+        if self._optimizer is not None:
+            grads = [p for p in self.module.parameters() if p.requires_grad]
+            state, step_bytes = optimizer_bytes(self._optimizer, grads)
+            options = dataclasses.replace(options, optimizer_state=state, optimizer_step=step_bytes)
+        micro = None
+        if "microbatch" in options.allow or self._microbatches:
+            micro, options = self._plan_microbatches(leaves, spec, slots, options)
+        plans = PlanLog()
+        backend = make_backend(options, plans, lowering=self._lowering,
+                               exact_random=self._exact_random)
+        fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
+        return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro)
+
+    def _plan_microbatches(self, leaves, spec, slots, options):
+        """Whether and how to split the batch: (_Microbatching or None, options for the
+        microbatch graph's plan)."""
+        from fxmem.levers.microbatch.analysis import analyze_batch
+        from fxmem.graph.capture import capture_step
+        from fxmem.levers.microbatch.runtime import check_microbatchable, microbatch_report, split_sizes
+        from fxmem.levers.microbatch.choice import choose_microbatches, extra_resident
+
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        whole = capture_step(self.module, args, kwargs, loss_fn=self._loss_fn)
+        analysis = analyze_batch(whole, self._batch_dims)
+        allow_coupling = self._coupling == "per-microbatch"
+        nodes = {n.name: n for n in whole.gm.graph.nodes}
+        held_bytes = sum(nodes[h].meta["val"].untyped_storage().nbytes()
+                         for h in whole.held_outputs)
+        constant = {"optimizer state": options.optimizer_state} if options.optimizer_state else {}
+        choice = None
+        if self._microbatches:
+            sizes = tuple(split_sizes(analysis.batch_size, self._microbatches))
+        else:
+            usable = analysis.reduction is not None and (not analysis.coupling or allow_coupling)
+            choice = choose_microbatches(
+                self.module, leaves, spec, slots, analysis=analysis, budget=options.budget,
+                margin=options.safety_margin, loss_fn=self._loss_fn, constant=constant,
+                held_bytes=held_bytes, candidates=None if usable else [1],
+                recompute="recompute" in options.allow, whole=whole)
+            if not usable and not choice.options[0].feasible:
+                check_microbatchable(analysis, allow_coupling=allow_coupling)  # says why not
+            sizes = choice.sizes
+            log.info("%s", choice.summary())
+        if len(sizes) == 1:
+            return None, options
+        check_microbatchable(analysis, allow_coupling=allow_coupling)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        extra = extra_resident([leaves[s] for s in slots], held_bytes, sizes,
+                               analysis.flat_batch_dims, params)
+        options = dataclasses.replace(options, extra_resident=tuple(extra.items()))
+        buffers = [self.module.get_buffer(name) for name in analysis.mutated_buffers]
+        micro = _Microbatching(analysis, sizes, allow_coupling, buffers,
+                               microbatch_report(analysis, sizes), choice)
+        return micro, options
+
+
+_compiles = itertools.count()
+
+
+def _own_code(step: _StepModule):
+    """The step's forward as a function with a code object of its own. TorchDynamo caches
+    compiled graphs per code object and stops recompiling one after a few guard failures; every
+    plan (module, budget, input signature) is a compile of its own, not a recompile."""
+    template = _StepModule.forward
+    code = template.__code__.replace(co_name=f"fxmem_step_{next(_compiles)}")
+    function = types.FunctionType(code, template.__globals__, code.co_name)
+    return types.MethodType(function, step)
+
+
+def _signature(leaves, spec, slots) -> tuple:
+    sig = []
+    for i, x in enumerate(leaves):
+        if i in slots:
+            sig.append((tuple(x.shape), x.dtype, x.device, x.requires_grad))
+        else:
+            try:
+                hash(x)
+                sig.append(("const", x))
+            except TypeError:
+                sig.append(("const", repr(x)))
+    return (spec, tuple(sig))
+
+
+def optimize(
+    model: torch.nn.Module,
+    budget: int | str,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    allow: Iterable[str] = ("recompute",),
+    strategy: str = "ilp",
+    lowering: str = "eager",
+    time_limit: float = 30.0,
+    safety_margin: float | None = None,
+    cost: str = "roofline",
+    microbatches: int | None = None,
+    microbatch_coupling: str = "refuse",
+    batch_dims: Mapping[str, int | None] | None = None,
+    exact_random: bool = True,
+) -> OptimizedModule:
+    """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
+
+    ``allow`` names the levers a plan may use (exact ones by default). ``strategy`` picks the
+    solver ("ilp", "greedy", "checkpoint-blocks", "save-all"); ``lowering`` runs the rewritten
+    graphs as FX code ("eager") or compiles them with TorchInductor ("inductor").
+    ``cost="profile"`` times the graph's ops on the device instead of the roofline estimate.
+    With ``"microbatch"`` in ``allow`` the plan may split the batch into k microbatches whose
+    gradients accumulate (k chosen with recomputation, the fastest predicted pair under the
+    budget); ``microbatches=k`` forces k. Ops that mix samples (BatchNorm in training) are refused
+    unless ``microbatch_coupling="per-microbatch"``. ``batch_dims`` ({input path such as
+    "args[0]" or "kwargs['labels']": dim or None}) overrides the batch dimension found.
+    ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
+    graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
+    few KiB to MiB at the peak. Default (:func:`fxmem.planning.planner.default_margin`): 1%, and 3% for
+    Inductor on a GPU, whose buffers fxmem models from Inductor's fusion, layout and buffer-pool
+    rules (:mod:`fxmem.inductor_memory`) but has not measured against Triton's.
+    ``exact_random`` (with ``lowering="inductor"``): True (default) draws random ops (dropout) as
+    eager PyTorch does, so the step's values and gradients equal eager's under the same seed;
+    False lets Inductor fuse them into its kernels with its own seeded generator, as
+    ``torch.compile`` does by default (a recomputed random op still reproduces the forward's
+    values, but they differ from eager's; on a CPU not faster: Inductor's kernels holding random
+    ops are not vectorised).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if lowering not in ("eager", "inductor"):
+        raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
+    if not isinstance(exact_random, bool):
+        raise TypeError(f"exact_random must be a bool, got {type(exact_random).__name__}")
+    allow = frozenset([allow] if isinstance(allow, str) else allow)
+    if allow - LEVERS:
+        raise ValueError(f"unknown levers {sorted(allow - LEVERS)}; the levers are {sorted(LEVERS)}")
+    options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
+                          time_limit=time_limit, safety_margin=safety_margin, cost=cost)
+    if microbatch_coupling not in COUPLING_CHOICES:
+        raise ValueError(f"microbatch_coupling must be one of {COUPLING_CHOICES}, "
+                         f"got {microbatch_coupling!r}")
+    if microbatches is not None and (not isinstance(microbatches, int) or microbatches < 1):
+        raise ValueError(f"microbatches must be a positive int, got {microbatches!r}")
+    if microbatches and microbatches > 1 and "microbatch" not in allow:
+        allow = allow | {"microbatch"}
+    options = dataclasses.replace(options, allow=allow)
+    return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn, lowering=lowering,
+                           microbatches=microbatches, microbatch_coupling=microbatch_coupling,
+                           batch_dims=batch_dims, exact_random=exact_random)

@@ -1,0 +1,132 @@
+"""Choose the number of microbatches jointly with recomputation: the fastest predicted pair.
+
+For each candidate k (1, 2, 4, ... up to the batch) the step is captured at the microbatch's size
+and its recompute problem solved under the budget, with what microbatching adds held throughout:
+the gradient buffers the microbatches accumulate into, and the whole batch's inputs and held
+outputs beyond one microbatch's. The predicted time of k is k microbatch steps (the cost model's
+time of every op, launch overhead included, so small microbatches cost more) plus their
+recomputation. The search stops at the first k that needs no recomputation: a larger k only adds
+per-op overhead. The forward+backward graphs of the chosen k are then planned exactly by the
+backend, like any other step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+from torch.utils import _pytree as pytree
+
+from fxmem.levers.microbatch.analysis import BatchAnalysis
+from fxmem.graph.capture import capture_step
+from fxmem.cost.model import graph_costs, spec_for
+from fxmem.levers.microbatch.runtime import accumulated_gradient_bytes, split_sizes
+from fxmem.levers.recompute.problem import build_problem
+from fxmem.solver import greedy, save_all, solve_ilp
+
+__all__ = ["MicrobatchOption", "MicrobatchChoice", "choose_microbatches", "extra_resident"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrobatchOption:
+    """One candidate k as predicted (the linear model of the captured microbatch step)."""
+
+    k: int
+    sizes: tuple[int, ...]
+    feasible: bool
+    predicted_peak: int  # bytes, with what microbatching holds throughout
+    step_seconds: float  # k microbatch steps, recomputation included
+    recompute_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrobatchChoice:
+    k: int
+    sizes: tuple[int, ...]
+    options: tuple[MicrobatchOption, ...]
+    seconds: float  # spent choosing
+
+    def summary(self) -> str:
+        rows = [f"k={o.k}: {'fits' if o.feasible else 'over budget'}, predicted peak "
+                f"{o.predicted_peak / 2**20:.1f} MiB, step {1e3 * o.step_seconds:.1f} ms "
+                f"(recompute {1e3 * o.recompute_seconds:.1f} ms)" for o in self.options]
+        return f"chose k={self.k} ({list(self.sizes)}) of: " + "; ".join(rows)
+
+
+def extra_resident(tensors, held_bytes: int, sizes, dims, params) -> dict[str, int]:
+    """Bytes a microbatched step holds beyond its microbatch graph's own: the gradient buffers,
+    the rest of the whole batch's inputs (the microbatches are views of them) and the buffer the
+    held outputs are gathered into (the whole batch's; each microbatch's own output is the
+    graph's)."""
+    if len(sizes) == 1:
+        return {}
+    total, first = sum(sizes), sizes[0]
+    inputs = sum(t.untyped_storage().nbytes() * (1 - first / total)
+                 for t, d in zip(tensors, dims) if d is not None)
+    # held outputs: the whole batch's buffer they are gathered into, beside each microbatch's own
+    return {"gradients": accumulated_gradient_bytes(params), "inputs": int(inputs),
+            "outputs": int(held_bytes)}
+
+
+def _part(leaves, slots, dims, start: int, n: int):
+    out = list(leaves)
+    for slot, d in zip(slots, dims):
+        if d is not None:
+            out[slot] = leaves[slot].narrow(d, start, n)
+    return out
+
+
+def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis, budget: int,
+                        margin: float, loss_fn=None, constant: dict[str, int] | None = None,
+                        held_bytes: int = 0, candidates=None, time_limit: float = 10.0,
+                        recompute: bool = True, whole=None) -> MicrobatchChoice:
+    """The k (and microbatch sizes) with the least predicted step time whose predicted peak fits
+    ``budget * (1 - margin)``; k = 1 if none does (the backend then names the floor).
+    ``recompute=False``: microbatching alone (every k saves everything). ``whole``: the step
+    already captured at the whole batch (k = 1), not captured again."""
+    t0 = time.perf_counter()
+    batch = analysis.batch_size
+    dims = analysis.flat_batch_dims
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = int(budget * (1.0 - margin))
+    ks = candidates or [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= batch]
+    results: list[MicrobatchOption] = []
+    spec_ = None
+    for k in ks:
+        sizes = tuple(split_sizes(batch, k))
+        if k == 1 and whole is not None:
+            step = whole
+        else:
+            args, kwargs = pytree.tree_unflatten(_part(leaves, slots, dims, 0, sizes[0]), spec)
+            step = capture_step(model, args, kwargs, loss_fn=loss_fn)
+        spec_ = spec_ or spec_for(step.device)
+        costs = graph_costs(step.gm, spec_)
+        extra = dict(constant or {})
+        for cat, b in extra_resident([leaves[s] for s in slots], held_bytes, sizes, dims,
+                                     params).items():
+            extra[cat] = extra.get(cat, 0) + b
+        problem = build_problem(step, costs, constant=extra, replay_random=True).problem
+        base = save_all(problem)
+        if base.peak <= target or not recompute:
+            sol = base
+        else:
+            sol = solve_ilp(problem, target, time_limit=time_limit)
+            if not sol.feasible:
+                sol = greedy(problem, target)
+        feasible = sol.feasible and sol.peak <= target
+        step_time = sum(costs.values())
+        option = MicrobatchOption(k, sizes, feasible, int(sol.peak),
+                                  k * (step_time + sol.recompute_time), k * sol.recompute_time)
+        results.append(option)
+        log.info("microbatch k=%d: predicted peak %d, %s, step %.4fs", k, option.predicted_peak,
+                 "fits" if feasible else "over", option.step_seconds)
+        if feasible and sol.recompute_time == 0:
+            break  # a larger k only adds per-op overhead
+    fits = [o for o in results if o.feasible]
+    best = min(fits, key=lambda o: o.step_seconds) if fits else results[0]
+    return MicrobatchChoice(best.k, best.sizes, tuple(results), time.perf_counter() - t0)
+

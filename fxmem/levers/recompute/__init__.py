@@ -1,0 +1,1 @@
+"""levers/recompute"""

@@ -1,0 +1,297 @@
+"""Adapter: a labelled joint graph -> :class:`~fxmem.solver.RecomputeProblem`, and back.
+
+Candidates are the storages forward ops create that the step does not keep anyway (parameters,
+inputs and outputs are kept). Each is named by the node that creates it (a getitem for a
+multi-output op). Views are never candidates: they are remade from their base for free.
+
+- ``never_save``: a pointwise op's output read only by pointwise forward ops, never directly by
+  the backward -- Inductor fuses it into its consumer, so saving it alone is never worth it;
+- ``must_save``: outputs of random ops (unless the pass can replay their RNG state), of in-place
+  or mutating ops, and of ops with no tensor metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxmem.graph.capture import CapturedStep
+from fxmem.memory.inductor import (
+    Lowered,
+    free_after_kernel_groups,
+    lower_storages,
+    lowering_kinds,
+    optimizes_layout,
+)
+from fxmem.memory.simulation import simulate
+from fxmem.passes.rng_replay import is_random, is_replayable
+from fxmem.solver.problem import Pull, RecomputeProblem
+from fxmem.memory.storages import step_storages
+
+__all__ = ["ProblemMap", "build_problem", "saved_nodes"]
+
+_BLOCK_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # "model.blocks.3.attn" -> "model.blocks.3"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemMap:
+    problem: RecomputeProblem
+    candidate_nodes: tuple[str, ...]  # candidate index -> node name
+    labels: tuple[str, ...] = ()  # position -> the joint graph's op (or epilogue point) there
+
+
+def _tag(node: torch.fx.Node, tag) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and tag in node.target.tags
+
+
+def _is_mutating(node: torch.fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return target is not operator.getitem
+    return any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
+
+
+def _block_of(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for path, _ in stack.values():
+        match = _BLOCK_RE.match(str(path).replace("L['self'].", "").replace("L__self___", ""))
+        if match:
+            return match.group(1)
+    return None
+
+
+def build_problem(
+    step: CapturedStep,
+    costs: Mapping[str, float],
+    *,
+    constant: Mapping[str, int] | None = None,
+    epilogue=(),
+    replay_random: bool = False,
+    pull_window: int | None = None,
+    lowering: str = "eager",
+    fused_cost=None,
+) -> ProblemMap:
+    """The recompute problem of a captured (joint) step. ``costs`` maps node names to seconds.
+
+    ``pull_window``: how many backward positions earlier than its own need a value may be
+    recomputed for another's recomputation (default: an eighth of the backward, at least 64);
+    farther pulls are cut by saving a value on the way.
+
+    ``lowering="inductor"`` models the step as Inductor runs it (:mod:`fxmem.inductor_memory`):
+    values Inductor inlines into their consumers never exist in memory, and their cost --
+    ``fused_cost(node)``, seconds (default: ``costs``), e.g. arithmetic alone -- is charged to
+    the realised values whose kernels compute them. An inlined forward value the backward reads
+    is an *optional* candidate: by default the backward's kernels compute it again from its
+    inputs, which live until its last reader (a residual sum keeps every term of the sum alive);
+    saving it realises it in the forward and frees its inputs early (as eager autograd and the
+    min-cut partitioner do). Saving all of them is the unoptimised step; not saving one costs no
+    memory of its own (``again_size`` 0) but reads its inputs again.
+    """
+    # Inductor's layout optimisation runs the convolutions (and their gradients) channels-last
+    storages = step_storages(step, channels_last=lowering == "inductor" and optimizes_layout(step.gm))
+    costs = dict(costs)
+    optional: dict[int, tuple[int, float]] = {}  # inlined value -> (bytes if realised, cost)
+    input_reads = storages.reads  # what each op reads, for what recomputing it needs
+    if lowering == "inductor":
+        storages, costs, optional, input_reads = _lowered(step, storages, costs, fused_cost)
+    elif lowering != "eager":
+        raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
+    timeline = simulate(storages, constant=constant, epilogue=epilogue)
+    nodes = {n.name: n for n in step.gm.graph.nodes}
+    op_nodes = [nodes[name] for name in storages.op_names]
+    position = {name: i for i, name in enumerate(storages.op_names)}
+    n_fwd = storages.backward_start
+
+    # the node that creates each storage, and each storage's readers (positions)
+    creator: dict[int, str] = {}
+    for i, created in enumerate(storages.creates):
+        for s in created:
+            creator[s] = op_nodes[i].name
+    for node in step.gm.graph.nodes:  # multi-output ops: name each storage by its getitem
+        if node.op == "call_function" and node.target is operator.getitem:
+            for s in storages.node_storages.get(node.name, ()):
+                if creator.get(s) == node.args[0].name:
+                    creator[s] = node.name
+    readers: dict[int, list[int]] = {}
+    for i, read in enumerate(storages.reads):
+        for s in read:
+            readers.setdefault(s, []).append(i)
+
+    kept = storages.pinned | storages.resident
+    cands = [s for s, op in sorted(creator.items(), key=lambda kv: position.get(kv[1], 0))
+             if s not in kept and _op_position(creator[s], nodes, position) < n_fwd]
+    index = {s: k for k, s in enumerate(cands)}
+    n = len(cands)
+    held = np.array([storages.nbytes[s] for s in cands], dtype=np.int64)  # in the timeline
+    size = np.array([optional[s][0] if s in optional else storages.nbytes[s] for s in cands],
+                    dtype=np.int64)
+    fused = np.array([s in optional for s in cands], dtype=bool)
+    producer = np.array([_op_position(creator[s], nodes, position) for s in cands])
+    fwd_reads = [[p for p in readers.get(s, []) if p < n_fwd] for s in cands]
+    bwd_reads = [[p for p in readers.get(s, []) if p >= n_fwd] for s in cands]
+    fwd_end = np.array([max([producer[k], *fwd_reads[k]]) for k in range(n)], dtype=np.int64)
+    direct = np.array([bool(r) for r in bwd_reads])
+    need_start = np.array([min(r) if r else np.iinfo(np.int64).max for r in bwd_reads], dtype=np.int64)
+    need_end = np.array([max(r) if r else -1 for r in bwd_reads], dtype=np.int64)
+
+    inputs = []
+    for k, s in enumerate(cands):
+        ins = {index[t] for t in input_reads[producer[k]] if t in index and t != s}
+        inputs.append(tuple(sorted(ins)))
+    # A value the backward reads is made (saved or recomputed) for its first read. A value only a
+    # recomputation reads is needed when its consumers are first needed: propagate through such
+    # values only, consumers first. Propagating through directly-read values too would date every
+    # value back to the first backward op (recompute the loss -> the logits -> ... -> layer 0).
+    consumers: dict[int, list[int]] = {}
+    for k in range(n):
+        for j in inputs[k]:
+            consumers.setdefault(j, []).append(k)
+    # (A fused consumer is computed again inside each of its readers: its inputs live to its end.)
+    for k in sorted(range(n), key=lambda k: -producer[k]):
+        users = [c for c in consumers.get(k, ()) if need_end[c] >= 0]
+        if not users:
+            continue
+        if not direct[k]:
+            need_start[k] = min(need_start[c] for c in users)
+        need_end[k] = max(need_end[k], max(need_end[c] if fused[c] else need_start[c]
+                                           for c in users))
+    # where what dies at each position is freed (later than its last read in a kernel group)
+    release = np.array(storages.release_after or range(len(storages.op_names)), dtype=np.int64)
+    fwd_end = release[fwd_end]
+    need_end = np.where(need_end >= 0, release[np.maximum(need_end, 0)], -1)
+    if pull_window is None:
+        pull_window = max(64, (len(storages.op_names) - n_fwd) // 8)
+    pulls = _pulls(n, inputs, direct, need_start, need_end, pull_window)
+    needed = need_end >= 0
+    keep_idx = np.flatnonzero(needed)
+    remap = {int(old): new for new, old in enumerate(keep_idx)}
+
+    must_save, never_save, cost, block_names, transient = [], [], [], [], []
+    for k in keep_idx:
+        s = cands[k]
+        op = op_nodes[producer[k]]
+        # what the op allocates that nothing reads: its scratch, made again when it is recomputed
+        transient.append(sum(storages.nbytes[t] for t in storages.creates[producer[k]]
+                             if t != s and t not in readers))
+        replayable = replay_random and is_replayable(op)
+        must_save.append((is_random(op) and not replayable) or _is_mutating(op)
+                         or not isinstance(op.meta.get("val"), (torch.Tensor, tuple, list)))
+        consumers = [op_nodes[p] for p in fwd_reads[k]]
+        never_save.append(
+            not must_save[-1] and not direct[k] and _tag(op, torch.Tag.pointwise)
+            and all(_tag(c, torch.Tag.pointwise) for c in consumers)
+        )
+        cost.append(optional[s][1] if s in optional else float(costs.get(op.name, 0.0)))
+        block_names.append(_block_of(op))
+    blocks = {b: i for i, b in enumerate(dict.fromkeys(b for b in block_names if b))}
+
+    # base: the joint timeline minus every candidate's life past its forward use
+    total = timeline.total.astype(np.int64)
+    delta = np.zeros(len(total) + 1, dtype=np.int64)
+    for k in range(n):
+        last = max(fwd_end[k], release[max(bwd_reads[k])] if bwd_reads[k] else -1)
+        if last > fwd_end[k]:
+            delta[fwd_end[k] + 1] -= held[k]
+            delta[last + 1] += held[k]
+    base = total + np.cumsum(delta[:-1])
+
+    problem = RecomputeProblem(
+        names=tuple(creator[cands[k]] for k in keep_idx),
+        size=size[keep_idx],
+        cost=np.array(cost, dtype=np.float64),
+        fwd_end=fwd_end[keep_idx],
+        need_start=need_start[keep_idx],
+        need_end=need_end[keep_idx],
+        direct=direct[keep_idx],
+        inputs=tuple(tuple(remap[j] for j in inputs[k] if j in remap) for k in keep_idx),
+        must_save=np.array(must_save, dtype=bool),
+        never_save=np.array(never_save, dtype=bool),
+        base=base,
+        backward_start=n_fwd,
+        block=np.array([blocks.get(b, -1) if b else -1 for b in block_names], dtype=np.int64),
+        transient=np.array(transient, dtype=np.int64),
+        again_size=np.where(fused[keep_idx], 0, size[keep_idx]),
+        pulls=tuple(
+            Pull(remap[p.target], remap[p.by], p.start, tuple(remap[j] for j in p.interior if j in remap),
+                 p.far)
+            for p in pulls if p.target in remap and p.by in remap
+        ),
+    )
+    return ProblemMap(problem=problem, candidate_nodes=problem.names, labels=timeline.labels)
+
+
+def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=None):
+    """Storages as Inductor runs them; costs with each inlined op's cost charged to the ops that
+    read it (through other inlined ops); the optional candidates (inlined forward values the
+    backward reads: storage -> (bytes, seconds to compute again)); and each op's reads with
+    those values unexpanded (what recomputing the op needs)."""
+    kinds_by_name = lowering_kinds(step.gm, step.device)
+    kinds = [kinds_by_name.get(name, Lowered.EXTERN) for name in storages.op_names]
+    nodes = {n.name: n for n in step.gm.graph.nodes}
+    inlined_cost: dict[str, float] = {}
+    for name in storages.op_names:
+        node = nodes[name]
+        body = sum(inlined_cost.get(inp.name, 0.0) for inp in node.all_input_nodes)
+        if kinds_by_name.get(name) in (Lowered.INLINED, Lowered.VIEW):
+            own = costs.get(name, 0.0) if fused_cost is None else fused_cost(node)
+            inlined_cost[name] = body + own
+        else:
+            costs[name] = costs.get(name, 0.0) + body
+    n_fwd = storages.backward_start
+    read_in_backward = {s for read in storages.reads[n_fwd:] for s in read}
+    kept = storages.pinned | storages.resident
+    # recomputing one in the backward's kernels reads its inputs again: priced as its own kernel
+    optional = {
+        s: (storages.nbytes[s], costs.get(name, 0.0))
+        for i, name in enumerate(storages.op_names[:n_fwd])
+        if kinds[i] is Lowered.INLINED and not is_random(nodes[name])
+        for s in storages.creates[i] if s in read_in_backward and s not in kept
+    }
+    unexpanded = frozenset(optional)
+    lowered = lower_storages(storages, kinds, unexpanded=unexpanded, from_op=n_fwd)
+    input_reads = lower_storages(storages, kinds, unexpanded=unexpanded).reads
+    return (free_after_kernel_groups(lowered, kinds, step.device), costs, optional, input_reads)
+
+
+def _pulls(n, inputs, direct, need_start, need_end, window) -> list[Pull]:
+    """For every needed candidate m, the candidates its recomputation reads (through unsaved
+    values) earlier than their own first need."""
+    pulls = []
+    for m in range(n):
+        if need_end[m] < 0:
+            continue
+        start = int(need_start[m])
+        seen = {m}
+        stack = [(j, ()) for j in inputs[m]]
+        while stack:
+            j, path = stack.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            if need_end[j] < 0 or need_start[j] <= start:
+                continue  # made before m is: its own reads keep it alive
+            far = need_start[j] - start > window
+            pulls.append(Pull(target=j, by=m, start=start, interior=path, far=far))
+            if not far:
+                stack.extend((k, path + (j,)) for k in inputs[j])
+    return pulls
+
+
+def _op_position(name: str, nodes, position) -> int:
+    node = nodes[name]
+    if node.target is operator.getitem:
+        return position[node.args[0].name]
+    return position[name]
+
+
+def saved_nodes(pmap: ProblemMap, saved: np.ndarray) -> list[str]:
+    """Names of the candidate nodes a decision saves."""
+    return [pmap.candidate_nodes[i] for i in np.flatnonzero(saved)]

@@ -1,0 +1,336 @@
+"""What TorchInductor materialises: the memory model of a graph lowered through Inductor.
+
+An FX graph run op by op allocates every op's output. Inductor does not: it lowers pointwise ops
+(and gathers, pads, clones, casts) to loop bodies that are *inlined* into their consumers, so an
+intermediate read only by other loop bodies never exists in memory -- the fused cross-entropy
+never materialises the (tokens x vocabulary) log-softmax. What it does materialise:
+
+- graph outputs (what the forward saves for the backward, the gradients);
+- inputs of extern kernels and fallbacks (``mm``, convolutions, attention, random-op wrappers);
+- outputs of reductions and of extern kernels;
+- a loop body read by more than one consumer when inlining it twice would be costly (Inductor's
+  ``should_realize_on_reuse``: on CPU any body with ``exp``/``log``/``sigmoid``/``tanh``; more
+  than ``realize_reads_threshold`` buffer reads), or one that reads too many buffers
+  (``has_exceeded_max_reads``).
+
+Inductor also writes a pointwise kernel's output into an input buffer that dies there (in-place
+buffer reuse), which the memory model's take-over rule expresses.
+
+With convolutions, Inductor's layout optimisation (``GraphLowering.decide_layout_opt``; always on
+the CPU with oneDNN) runs them channels-last: a graph input that a convolution reads in another
+layout -- the images, every 3x3 weight -- is copied into a new channels-last buffer at the start
+of the forward, and when the forward also saves that input for the backward it saves the copy,
+which then lives until the backward's last read of it (:func:`channels_last_copies`).
+
+On the CPU, Inductor's C++ backend emits the kernels between two extern calls as one function
+(``CppScheduling``'s kernel group, flushed at the next extern kernel): the outputs of all of them
+are allocated before it runs, and the inputs that die in any of them are freed after it
+(:func:`kernel_groups`). A value recomputed for the next convolution's gradient, emitted in the
+group of the previous block's batch-norm gradient, is allocated while that gradient's dying
+inputs are still alive.
+
+Layout optimisation makes channels-last only the convolutions and the values that lead to one or
+follow one up to the last convolution (``GraphLowering.find_nodes_prefer_channels_last``); the
+rest -- the activation the classifier's pooling reads -- stays contiguous
+(:func:`contiguous_values`). A gradient for a convolution's backward that a kernel computes in
+place of such a value is written there and copied channels-last for the convolution.
+
+Inductor's generated code pools buffers: a dead buffer is not freed if a later allocation of the
+same dtype and size in the same graph can reuse it; it stays allocated until then
+(:func:`pool_buffers`; ``codegen/wrapper.py``'s ``FreeIfNotReusedLine``/``AllocateLine``).
+
+:func:`lowering_kinds` classifies a graph's ops; :func:`lower_storages` rewrites
+:class:`~fxmem.memory.simulation.StepStorages` accordingly: an inlined op's storage costs nothing and
+its readers read the op's inputs instead, so those live until the last consumer.
+The rules follow ``torch/_inductor/graph.py`` (``run_node``) and ``ir.py`` (``StorageBox``); the
+scheduler can remove a few more buffers (all readers fused into one kernel), which this model
+does not, so it errs on the side of more memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import operator
+import types
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+from fxmem.memory.simulation import StepStorages
+
+__all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
+           "pool_buffers", "kernel_groups", "free_after_kernel_groups", "contiguous_values"]
+
+log = logging.getLogger(__name__)
+
+_HEAVY = {"exp", "exp2", "expm1", "log", "log10", "log1p", "log2", "sigmoid", "tanh",
+          "_softmax", "_log_softmax", "gelu", "silu", "erf"}
+_INLINABLE = {"gather", "index", "embedding", "constant_pad_nd", "clone", "_to_copy", "full",
+              "full_like", "zeros_like", "ones_like", "scalar_tensor", "arange", "iota",
+              "select_scatter", "slice_scatter", "convert_element_type", "where", "fill",
+              "zeros", "ones", "lift_fresh_copy", "copy", "alias_copy", "expand_copy",
+              "permute_copy", "view_copy"}
+_REUSE_READS = 4  # torch._inductor.config.realize_reads_threshold
+_MAX_READS = {"cpu": 12, "other": 8}  # realize_cpu_acc_reads_threshold / the default
+_MAX_OPS = 30  # realize_opcount_threshold: a body of more ops is realised when reused
+
+
+class Lowered(str, enum.Enum):
+    """How Inductor lowers an op."""
+
+    INLINED = "inlined"  # a loop body inlined into its consumers: never in memory
+    KERNEL = "kernel"  # a loop body realised into a buffer (may reuse a dying input's buffer)
+    REDUCTION = "reduction"  # a reduction: its (smaller) output is a buffer
+    EXTERN = "extern"  # an extern kernel or fallback: inputs and outputs are buffers
+    VIEW = "view"  # no storage of its own
+
+
+def _base_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _op_class(node: torch.fx.Node) -> Lowered:
+    """The lowering of an op on its own (before looking at its users)."""
+    from torch._inductor import lowering as inductor_lowering
+
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return Lowered.EXTERN  # higher-order ops (RNG replay wrappers), Python callables
+    if torch.Tag.inplace_view in target.tags or _aliases_input(node):
+        return Lowered.VIEW
+    if (target in inductor_lowering.fallbacks or target in inductor_lowering.needs_realized_inputs
+            or target not in inductor_lowering.lowerings):
+        return Lowered.EXTERN
+    if torch.Tag.reduction in target.tags:
+        return Lowered.REDUCTION
+    if torch.Tag.pointwise in target.tags or _base_name(target) in _INLINABLE:
+        return Lowered.INLINED
+    return Lowered.KERNEL
+
+
+def _aliases_input(node: torch.fx.Node) -> bool:
+    from fxmem.memory.storages import _tensors
+
+    outs = _tensors(node.meta.get("val"))
+    if not outs:
+        return False
+    ins = {t.untyped_storage()._cdata for inp in node.all_input_nodes
+           for t in _tensors(inp.meta.get("val"))}
+    return all(t.untyped_storage()._cdata in ins for t in outs)
+
+
+@dataclasses.dataclass
+class _Body:
+    reads: set[str]  # realised values the inlined body reads
+    ops: int
+    heavy: bool
+
+
+def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, Lowered]:
+    """How Inductor lowers each ``call_function`` node of ``gm`` (getitems excluded)."""
+    max_reads = _MAX_READS["cpu" if device.type == "cpu" else "other"]
+    kinds: dict[str, Lowered] = {}
+    bodies: dict[str, _Body] = {}
+    outputs = {n.name for n in next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes}
+
+    def body_of(node: torch.fx.Node) -> _Body:
+        """What reading ``node`` costs a consumer's loop body: itself if realised."""
+        if node.name in bodies and kinds.get(node.name) in (Lowered.INLINED, Lowered.VIEW):
+            return bodies[node.name]
+        return _Body(reads={node.name}, ops=0, heavy=False)
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        kind = _op_class(node)
+        if kind in (Lowered.INLINED, Lowered.VIEW):
+            parts = [body_of(inp) for inp in node.all_input_nodes]
+            bodies[node.name] = _Body(
+                reads=set().union(*(p.reads for p in parts)) if parts else set(),
+                ops=sum(p.ops for p in parts) + (kind is Lowered.INLINED),
+                heavy=any(p.heavy for p in parts) or _base_name(node.target) in _HEAVY,
+            )
+        kinds[node.name] = kind
+
+    # realise inlinable values whose consumers cannot inline them (users through views)
+    def consumers(node: torch.fx.Node) -> list[torch.fx.Node]:
+        found = []
+        for user in node.users:
+            if user.op == "call_function" and kinds.get(user.name) is Lowered.VIEW:
+                found.extend(consumers(user))
+            else:
+                found.append(user)
+        return found
+
+    for node in gm.graph.nodes:
+        if kinds.get(node.name) is not Lowered.INLINED:
+            continue
+        body = bodies[node.name]
+        users = consumers(node)
+        must_realise = (
+            node.name in outputs
+            or any(u.op != "call_function" or u.target is operator.getitem
+                   or kinds.get(u.name) in (Lowered.EXTERN, Lowered.KERNEL) for u in users)
+            or len(body.reads) > max_reads
+            or (len(set(users)) > 1 and ((device.type == "cpu" and body.heavy)
+                                         or len(body.reads) > _REUSE_READS or body.ops > _MAX_OPS))
+        )
+        if must_realise:
+            kinds[node.name] = Lowered.KERNEL
+            bodies[node.name] = _Body(reads={node.name}, ops=0, heavy=False)
+    return kinds
+
+
+def lower_storages(storages: StepStorages, kinds: Sequence[Lowered], *,
+                   unexpanded: frozenset[int] = frozenset(), from_op: int = 0) -> StepStorages:
+    """``storages`` as Inductor runs them, given each op's lowering (``kinds[i]`` for op ``i``).
+
+    An inlined op creates nothing: readers of its storage read its inputs instead (transitively),
+    so they live until the last consumer. A realised loop body may take over an input buffer of
+    its size that dies there (Inductor's in-place buffer reuse).
+
+    ``unexpanded``: inlined storages that ops from ``from_op`` on read as themselves (each still
+    created by its op, with 0 bytes) -- the values a recompute problem may choose to realise.
+    """
+    if len(kinds) != len(storages.op_names):
+        raise ValueError("kinds needs one entry per op")
+    expand: dict[int, tuple[int, ...]] = {}  # inlined storage -> storages its body reads
+    reads: list[tuple[int, ...]] = []
+    creates: list[tuple[int, ...]] = []
+    nbytes = list(storages.nbytes)
+    for i, kind in enumerate(kinds):
+        read = set()
+        for s in storages.reads[i]:
+            read.update((s,) if i >= from_op and s in unexpanded else expand.get(s, (s,)))
+        reads.append(tuple(sorted(read)))
+        created = storages.creates[i]
+        if kind is Lowered.INLINED and not (set(created) & (storages.pinned | storages.resident)):
+            for s in created:
+                expand[s] = tuple(sorted(read))
+                nbytes[s] = 0
+            creates.append(tuple(s for s in created if s in unexpanded))
+        else:
+            creates.append(created)
+    accumulates = dict(storages.accumulates)
+    for i, kind in enumerate(kinds):
+        if kind is Lowered.KERNEL:
+            for s in creates[i]:
+                accumulates[s] = tuple(accumulates.get(s, ())) + tuple(
+                    r for r in reads[i] if r not in storages.resident)
+    return dataclasses.replace(storages, creates=tuple(creates), reads=tuple(reads),
+                               nbytes=tuple(nbytes), accumulates=accumulates)
+
+
+def optimizes_layout(gm: torch.fx.GraphModule) -> bool:
+    """Whether Inductor runs ``gm``'s convolutions channels-last (``decide_layout_opt``)."""
+    if not any(n.target is torch.ops.aten.convolution.default for n in gm.graph.nodes):
+        return False
+    from torch._inductor.graph import GraphLowering
+
+    try:
+        return bool(GraphLowering.decide_layout_opt(gm, is_inference=False))
+    except Exception as exc:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see
+        log.debug("decide_layout_opt failed (%s); assuming channels-last copies", exc)
+        return True  # the copies: the side of more memory
+
+
+def channels_last_copies(gm: torch.fx.GraphModule, *, layout_optimized: bool | None = None
+                         ) -> list[str]:
+    """Placeholders of ``gm`` that Inductor copies into channels-last buffers.
+
+    When Inductor optimises the layout of a graph with convolutions, each convolution requires
+    channels-last input and weight; a graph input in another layout (a contiguous 4-d tensor
+    whose channels are not already innermost, e.g. a 3x3 weight; 1x1 weights already are) gets
+    a channels-last copy. ``layout_optimized``: :func:`optimizes_layout` of ``gm``, if the caller
+    has decided it already.
+    """
+    if layout_optimized is None:
+        layout_optimized = optimizes_layout(gm)
+    if not layout_optimized:
+        return []
+    copied: list[str] = []
+    for conv in (n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default):
+        for arg in conv.args[:2]:
+            if not isinstance(arg, torch.fx.Node) or arg.op != "placeholder" or arg.name in copied:
+                continue
+            val = arg.meta.get("val")
+            if (isinstance(val, torch.Tensor) and val.dim() == 4
+                    and not val.is_contiguous(memory_format=torch.channels_last)):
+                copied.append(arg.name)
+    return copied
+
+
+def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequence,
+                 writes_out: Sequence[bool], returns_tuple: Sequence[bool]) -> StepStorages:
+    """``storages`` (already lowered) with Inductor's buffer pool.
+
+    A buffer a graph makes and frees can be reused once dead, keyed by ``keys_of[s]`` (dtype and
+    exact bytes, as ``buffer_reuse_key``; ``None`` for an op's internal scratch, which is not
+    Inductor's). Not pooled: what the forward saves, an input of the backward freed there
+    (``FreeLine``; see :func:`fxmem.memory.simulation.simulate`), and the outputs of an extern op that
+    returns several tensors (``returns_tuple[i]``: ``convolution_backward``, the RNG-replay
+    wrappers), views of its tuple to Inductor. A buffer is taken from the pool when Inductor
+    allocates it: outputs of its own kernels, and of extern kernels it calls with ``out=``
+    (``writes_out[i]`` for op ``i``)."""
+    keys: dict[int, object] = {}
+    recipients: set[int] = set()
+    for i, created in enumerate(storages.creates):
+        if returns_tuple[i] and kinds[i] is Lowered.EXTERN:
+            continue
+        for s in created:
+            if s in storages.resident or keys_of[s] is None or storages.nbytes[s] == 0:
+                continue
+            keys[s] = keys_of[s]
+            if kinds[i] in (Lowered.KERNEL, Lowered.REDUCTION) or writes_out[i]:
+                recipients.add(s)
+    return dataclasses.replace(storages, reuse_keys=keys, pool_recipients=frozenset(recipients))
+
+
+def kernel_groups(kinds: Sequence[Lowered], backward_start: int) -> tuple[int, ...]:
+    """For each op, the last op of its kernel group: where what dies in it is freed on the CPU.
+
+    Inductor's C++ backend emits the kernels between two extern calls (and no further than the end
+    of a graph: ``backward_start`` separates the forward's ops from the backward's) as one
+    function and frees what died in them after it. An extern kernel frees what dies there right
+    after itself. For :attr:`~fxmem.memory.simulation.StepStorages.release_after`."""
+    n = len(kinds)
+    release = list(range(n))
+    end = n - 1
+    for i in range(n - 1, -1, -1):
+        if i == backward_start - 1:
+            end = i  # the forward's last group ends with the forward
+        if kinds[i] is Lowered.EXTERN:
+            end = i - 1  # the group before an extern kernel ends right before it
+            continue
+        release[i] = max(i, end)
+    return tuple(release)
+
+
+def free_after_kernel_groups(storages: StepStorages, kinds: Sequence[Lowered],
+                             device: torch.device) -> StepStorages:
+    """``storages`` (lowered, ``kinds[i]`` for op ``i``) with the frees of the C++ backend's kernel
+    groups on the CPU (:func:`kernel_groups`); as they are on other devices, whose kernels free
+    what dies in them one by one."""
+    if device.type != "cpu":
+        return storages
+    return dataclasses.replace(storages,
+                               release_after=kernel_groups(kinds, storages.backward_start))
+
+
+def contiguous_values(gm: torch.fx.GraphModule) -> set[str]:
+    """Nodes of ``gm`` (a graph whose layout Inductor optimises) with 4-d outputs that Inductor
+    keeps contiguous: those outside ``GraphLowering.find_nodes_prefer_channels_last``."""
+    from torch._inductor.graph import GraphLowering
+
+    try:
+        channels_last = GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=gm))
+    except Exception as exc:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see
+        log.debug("find_nodes_prefer_channels_last failed (%s); assuming all channels-last", exc)
+        return set()
+    return {n.name for n in gm.graph.nodes if n.op == "call_function" and n not in channels_last
+            and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() == 4}

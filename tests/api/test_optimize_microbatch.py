@@ -1,0 +1,105 @@
+"""fxmem.optimize with the microbatch lever: k chosen under the budget, exact gradients, the
+whole batch's loss and outputs, budgets that hold, BatchNorm refused unless allowed."""
+
+import copy
+
+import pytest
+import torch
+
+import fxmem
+from fxmem.examples import GPT, GPTConfig
+from tests.api.test_optimize import assert_same_grads, grads_of, measured_step_peak
+
+
+def gpt_no_dropout(batch=6, seq=32):
+    # dropout off: a microbatch draws other masks than the whole batch does
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=seq, dropout=0.0)
+    idx = torch.randint(0, 512, (batch, seq))
+    return GPT(cfg).train(), (idx, torch.randint(0, 512, (batch, seq)))
+
+
+def test_microbatching_alone_fits_a_budget_save_all_cannot_and_keeps_the_gradients():
+    model, args = gpt_no_dropout()
+    expected = grads_of(model, model, *args)
+    unoptimised = fxmem.estimate(copy.deepcopy(model), *args).peak
+    budget = int(0.7 * unoptimised)
+    om = fxmem.optimize(model, budget, allow=("microbatch",))
+    assert_same_grads(expected, grads_of(model, om, *args))
+    plan = om.plan
+    assert plan.microbatch is not None and len(plan.microbatch.sizes) > 1
+    assert sum(plan.microbatch.sizes) == args[0].shape[0]
+    assert plan.predicted_peak <= budget
+    assert "microbatch (k=" in plan.report()
+    assert measured_step_peak(model, om, args, {}) <= budget
+
+
+def test_a_budget_the_whole_batch_meets_is_not_microbatched():
+    model, args = gpt_no_dropout()
+    om = fxmem.optimize(model, "1GiB", allow=("recompute", "microbatch"))
+    om(*args).backward()
+    assert om.plan.microbatch is None
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_forced_uneven_split_on_hugging_face_gpt2_matches_the_whole_batch(k):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=32,
+                                     vocab_size=300, use_cache=False, attn_implementation="sdpa",
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).train()
+    model.loss_type = "ForCausalLM"
+    ids = torch.randint(0, 300, (5, 32))
+    labels = ids.clone()
+    labels[0, 5:] = -100  # uneven numbers of targets per sample
+    labels[3, :20] = -100
+    ref = copy.deepcopy(model)
+    ref_out = ref(input_ids=ids, labels=labels)
+    ref_out.loss.backward()
+    om = fxmem.optimize(model, "4GiB", microbatches=k)
+    out = om(input_ids=ids, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref_out.loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, ref_out.logits.detach(), rtol=1e-5, atol=1e-5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    assert list(om.plan.microbatch.sizes) == fxmem.levers.microbatch.runtime.split_sizes(5, k)
+
+
+def small_bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).train()
+
+
+def bn_loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def test_batchnorm_is_refused_with_a_clear_message_when_the_budget_needs_microbatches():
+    model = small_bn_net()
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    floor = fxmem.estimate(copy.deepcopy(model), x, y, loss_fn=bn_loss).peak
+    om = fxmem.optimize(model, int(0.6 * floor), allow=("microbatch",), loss_fn=bn_loss)
+    with pytest.raises(fxmem.MicrobatchError, match="BatchNorm|batch_norm") as info:
+        om(x, y)
+    assert "microbatch_coupling" in str(info.value)
+
+
+def test_batchnorm_per_microbatch_when_allowed_fits_the_budget_and_updates_running_stats_once():
+    model = small_bn_net()
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    floor = fxmem.estimate(copy.deepcopy(model), x, y, loss_fn=bn_loss).peak
+    budget = int(0.6 * floor)
+    om = fxmem.optimize(model, budget, allow=("microbatch",), loss_fn=bn_loss,
+                        microbatch_coupling="per-microbatch")
+    tracked = model[1].num_batches_tracked.clone()
+    om(x, y).backward()
+    assert len(om.plan.microbatch.sizes) > 1
+    assert "per-microbatch statistics" in om.plan.report()
+    assert model[1].num_batches_tracked == tracked + 1
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert measured_step_peak(model, lambda a, b: om(a, b), (x, y), {}) <= budget
