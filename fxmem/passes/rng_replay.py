@@ -24,9 +24,39 @@ log = logging.getLogger(__name__)
 
 
 def is_random(node: torch.fx.Node) -> bool:
+    """Whether the op draws random numbers: the one predicate fxmem uses for "random" (what the
+    recompute problem must save or replay, what the cost model prices per number drawn, what the
+    batch analysis treats as i.i.d. noise).
+
+    PyTorch tags every op that *can* draw as ``nondeterministic_seeded``, including the attention
+    kernels (their ``dropout_p`` defaults to 0) and the RNNs. An op whose dropout probability is
+    0 (or that runs with ``train=False``) draws nothing: it is a plain deterministic op."""
     target = node.target
-    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and torch.Tag.nondeterministic_seeded in target.tags)
+    if not (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and torch.Tag.nondeterministic_seeded in target.tags):
+        return False
+    values = _schema_values(node)
+    if values.get("train") is False:
+        return False
+    is_dropout = "dropout" in target._schema.name
+    for name in ("dropout_p", "dropout", "p") if is_dropout else ("dropout_p", "dropout"):
+        p = values.get(name)
+        if isinstance(p, (int, float)) and not isinstance(p, bool):
+            return p > 0
+    return True
+
+
+def _schema_values(node: torch.fx.Node) -> dict:
+    """The op's arguments by schema name, positional or keyword, defaults filled in."""
+    values = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args) and not arg.kwarg_only:
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+    return values
 
 
 def is_replayable(node: torch.fx.Node) -> bool:
@@ -75,9 +105,11 @@ def replay_random_ops(
                                           (fw_node.target, *fw_node.args), dict(fw_node.kwargs))
             state = fw.graph.call_function(operator.getitem, (both, 0))
             value = fw.graph.call_function(operator.getitem, (both, 1))
-        fake_args = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in fw_node.args]
+        # every tensor argument, positional or keyword (SDPA's attn_mask), as its fake value
+        fake_args, fake_kwargs = torch.fx.node.map_arg(
+            (fw_node.args, fw_node.kwargs), lambda a: a.meta["val"])
         with fake_mode:
-            state_val, _ = run_and_save_rng_state(fw_node.target, *fake_args, **fw_node.kwargs)
+            state_val, _ = run_and_save_rng_state(fw_node.target, *fake_args, **fake_kwargs)
         if not isinstance(state_val, torch._subclasses.FakeTensor):  # the CPU impl reads the
             state_val = fake_mode.from_tensor(state_val)  # real generator even under fake mode
         both.meta["val"] = (state_val, fw_node.meta["val"])
