@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from fxmem.budget import parse_budget
 from fxmem.graph.capture import _check_loss, _held_tensors, loss_from_output
+from fxmem.graph.compile_path import compiled_code_path
 from fxmem.errors import FxmemError, StepInputError
 from fxmem.api.backend import PlanLog, make_backend
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES, run_microbatched
@@ -68,7 +69,8 @@ class _StepModule(torch.nn.Module):
         from torch.nn.utils.stateless import _reparametrize_module
 
         state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # params as fake copies: in-place
+        with compiled_code_path(), \
+                FakeTensorMode(allow_non_fake_inputs=True) as mode:  # params as fake copies: in-place
             # updates must not reach the model; closure tensors (a loss_fn's targets) are read
             fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
             fakes = [mode.from_tensor(t) for t in tensors]

@@ -26,6 +26,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 from fxmem.errors import CaptureError, StepInputError
+from fxmem.graph.compile_path import compiled_code_path
 
 __all__ = ["Role", "CapturedStep", "capture_step", "loss_from_output"]
 
@@ -234,7 +235,7 @@ def capture_step(
 
     input_tensors = [t for _, t in inputs]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), compiled_code_path():  # the code the compiled step runs
             # stack traces: reports (e.g. ops that mix samples across the batch) name user lines
             gm = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True,
                          record_stack_traces=True)(
