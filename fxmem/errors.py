@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxmemError", "CaptureError", "MicrobatchError", "StepInputError"]
+__all__ = ["FxmemError", "CaptureError", "MicrobatchError", "StepInputError", "TorchCompatError"]
 
 
 class FxmemError(Exception):
@@ -28,3 +28,10 @@ class MicrobatchError(FxmemError, RuntimeError):
     """The step cannot be split into microbatches exactly (ops that mix samples, such as BatchNorm
     in training mode, or a loss that is not a mean or sum over the batch); the message names each
     op and its source line, and says how to accept per-microbatch semantics where that exists."""
+
+
+class TorchCompatError(FxmemError, ImportError):
+    """A torch internal fxmem relies on is missing from the installed torch (moved, renamed or
+    removed by a torch release). The message names the internal, the installed torch version and
+    the torch versions fxmem supports; :mod:`fxmem.graph.torch_compat` is the one place that
+    reaches torch internals, so it is the one place to update."""
