@@ -1,7 +1,5 @@
 """fxmem.optimize end to end (eager lowering): exact gradients, budgets that hold, clear errors."""
 
-import gc
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ from hypothesis import strategies as st
 import fxmem
 from fxmem.examples import GPT, GPTConfig, wide_resnet_28_2
 from tests.graphs_for_tests import DataDependent, RandomNet, random_net_spec
+from tests.helpers import assert_same_grads, grads_of, measured_step_peak
 
 
 def tiny_gpt(dropout=0.1, n_layer=2):
@@ -18,41 +17,6 @@ def tiny_gpt(dropout=0.1, n_layer=2):
     cfg = GPTConfig(vocab_size=512, n_layer=n_layer, n_head=2, d_model=64, max_seq_len=64, dropout=dropout)
     idx = torch.randint(0, 512, (4, 64))
     return GPT(cfg), (idx, idx), {}
-
-
-def grads_of(model, call, *args, seed=1, **kwargs):
-    """Loss and gradients of one step; the RNG is seeded so dropout masks are reproducible."""
-    for p in model.parameters():
-        p.grad = None
-    torch.manual_seed(seed)
-    out = call(*args, **kwargs)
-    loss = fxmem.loss_from_output(out)
-    loss.backward()
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    for p in model.parameters():
-        p.grad = None
-    return loss.detach(), grads
-
-
-def assert_same_grads(expected, got):
-    (l0, g0), (l1, g1) = expected, got
-    torch.testing.assert_close(l1, l0)
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(b, a)
-
-
-def measured_step_peak(model, call, args, kwargs):
-    """Peak bytes of one step, counting what the step holds: the model and its inputs."""
-    def step():
-        out = call(*args, **kwargs)
-        fxmem.loss_from_output(out).backward()
-
-    gc.collect()
-    roots = [model, list(args), list(kwargs.values())]
-    peak = fxmem.measure_memory(step, device="cpu", baseline=roots).peak
-    for p in model.parameters():
-        p.grad = None
-    return peak
 
 
 def test_budget_above_the_unoptimised_peak_recomputes_nothing_and_matches_eager():

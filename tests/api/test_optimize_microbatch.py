@@ -8,7 +8,7 @@ import torch
 
 import fxmem
 from fxmem.examples import GPT, GPTConfig
-from tests.api.test_optimize import assert_same_grads, grads_of, measured_step_peak
+from tests.helpers import assert_same_grads, grads_of, measured_step_peak
 
 
 def gpt_no_dropout(batch=6, seq=32):
