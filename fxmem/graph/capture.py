@@ -173,6 +173,36 @@ def _input_paths(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
     return paths
 
 
+def _checked_step_inputs(
+    model: Any, args: Any, kwargs: dict | None
+) -> tuple[tuple, dict, torch.device, list[tuple[str, torch.Tensor]]]:
+    """The step's ``args`` (a tuple: a single argument is wrapped), ``kwargs`` (a dict), the
+    model's device and the input tensors by path; :class:`StepInputError` unless ``model`` is a
+    module on one device and every input tensor is on that device."""
+    kwargs = dict(kwargs or {})
+    if not isinstance(model, torch.nn.Module):
+        raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, tuple):
+        args = (args,)
+    device = _model_device(model)
+    inputs = _input_paths(args, kwargs)
+    for name, t in inputs:
+        if t.device != device:
+            raise StepInputError(
+                f"input {name} is on {t.device} but the model is on {device}: move the inputs to "
+                f"the model's device (e.g. x.to('{device}'))"
+            )
+    return args, kwargs, device, inputs
+
+
+def _trainable_names(params: Mapping[str, torch.nn.Parameter]) -> list[str]:
+    """The names of the parameters that require grad; :class:`StepInputError` if there is none."""
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    if not trainable:
+        raise StepInputError("the model has no parameter with requires_grad=True: nothing to train")
+    return trainable
+
+
 def capture_step(
     model: torch.nn.Module,
     args: tuple = (),
@@ -187,25 +217,10 @@ def capture_step(
     another device) and :class:`CaptureError`, naming the graph breaks, for a model that cannot be
     traced as one graph.
     """
-    kwargs = dict(kwargs or {})
-    if not isinstance(model, torch.nn.Module):
-        raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(args, tuple):
-        args = (args,)
-    device = _model_device(model)
-    inputs = _input_paths(args, kwargs)
-    for name, t in inputs:
-        if t.device != device:
-            raise StepInputError(
-                f"input {name} is on {t.device} but the model is on {device}: move the inputs to "
-                f"the model's device (e.g. x.to('{device}'))"
-            )
-
+    args, kwargs, device, inputs = _checked_step_inputs(model, args, kwargs)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    trainable = [n for n, p in params.items() if p.requires_grad]
-    if not trainable:
-        raise StepInputError("the model has no parameter with requires_grad=True: nothing to train")
+    trainable = _trainable_names(params)
 
     flat_leaves, in_spec = pytree.tree_flatten((args, kwargs))
     tensor_slots = [i for i, leaf in enumerate(flat_leaves) if isinstance(leaf, torch.Tensor)]

@@ -243,51 +243,76 @@ def optimizer_memory(
     state = peak = 0
     for g in optimizer.param_groups:
         params = [p for p in g["params"] if has_grad(p)]
-        for p in params:
-            if p.is_complex():
-                raise NotImplementedError(
-                    f"optimizer_memory: complex parameters ({p.dtype}) are not modelled"
-                )
-            if p.is_sparse or (p.grad is not None and p.grad.is_sparse):
-                raise NotImplementedError("optimizer_memory: sparse gradients are not modelled")
+        _check_params(params)
         if not params:
             continue
         placed = [dev if p.device.type == "meta" else p.device for p in params]
         variant = _variant(kind, g, [d.type for d in placed], params)
         _check_group(kind, g, variant)
         sizes = [p.numel() * p.element_size() if d == dev else 0 for p, d in zip(params, placed)]
-        # Resident state: one tensor like p per moment / momentum buffer, and the step counters.
-        if kind == "SGD":
-            per_param = 1 if g["momentum"] != 0 else 0
-        else:
-            per_param = 3 if g["amsgrad"] else 2
-        state += per_param * sum(sizes)
-        if kind == "Adam" and variant == "fused":  # float32 `step` on the param's device
-            state += 4 * sum(1 for d in placed if d == dev)
-        elif kind == "Adam" and dev.type == "cpu":  # `step` on the CPU, default scalar dtype
-            state += (8 if torch.get_default_dtype() == torch.float64 else 4) * len(params)
-        # Temporaries: foreach/fused work on (device, dtype) groups, single-tensor on each param.
-        groups: dict[tuple[torch.device, torch.dtype], int] = {}
-        for p, d, n in zip(params, placed, sizes):
-            groups[(d, p.dtype)] = groups.get((d, p.dtype), 0) + n
-        group_sizes = list(groups.values())
-        if variant == "foreach" and kind == "Adam" and len([s for s in group_sizes if s]) > 2:
-            if all(p.device == d for p, d in zip(params, placed)):  # torch's own (hash) order;
-                order = torch._C._group_tensors_by_device_and_dtype([params], False)  # no alloc
-                group_sizes = [groups[key] for key in order]
-            else:  # meta params modelled elsewhere: order unknown, the two largest adjacent
-                group_sizes = sorted(group_sizes)[-2:]
+        state += _state_bytes(kind, variant, g, placed, sizes, dev)
+        group_sizes = _group_sizes(kind, variant, params, placed, sizes)
         trace = _Trace()
         _IMPLS[(kind, variant)](trace, sizes if variant == "single-tensor" else group_sizes, g)
         peak = max(peak, trace.peak)
-        name = label
-        if kind == "SGD" and g["momentum"] != 0:
-            name += " nesterov" if g["nesterov"] else " momentum"
-        elif kind == "Adam" and label == "Adam" and g.get("decoupled_weight_decay"):
-            name += " decoupled"
-        name += f" ({variant})"
+        name = _group_name(kind, label, variant, g)
         if name not in names:
             names.append(name)
         logger.debug("optimizer_memory: param group of %d params with grads, %s -> %s",
                      len(params), dev, name)
     return OptimizerMemory(" + ".join(names) or label, state_bytes=state, step_peak_bytes=peak)
+
+
+def _check_params(params: list[torch.Tensor]) -> None:
+    """Raise ``NotImplementedError`` for a complex parameter or a sparse gradient."""
+    for p in params:
+        if p.is_complex():
+            raise NotImplementedError(
+                f"optimizer_memory: complex parameters ({p.dtype}) are not modelled"
+            )
+        if p.is_sparse or (p.grad is not None and p.grad.is_sparse):
+            raise NotImplementedError("optimizer_memory: sparse gradients are not modelled")
+
+
+def _state_bytes(kind: str, variant: str, g: dict, placed: list[torch.device], sizes: list[int],
+                 dev: torch.device) -> int:
+    """A param group's resident state on ``dev``: one tensor like each param per moment or
+    momentum buffer, and Adam's ``step`` counters where they live on ``dev``. ``placed``: each
+    param's (modelled) device; ``sizes``: its bytes on ``dev`` (0 elsewhere)."""
+    if kind == "SGD":
+        per_param = 1 if g["momentum"] != 0 else 0
+    else:
+        per_param = 3 if g["amsgrad"] else 2
+    state = per_param * sum(sizes)
+    if kind == "Adam" and variant == "fused":  # float32 `step` on the param's device
+        state += 4 * sum(1 for d in placed if d == dev)
+    elif kind == "Adam" and dev.type == "cpu":  # `step` on the CPU, default scalar dtype
+        state += (8 if torch.get_default_dtype() == torch.float64 else 4) * len(placed)
+    return state
+
+
+def _group_sizes(kind: str, variant: str, params: list[torch.Tensor],
+                 placed: list[torch.device], sizes: list[int]) -> list[int]:
+    """The bytes on the modelled device of each (device, dtype) group that foreach and fused
+    implementations work on, in the order foreach Adam visits them (see the module docstring)."""
+    groups: dict[tuple[torch.device, torch.dtype], int] = {}
+    for p, d, n in zip(params, placed, sizes):
+        groups[(d, p.dtype)] = groups.get((d, p.dtype), 0) + n
+    group_sizes = list(groups.values())
+    if variant == "foreach" and kind == "Adam" and len([s for s in group_sizes if s]) > 2:
+        if all(p.device == d for p, d in zip(params, placed)):  # torch's own (hash) order;
+            order = torch._C._group_tensors_by_device_and_dtype([params], False)  # no alloc
+            group_sizes = [groups[key] for key in order]
+        else:  # meta params modelled elsewhere: order unknown, the two largest adjacent
+            group_sizes = sorted(group_sizes)[-2:]
+    return group_sizes
+
+
+def _group_name(kind: str, label: str, variant: str, g: dict) -> str:
+    """How the report names a param group's optimizer, e.g. "SGD momentum (foreach)"."""
+    name = label
+    if kind == "SGD" and g["momentum"] != 0:
+        name += " nesterov" if g["nesterov"] else " momentum"
+    elif kind == "Adam" and label == "Adam" and g.get("decoupled_weight_decay"):
+        name += " decoupled"
+    return name + f" ({variant})"

@@ -136,7 +136,42 @@ def simulate(
     if sorted(order) != list(range(n_ops)):
         raise ValueError("order must be a permutation of the ops")
     position = {op: t for t, op in enumerate(order)}
+    last_use = _last_uses(step, order, position)
+    cat = np.array([_CAT[c] for c in step.category], dtype=np.int64)
+    nbytes = np.array(step.nbytes, dtype=np.int64)
+    live_by_cat = np.zeros(len(CATEGORIES), dtype=np.int64)
+    for s in step.resident:
+        live_by_cat[cat[s]] += nbytes[s]
+    for c, b in (constant or {}).items():
+        live_by_cat[_CAT[c]] += int(b)
+    frees_at = _frees_at(step, order, position, last_use)
+    takes = _take_overs(step, order, last_use, frees_at, nbytes)
+    rows = np.zeros((len(order) + len(epilogue), len(CATEGORIES)), dtype=np.int64)
+    allocated = np.zeros(len(order) + len(epilogue), dtype=np.int64)
+    total_allocated = _run_ops(step, order, takes, frees_at, cat, nbytes, live_by_cat,
+                               rows, allocated)
+    for k, (_, extra) in enumerate(epilogue):
+        row = live_by_cat.copy()
+        for c, b in extra.items():
+            row[_CAT[c]] += int(b)
+            total_allocated += int(b)
+        rows[len(order) + k] = row
+        allocated[len(order) + k] = total_allocated
 
+    labels = tuple(step.op_names[op] for op in order) + tuple(label for label, _ in epilogue)
+    return MemoryTimeline(labels=labels, live=rows, backward_start=_backward_position(step, order),
+                          allocated=allocated)
+
+
+def _backward_position(step: StepStorages, order: Sequence[int]) -> int:
+    """The position in ``order`` of its first backward op (``len(order)`` if none)."""
+    return next((t for t, op in enumerate(order) if op >= step.backward_start), len(order))
+
+
+def _last_uses(step: StepStorages, order: Sequence[int],
+               position: Mapping[int, int]) -> dict[int, int]:
+    """Storage -> the position of the last op that reads it (or makes it, when none reads it);
+    ``len(order)`` for pinned and resident storages, which live to the end."""
     creator = {}
     for op, created in enumerate(step.creates):
         for s in created:
@@ -149,15 +184,14 @@ def simulate(
         last_use[s] = max(last_use.get(s, -1), position[op])
     for s in step.pinned | step.resident:
         last_use[s] = len(order)
+    return last_use
 
-    cat = np.array([_CAT[c] for c in step.category], dtype=np.int64)
-    nbytes = np.array(step.nbytes, dtype=np.int64)
-    live_by_cat = np.zeros(len(CATEGORIES), dtype=np.int64)
-    for s in step.resident:
-        live_by_cat[cat[s]] += nbytes[s]
-    for c, b in (constant or {}).items():
-        live_by_cat[_CAT[c]] += int(b)
 
+def _frees_at(step: StepStorages, order: Sequence[int], position: Mapping[int, int],
+              last_use: Mapping[int, int]) -> dict[int, list[int]]:
+    """Position -> the storages freed right after it: those dying there, or at an op whose frees
+    ``release_after`` defers to it; position ``len(order)`` holds the storages that live to the
+    end. Resident storages are never freed."""
     release = list(range(len(order)))  # position -> position after which its dead are freed
     if step.release_after:
         release = [max(t, position[step.release_after[op]]) for t, op in enumerate(order)]
@@ -165,11 +199,16 @@ def simulate(
     for s, t in last_use.items():
         if s not in step.resident:
             frees_at.setdefault(release[t] if t < len(order) else t, []).append(s)
+    return frees_at
 
-    takes = _take_overs(step, order, last_use, frees_at, nbytes)
+
+def _run_ops(step: StepStorages, order: Sequence[int], takes: Mapping[int, int],
+             frees_at: Mapping[int, Sequence[int]], cat: np.ndarray, nbytes: np.ndarray,
+             live_by_cat: np.ndarray, rows: np.ndarray, allocated: np.ndarray) -> int:
+    """Run the ops in ``order`` from ``live_by_cat`` (updated in place): fill ``rows[t]`` with the
+    live bytes by category while op ``t`` runs and ``allocated[t]`` with the bytes allocated up
+    to it, then free what dies there. Returns the bytes allocated by the end of the last op."""
     taken_over = set(takes.values())  # storages whose bytes a later storage now holds
-    rows = np.zeros((len(order) + len(epilogue), len(CATEGORIES)), dtype=np.int64)
-    allocated = np.zeros(len(order) + len(epilogue), dtype=np.int64)
     total_allocated = 0
     for t, op in enumerate(order):
         for s in step.creates[op]:
@@ -185,20 +224,7 @@ def simulate(
             if s in taken_over:
                 continue  # its bytes now belong to the storage that took it over
             live_by_cat[cat[s]] -= nbytes[s]
-
-    for k, (_, extra) in enumerate(epilogue):
-        row = live_by_cat.copy()
-        for c, b in extra.items():
-            row[_CAT[c]] += int(b)
-            total_allocated += int(b)
-        rows[len(order) + k] = row
-        allocated[len(order) + k] = total_allocated
-
-    labels = tuple(step.op_names[op] for op in order) + tuple(label for label, _ in epilogue)
-    backward_start = min(
-        (t for t, op in enumerate(order) if op >= step.backward_start), default=len(order)
-    )
-    return MemoryTimeline(labels=labels, live=rows, backward_start=backward_start, allocated=allocated)
+    return total_allocated
 
 
 def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int, int],
@@ -209,7 +235,7 @@ def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int,
     takes: dict[int, int] = {}
     taken_over: set[int] = set()
     pools: dict[object, list[int]] = {}
-    bw_start = next((t for t, op in enumerate(order) if op >= step.backward_start), len(order))
+    bw_start = _backward_position(step, order)
     made_in_fw = {s for t, op in enumerate(order[:bw_start]) for s in step.creates[op]}
     for t, op in enumerate(order):
         if t == bw_start:

@@ -31,6 +31,56 @@ __all__ = ["Propagation"]
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """One forward op as the rules see it: its node, op name, arguments by schema name (``kw``),
+    fake output(s) (``val``), first argument (``x``) and that argument's state (``s``), and its
+    tensor inputs (``tensors``), of which ``batched`` are batched."""
+
+    node: torch.fx.Node
+    name: str
+    kw: dict
+    val: object
+    x: object
+    s: _V | None
+    tensors: list
+    batched: list
+
+
+def _all_free(val) -> _V:
+    """An unbatched value equal at every position (a constant, i.i.d. draws): all dims free."""
+    return _V(free=frozenset(range(val.dim() if isinstance(val, torch.Tensor) else 0)))
+
+
+def _unbatched(val):
+    """Unbatched output(s) with nothing known of them: a state per tensor, None for the rest."""
+    if isinstance(val, (list, tuple)):
+        return [_V() if isinstance(v, torch.Tensor) else None for v in val]
+    return _V()
+
+
+def _arange(kw) -> _V:
+    """arange: iota along its dim 0 when it counts 0, 1, 2... (start 0, step 1)."""
+    start, step = kw.get("start", 0), kw.get("step", 1)
+    return _V(iota=0 if (start in (0, None) and step in (1, None)) else None)
+
+
+def _per_output(out: _V, val):
+    """``out`` for each output of a multi-output op, else ``out`` itself."""
+    return [out] * len(val) if isinstance(val, (list, tuple)) else out
+
+
+def _kept_where_shown(val, s: _V | None, size):
+    """Output state(s): ``s`` wherever an output tensor still has a dim ``s.dim`` of the batch's
+    ``size``; unbatched for the other tensors (and for all when ``s`` is None); None for a
+    non-tensor."""
+    def one(v):
+        if not isinstance(v, torch.Tensor):
+            return None
+        return s if s is not None and v.dim() > s.dim and v.shape[s.dim] == size else _V()
+    return [one(v) for v in val] if isinstance(val, (list, tuple)) else one(val)
+
+
 class Propagation:
     """A state per forward value (``state(node)``), the ops that mix samples (``problems``: node ->
     :class:`Problem`) and the buffers the forward updates in place (``mutated``)."""
@@ -91,13 +141,7 @@ class Propagation:
         """After a problem: keep the batch dim where the shape still shows it."""
         s = self.state(batched[0]) if batched else None
         size = shape_of(batched[0])[s.dim] if batched else None
-
-        def one(v):
-            if not isinstance(v, torch.Tensor):
-                return None
-            return s if s is not None and v.dim() > s.dim and v.shape[s.dim] == size else _V()
-        val = node.meta["val"]
-        return [one(v) for v in val] if isinstance(val, (list, tuple)) else one(val)
+        return _kept_where_shown(node.meta["val"], s, size)
 
     def _one(self, states: set, what: str) -> tuple[int, int] | None:
         if len(states) > 1:
@@ -121,104 +165,117 @@ class Propagation:
             for a in args)))
 
     def _rule(self, node, name, tensors, batched):
-        val, kw, tags = node.meta["val"], op_kwargs(node), node.target.tags
-        rank = lambda v: v.dim() if isinstance(v, torch.Tensor) else 0
+        """The state(s) of ``node``'s output(s), or :class:`Problem` where the op mixes samples.
+
+        Constants, ``arange`` and ops on unbatched values that no rule tracks come first; then
+        ops that keep their input's state, pointwise ops (by tag) and the rule ``_RULES`` names
+        for the op; any other op keeps samples apart only along the leading dims that
+        :func:`leading_independent` vouches for."""
+        kw, x = op_kwargs(node), node.args[0] if node.args else None
+        op = _Op(node, name, kw, node.meta["val"], x, self.state(x), tensors, batched)
+        tags = node.target.tags
         if name in CONST_OPS:
-            return _V(free=frozenset(range(rank(val))))
+            return _all_free(op.val)
         if name == "arange":
-            start, step = kw.get("start", 0), kw.get("step", 1)
-            return _V(iota=0 if (start in (0, None) and step in (1, None)) else None)
+            return _arange(kw)
         random = torch.Tag.nondeterministic_seeded in tags
         if not batched and name not in U_AWARE_OPS and torch.Tag.pointwise not in tags:
-            if random:
-                return _V(free=frozenset(range(rank(val))))
-            return [_V() if isinstance(v, torch.Tensor) else None for v in val] \
-                if isinstance(val, (list, tuple)) else _V()
-        x = node.args[0] if node.args else None
-        s = self.state(x)
+            return _all_free(op.val) if random else _unbatched(op.val)
         if name in SAME_OPS:
-            return s
+            return op.s
         if torch.Tag.pointwise in tags or random or name in ("copy", "masked_fill", "where"):
-            shape = tuple((val[0] if isinstance(val, (list, tuple)) else val).shape)
-            out = self._broadcast(shape, tensors)
-            if out.dim is None and random:  # i.i.d. draws: no position is special
-                out = _V(free=frozenset(range(len(shape))))
-            return [out, out] if isinstance(val, (list, tuple)) else out
-        if name in VIEW_OPS:
-            return self._view(s, shape_of(x), tuple(val.shape))
-        if name == "expand":
-            old, new = shape_of(x), tuple(val.shape)
-            off = len(new) - len(old)
-            if s.dim is not None:
-                return s.at(s.dim + off)
-            grown = {i + off for i in range(len(old)) if old[i] == 1 and new[i + off] != 1}
-            return _V(free=frozenset({i + off for i in s.free} | set(range(off)) | grown),
-                      iota=None if s.iota is None else s.iota + off)
-        if name in ("permute", "transpose", "t"):
-            n = len(shape_of(x))
-            order = [d % n for d in kw["dims"]] if name == "permute" else list(range(n))
-            if name == "transpose" or (name == "t" and n == 2):
-                a, b = (kw["dim0"] % n, kw["dim1"] % n) if name == "transpose" else (0, 1)
-                order[a], order[b] = order[b], order[a]
-            m = {old: new for new, old in enumerate(order)}
-            return s.at(m[s.dim]) if s.dim is not None else _V(
-                free=frozenset(m[i] for i in s.free), iota=None if s.iota is None else m[s.iota])
-        if name in REDUCE_OPS:
-            return self._reduce(s, shape_of(x), kw, val)
-        if name in ALONG_OPS:
-            n = len(shape_of(x))
-            dims = kw["dims"] if "dims" in kw else kw.get("dim", -1)
-            dims = {d % n for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
-            if s.dim is not None and s.dim in dims:
-                raise Problem(ALONG_OPS[name], f"works along the batch dim {s.dim}")
-            out = s if s.dim is not None else _V(free=s.free - dims)
-            return [out] * len(val) if isinstance(val, (list, tuple)) else out
-        if name in SLICE_OPS:
-            return self._slice(name, s, shape_of(x), kw, val)
-        if name in ("cat", "stack"):
-            return self._cat(name, kw, val)
-        if name in ("index", "_unsafe_index"):
-            return self._index(x, kw["indices"], tuple(val.shape))
-        if name in EINSUM_OPS:
-            return self._einsum(node, name, val)
-        if name == "embedding":
-            if self.state(kw["weight"]).dim is not None:
-                raise Problem("batch_mixing", "looks up rows of a batched table")
-            return self.state(kw["indices"])
-        if name in BATCH_NORM_OPS:
-            return self._batch_norm(name, kw, s, val)
-        if name in NLL_OPS:
-            tgt = self.state(kw["target"])
-            if s.dim != 0 or (tgt.dim, tgt.outer) != (0, s.outer):
-                raise Problem("batch_mixing", "the loss's input and target are not batched along "
-                               "their dim 0 alike")
-            if kw["reduction"] != 0:
-                raise Problem("batch_reduction", "reduces the loss over the batch")
-            return [s, _V()]
-        if name in LOSS_OPS:
-            out = self._broadcast(shape_of(x), tensors)
-            if kw["reduction"] != 0:
-                raise Problem("batch_reduction", "reduces the loss over the batch")
-            return out
-        if name == "constant_pad_nd":
-            n, pad = len(shape_of(x)), list(kw["pad"])
-            padded = {n - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
-            if s.dim in padded:
-                raise Problem("batch_mixing", "pads the batch dimension")
-            return s if s.dim is not None else _V(free=s.free - padded)
-        k = leading_independent(name, len(shape_of(x)) if x is not None else 0, kw)
+            return self._pointwise(op, random)
+        rule = self._RULES.get(name)
+        return rule(self, op) if rule is not None else self._leading_independent(op)
+
+    def _pointwise(self, op: _Op, random: bool):
+        """Pointwise ops (and copy, masked_fill, where, random draws): the operands broadcast."""
+        val = op.val
+        shape = tuple((val[0] if isinstance(val, (list, tuple)) else val).shape)
+        out = self._broadcast(shape, op.tensors)
+        if out.dim is None and random:  # i.i.d. draws: no position is special
+            out = _V(free=frozenset(range(len(shape))))
+        return [out, out] if isinstance(val, (list, tuple)) else out
+
+    def _expand(self, op: _Op):
+        """expand: the dims it adds in front and the size-1 dims it grows are free."""
+        s, old, new = op.s, shape_of(op.x), tuple(op.val.shape)
+        off = len(new) - len(old)
+        if s.dim is not None:
+            return s.at(s.dim + off)
+        grown = {i + off for i in range(len(old)) if old[i] == 1 and new[i + off] != 1}
+        return _V(free=frozenset({i + off for i in s.free} | set(range(off)) | grown),
+                  iota=None if s.iota is None else s.iota + off)
+
+    def _permute(self, op: _Op):
+        """permute, transpose, t: every dim (batch, free, iota) moves where the op puts it."""
+        s, name, kw = op.s, op.name, op.kw
+        n = len(shape_of(op.x))
+        order = [d % n for d in kw["dims"]] if name == "permute" else list(range(n))
+        if name == "transpose" or (name == "t" and n == 2):
+            a, b = (kw["dim0"] % n, kw["dim1"] % n) if name == "transpose" else (0, 1)
+            order[a], order[b] = order[b], order[a]
+        m = {old: new for new, old in enumerate(order)}
+        return s.at(m[s.dim]) if s.dim is not None else _V(
+            free=frozenset(m[i] for i in s.free), iota=None if s.iota is None else m[s.iota])
+
+    def _along(self, op: _Op):
+        """Ops along a dim (softmax, cumsum, sort...): along the batch dim they mix samples."""
+        s, kw, n = op.s, op.kw, len(shape_of(op.x))
+        dims = kw["dims"] if "dims" in kw else kw.get("dim", -1)
+        dims = {d % n for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+        if s.dim is not None and s.dim in dims:
+            raise Problem(ALONG_OPS[op.name], f"works along the batch dim {s.dim}")
+        return _per_output(s if s.dim is not None else _V(free=s.free - dims), op.val)
+
+    def _embedding(self, op: _Op):
+        """embedding: each looked-up row belongs to its index's sample; the table must not vary."""
+        if self.state(op.kw["weight"]).dim is not None:
+            raise Problem("batch_mixing", "looks up rows of a batched table")
+        return self.state(op.kw["indices"])
+
+    def _nll_loss(self, op: _Op):
+        """nll_loss: input and target batched alike along dim 0, no reduction over the batch."""
+        s, tgt = op.s, self.state(op.kw["target"])
+        if s.dim != 0 or (tgt.dim, tgt.outer) != (0, s.outer):
+            raise Problem("batch_mixing", "the loss's input and target are not batched along "
+                           "their dim 0 alike")
+        if op.kw["reduction"] != 0:
+            raise Problem("batch_reduction", "reduces the loss over the batch")
+        return [s, _V()]
+
+    def _loss(self, op: _Op):
+        """Elementwise losses (mse, l1...): the operands broadcast; no reduction over the batch."""
+        out = self._broadcast(shape_of(op.x), op.tensors)
+        if op.kw["reduction"] != 0:
+            raise Problem("batch_reduction", "reduces the loss over the batch")
+        return out
+
+    def _constant_pad(self, op: _Op):
+        """constant_pad_nd: padding the batch dim mixes samples; padded dims are no longer free."""
+        s, n, pad = op.s, len(shape_of(op.x)), list(op.kw["pad"])
+        padded = {n - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
+        if s.dim in padded:
+            raise Problem("batch_mixing", "pads the batch dimension")
+        return s if s.dim is not None else _V(free=s.free - padded)
+
+    def _leading_independent(self, op: _Op):
+        """Any other op: samples stay apart when :func:`leading_independent` says the op works on
+        its last k dims only and the batch dim comes before them."""
+        x, batched = op.x, op.batched
+        k = leading_independent(op.name, len(shape_of(x)) if x is not None else 0, op.kw)
         if k is None:
             raise Problem("unsupported_op", "fxmem does not know whether this op keeps samples "
                            "independent")
         d, outer = self._one({(self.state(a).dim, self.state(a).outer) for a in batched}, "mixes")
         if d >= len(shape_of(batched[0])) - k:
             raise Problem("batch_mixing", f"mixes the batch dim {d} with its last {k} dims")
-        size = shape_of(batched[0])[d]
-        one = lambda v: None if not isinstance(v, torch.Tensor) else (
-            _V(d, outer) if v.dim() > d and v.shape[d] == size else _V())
-        return [one(v) for v in val] if isinstance(val, (list, tuple)) else one(val)
+        return _kept_where_shown(op.val, _V(d, outer), shape_of(batched[0])[d])
 
-    def _view(self, s, old, new):
+    def _view(self, op: _Op):
+        """Views and reshapes: the batch is a digit of the flat index; a free or iota dim keeps
+        its meaning where an output dim spans the same index range."""
+        s, old, new = op.s, shape_of(op.x), tuple(op.val.shape)
         po, pn = place_values(old), place_values(new)
         if s.dim is not None:  # the batch is a digit of the flat index, place value lo, radix B
             lo = po[s.dim] * (old[s.dim] // (self.B * s.outer))
@@ -233,7 +290,9 @@ class Propagation:
                      and ranges.get((pn[e], new[e])) == s.iota), None)
         return _V(free=frozenset(free), iota=iota)
 
-    def _reduce(self, s, shape, kw, val):
+    def _reduce(self, op: _Op):
+        """Reductions (sum, mean, max...): over the batch dim they reduce across samples."""
+        s, shape, kw, val = op.s, shape_of(op.x), op.kw, op.val
         n, dims = len(shape), kw.get("dim")
         dims = list(range(n)) if dims is None or dims == [] else (
             [dims] if isinstance(dims, int) else list(dims))
@@ -245,9 +304,11 @@ class Propagation:
         else:
             kept = [i for i in range(n) if keep or i not in dims]
             out = _V(free=frozenset(j for j, i in enumerate(kept) if i in s.free or i in dims))
-        return [out] * len(val) if isinstance(val, (list, tuple)) else out
+        return _per_output(out, val)
 
-    def _slice(self, name, s, shape, kw, val):
+    def _slice(self, op: _Op):
+        """slice, select, split, unbind, chunk: only a full slice may cut along the batch dim."""
+        name, s, shape, kw, val = op.name, op.s, shape_of(op.x), op.kw, op.val
         d = kw.get("dim", 0) % len(shape)
         if name == "slice":
             start = kw["start"] in (None, 0)
@@ -265,8 +326,9 @@ class Propagation:
             return [out] * len(val) if name == "unbind" else out
         return [s] * len(val)
 
-    def _cat(self, name, kw, val):
+    def _cat(self, op: _Op):
         """cat along dim d, or stack into a new dim d (the inputs' dims from d on move up)."""
+        name, kw, val = op.name, op.kw, op.val
         parts = [t for t in kw["tensors"] if isinstance(t, torch.fx.Node)]
         n, new = val.dim(), name == "stack"
         d = kw["dim"] % n
@@ -283,7 +345,9 @@ class Propagation:
         return _V(free=frozenset(i for i in range(n) if i != d
                                  and all(i in {up(j) for j in self.state(t).free} for t in parts)))
 
-    def _index(self, x, indices, out_shape):
+    def _index(self, op: _Op):
+        """index (advanced indexing): the batch dim may be indexed only by an arange over it."""
+        x, indices, out_shape = op.x, op.kw["indices"], tuple(op.val.shape)
         s, shape = self.state(x), shape_of(x)
         pos = [i for i, t in enumerate(indices) if t is not None]
         nb = len(out_shape) - (len(shape) - len(pos))
@@ -322,7 +386,9 @@ class Propagation:
         free |= {e for e in range(start, start + nb) if all(k in s.free or flat(k, e) for k in pos)}
         return _V(free=frozenset(free))
 
-    def _einsum(self, node, name, val):
+    def _einsum(self, op: _Op):
+        """Matmuls (mm, bmm, addmm...) as einsums: contracting over the batch dim reduces it."""
+        node, name, val = op.node, op.name, op.val
         ins, out = EINSUM_OPS[name].split("->")
         ops = list(zip(node.args[1:3] if name.startswith("add") else node.args[:2], ins.split(",")))
         b = self._one({(sub[self.state(a).dim], self.state(a).outer) for a, sub in ops
@@ -349,7 +415,10 @@ class Propagation:
                 raise Problem("batch_mixing", "adds a per-position value to each sample")
         return res
 
-    def _batch_norm(self, name, kw, s, val):
+    def _batch_norm(self, op: _Op):
+        """BatchNorm: in training mode it normalises with the batch's statistics (a problem); in
+        eval mode it is per sample unless the batch is its channel dim."""
+        name, kw, s, val = op.name, op.kw, op.s, op.val
         training = kw.get("training", name in ("_native_batch_norm_legit_functional",
                                                "_batch_norm_with_update"))
         if training:  # its schema does not mark the running statistics it updates as written
@@ -362,3 +431,15 @@ class Propagation:
             raise Problem("batch_mixing", "the batch is BatchNorm's channel dim")
         return [s if isinstance(v, torch.Tensor) and v.dim() == val[0].dim() else _V()
                 for v in val]
+
+    #: op name -> its rule, for the ops that :meth:`_rule` does not settle first
+    _RULES = {
+        **dict.fromkeys(VIEW_OPS, _view), "expand": _expand,
+        **dict.fromkeys(("permute", "transpose", "t"), _permute),
+        **dict.fromkeys(REDUCE_OPS, _reduce), **dict.fromkeys(ALONG_OPS, _along),
+        **dict.fromkeys(SLICE_OPS, _slice), **dict.fromkeys(("cat", "stack"), _cat),
+        **dict.fromkeys(("index", "_unsafe_index"), _index), **dict.fromkeys(EINSUM_OPS, _einsum),
+        "embedding": _embedding, **dict.fromkeys(BATCH_NORM_OPS, _batch_norm),
+        **dict.fromkeys(NLL_OPS, _nll_loss), **dict.fromkeys(LOSS_OPS, _loss),
+        "constant_pad_nd": _constant_pad,
+    }

@@ -190,21 +190,11 @@ def run_microbatched(
     check_microbatchable(analysis, allow_coupling=allow_coupling)
     tensors = list(tensors)
     dims = tuple(analysis.flat_batch_dims if batch_dims is None else batch_dims)
-    if len(dims) != len(tensors):
-        raise MicrobatchError(f"{len(tensors)} input tensors but batch dims for {len(dims)}")
-    total = sum(sizes)
-    found = {t.shape[d] for t, d in zip(tensors, dims) if d is not None}
-    if found != {total} or any(n < 1 for n in sizes):
-        raise MicrobatchError(f"microbatch sizes {list(sizes)} do not split the inputs' batch "
-                              f"sizes {sorted(found)}")
+    total = _checked_batch_size(tensors, dims, sizes)
     params = [p for p in params if p.requires_grad]
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     part = lambda j: [_narrow(t, d, starts[j], sizes[j]) for t, d in zip(tensors, dims)]
-    # every weight first (the normaliser needs them all), read with one device sync
-    weights = torch.stack([analysis.weight_fn(part(j)).double() for j in range(len(sizes))])
-    weights = weights.tolist()
-    norm = 1.0 if analysis.reduction == "sum" else sum(weights)
-    scales = [w / norm if norm else float("nan") for w in weights]
+    weights, scales = _loss_scales(analysis, part, len(sizes))
     with torch.no_grad():
         snapshot = [b.clone() for b in buffers] if len(sizes) > 1 else []
     mixed: list[torch.Tensor | None] = [None] * len(buffers)
@@ -213,44 +203,80 @@ def run_microbatched(
     loss_sum = None
     for j, (n, start, scale) in enumerate(zip(sizes, starts, scales)):
         if j:
-            with torch.no_grad():
-                for b, b0 in zip(buffers, snapshot):
-                    b.copy_(b0)
+            _copy_into(buffers, snapshot)
         skip = scale == 0  # no weight (every target ignored): outputs only, no gradient
         with torch.set_grad_enabled(torch.is_grad_enabled() and not skip):
             out = fn(*part(j))
         loss_j, outs = out[0], out[1:]
         if not skip and params:
-            grads = torch.autograd.grad(loss_j, params, torch.full_like(loss_j, scale),
-                                        allow_unused=True)
-            for i, (p, g) in enumerate(zip(params, grads)):
-                if g is None:
-                    continue
-                if acc[i] is None:  # the first gradient becomes the buffer, unless it overlaps
-                    acc[i] = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                else:
-                    acc[i].add_(g)
-            del grads, g
+            _accumulate_gradients(acc, params, loss_j, scale)
         dtype = loss_j.dtype
         term = loss_j.detach().double() * scale if not skip else 0.0  # skip: 0/0 = nan
         loss_sum = term if loss_sum is None else loss_sum + term
         _gather(held, outs, analysis.output_batch_dims, j, n, start, total)
-        with torch.no_grad():
-            for i, b in enumerate(buffers):
-                if not b.is_floating_point():
-                    mixed[i] = b.clone() if j == 0 else mixed[i]
-                elif j == 0:
-                    mixed[i] = b * (n / total)
-                else:
-                    mixed[i].add_(b, alpha=n / total)
+        _mix_buffers(mixed, buffers, j, n / total)
         del out, loss_j, outs
-    with torch.no_grad():
-        for b, m in zip(buffers, mixed):
-            b.copy_(m)
+    _copy_into(buffers, mixed)
     loss = _MicrobatchedLoss.apply(_Holder(acc), loss_sum.to(dtype), *params)
     del acc
     log.debug("microbatched step: sizes %s, weights %s", list(sizes), weights)
     return loss, tuple(held)
+
+
+def _checked_batch_size(tensors, dims, sizes) -> int:
+    """The batch size ``sizes`` add up to; :class:`MicrobatchError` unless there is a batch dim
+    per input (None: unbatched), every batched input has that batch size and no size is empty."""
+    if len(dims) != len(tensors):
+        raise MicrobatchError(f"{len(tensors)} input tensors but batch dims for {len(dims)}")
+    total = sum(sizes)
+    found = {t.shape[d] for t, d in zip(tensors, dims) if d is not None}
+    if found != {total} or any(n < 1 for n in sizes):
+        raise MicrobatchError(f"microbatch sizes {list(sizes)} do not split the inputs' batch "
+                              f"sizes {sorted(found)}")
+    return total
+
+
+def _loss_scales(analysis: BatchAnalysis, part, k: int) -> tuple[list[float], list[float]]:
+    """The k microbatches' weights ``w_j`` (``part(j)``: microbatch j's inputs) and the scales
+    ``w_j / W`` of their losses (``W``: 1 for a sum, else the weights' total; nan when it is 0)."""
+    # every weight first (the normaliser needs them all), read with one device sync
+    weights = torch.stack([analysis.weight_fn(part(j)).double() for j in range(k)]).tolist()
+    norm = 1.0 if analysis.reduction == "sum" else sum(weights)
+    return weights, [w / norm if norm else float("nan") for w in weights]
+
+
+def _accumulate_gradients(acc: list, params: list, loss: torch.Tensor, scale: float) -> None:
+    """Add the gradients of ``scale * loss`` with respect to ``params`` into ``acc`` (one buffer
+    per param; a param's first gradient becomes its buffer when its strides are the param's,
+    else a copy laid out like the param)."""
+    grads = torch.autograd.grad(loss, params, torch.full_like(loss, scale), allow_unused=True)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if acc[i] is None:  # the first gradient becomes the buffer, unless it overlaps
+            acc[i] = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+        else:
+            acc[i].add_(g)
+
+
+def _copy_into(buffers: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """Copy ``values`` into ``buffers`` in place, outside autograd."""
+    with torch.no_grad():
+        for b, v in zip(buffers, values):
+            b.copy_(v)
+
+
+def _mix_buffers(mixed: list, buffers: Sequence[torch.Tensor], j: int, share: float) -> None:
+    """Fold the buffers' values after microbatch j (``share``: its fraction of the batch) into
+    ``mixed``: a float buffer's size-weighted mean, an integer buffer's first value."""
+    with torch.no_grad():
+        for i, b in enumerate(buffers):
+            if not b.is_floating_point():
+                mixed[i] = b.clone() if j == 0 else mixed[i]
+            elif j == 0:
+                mixed[i] = b * share
+            else:
+                mixed[i].add_(b, alpha=share)
 
 
 def _gather(held, outs, out_dims, j, n, start, total):
