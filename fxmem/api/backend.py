@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from fxmem.budget import parse_budget
+from fxmem.graph import torch_compat
 from fxmem.passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_place
 from fxmem.planning.planner import LEVERS, Plan, PlanOptions, optimizer_bytes, plan_joint
 
@@ -66,7 +66,7 @@ def _source_hash() -> str:
     return digest.hexdigest()
 
 
-class FxmemPartitioner(CustomPartitionerFn):
+class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
     """A partition function (AOTAutograd's, or Inductor's custom_partitioner_fn) that plans."""
 
     def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None):
@@ -91,9 +91,7 @@ class FxmemPartitioner(CustomPartitionerFn):
 
 def _boxed(gm: torch.fx.GraphModule, _example_inputs):
     """Run a graph as FX code with the boxed calling convention (inputs freed after last use)."""
-    from torch.fx.graph import _BoxedCodeGen
-
-    gm.graph.set_codegen(_BoxedCodeGen())
+    gm.graph.set_codegen(torch_compat.BOXED_CODEGEN()())
     gm.recompile()
     return gm
 
@@ -101,8 +99,7 @@ def _boxed(gm: torch.fx.GraphModule, _example_inputs):
 def _compile_keeping_recomputed_in_place(*args, **kwargs):
     """Inductor's ``compile_fx_inner`` (per graph; the backward's runs later, on its first call)
     with fusion heuristics that leave recomputed ops where the plan put them."""
-    from torch._inductor.compile_fx import compile_fx_inner
-
+    compile_fx_inner = torch_compat.COMPILE_FX_INNER()
     with keep_recomputed_in_place():
         return compile_fx_inner(*args, **kwargs)
 
@@ -117,17 +114,15 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, lowering: str = "induc
     def backend(gm: torch.fx.GraphModule, example_inputs):
         partitioner = FxmemPartitioner(options, plans)
         if lowering == "eager":
-            from torch._dynamo.backends.common import aot_autograd
-
+            aot_autograd = torch_compat.AOT_AUTOGRAD()
             return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,
                                 partition_fn=partitioner)(gm, example_inputs)
-        from torch._inductor.compile_fx import compile_fx
-
+        compile_fx = torch_compat.COMPILE_FX()
         patches = {"custom_partitioner_fn": partitioner, "fallback_random": exact_random,
                    "post_grad_custom_post_pass": SplitDelayedAddmm()}
         # AOTAutograd's cache would skip the partitioner, so the plan (model.plan, the report)
         # would be missing; Inductor's FX graph cache still serves the kernels
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        with torch_compat.FUNCTORCH_CONFIG().patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, config_patches=patches,
                               inner_compile=_compile_keeping_recomputed_in_place)
 

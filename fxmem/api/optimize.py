@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.utils import _pytree as pytree
 
+from fxmem.graph import torch_compat
+from fxmem.graph.torch_compat import pytree
 from fxmem.budget import parse_budget
 from fxmem.graph.capture import _check_loss, _held_tensors, loss_from_output
 from fxmem.graph.compile_path import compiled_code_path
@@ -65,17 +66,16 @@ class _StepModule(torch.nn.Module):
 
     def output_layout(self, tensors):
         """How the model's output is built, found by running it once on fake tensors."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.nn.utils.stateless import _reparametrize_module
+        from fxmem.graph.capture import _call_with_state
 
+        FakeTensorMode = torch_compat.FAKE_TENSOR_MODE()
         state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         with compiled_code_path(), \
                 FakeTensorMode(allow_non_fake_inputs=True) as mode:  # params as fake copies: in-place
             # updates must not reach the model; closure tensors (a loss_fn's targets) are read
             fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
             fakes = [mode.from_tensor(t) for t in tensors]
-            with _reparametrize_module(self.model, fake_state, tie_weights=True):
-                output, loss = self._output(fakes)
+            output, loss = _call_with_state(self.model, fake_state, self._output, fakes)
             return _layout(output, loss, _held_tensors(output, loss))
 
 
@@ -183,13 +183,13 @@ class OptimizedModule(torch.nn.Module):
                                               allow_coupling=m.allow_coupling)
                 return _rebuild(compiled.layout, loss, held)
             outputs = compiled.fn(*tensors)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
+        except torch_compat.DYNAMO_BACKEND_COMPILER_FAILED() as exc:
             del self._compiled[key]
             inner = getattr(exc, "inner_exception", None)
             if isinstance(inner, FxmemError):  # BudgetError and friends, not wrapped
                 raise inner.with_traceback(None) from None
             raise
-        except torch._dynamo.exc.Unsupported as exc:
+        except torch_compat.DYNAMO_UNSUPPORTED() as exc:
             del self._compiled[key]
             from fxmem.graph.capture import _capture_failure, _model_device
 
@@ -199,8 +199,6 @@ class OptimizedModule(torch.nn.Module):
         return _rebuild(compiled.layout, outputs[0], outputs[1:])
 
     def _compile(self, leaves, spec, slots, tensors) -> _Compiled:
-        import torch._dynamo
-
         from fxmem.graph.capture import _model_device
 
         device = _model_device(self.module)

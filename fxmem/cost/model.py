@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from torch.fx.node import map_arg
-from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
+from fxmem.graph.torch_compat import is_op_overload, pytree
 from fxmem.passes.rng_replay import is_random
 
 __all__ = ["DeviceSpec", "H100", "cpu_spec", "calibrate", "spec_for", "node_flops", "node_bytes",
@@ -145,7 +145,7 @@ _NO_DATA = {aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_off
 
 def _packet(node: torch.fx.Node):
     target = node.target
-    return target._overloadpacket if isinstance(target, torch._ops.OpOverload) else None
+    return target.overloadpacket if is_op_overload(target) else None
 
 
 def _is_free(node: torch.fx.Node) -> bool:

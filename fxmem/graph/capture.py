@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
-from torch.nn.utils.stateless import _reparametrize_module
-from torch.utils import _pytree as pytree
 
 from fxmem.errors import CaptureError, StepInputError
+from fxmem.graph import torch_compat
+from fxmem.graph.torch_compat import pytree
 from fxmem.graph.compile_path import compiled_code_path
 
 __all__ = ["Role", "CapturedStep", "capture_step", "loss_from_output"]
@@ -162,6 +161,29 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return devices.pop()
 
 
+class _Calling(torch.nn.Module):
+    """A module whose forward is ``fn``, holding ``model`` (for :func:`_call_with_state`)."""
+
+    def __init__(self, model: torch.nn.Module, fn: Callable):
+        super().__init__()
+        self.model = model
+        self.__dict__["fn"] = fn  # not a submodule even if a module (the model itself): its
+        # parameters are the model's, under ``model.``
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def _call_with_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], fn: Callable,
+                     *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` with ``model``'s parameters and buffers replaced by ``state`` (by
+    qualified name; tied weights stay tied): ``torch.func.functional_call`` on a module that holds
+    ``model`` and whose forward is ``fn`` (a loss function calls the model itself)."""
+    return torch.func.functional_call(_Calling(model, fn),
+                                      {f"model.{k}": v for k, v in state.items()},
+                                      args, kwargs, tie_weights=True)
+
+
 def _input_paths(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
     paths = []
     leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
@@ -232,16 +254,15 @@ def capture_step(
             leaves[slot] = t
         call_args, call_kwargs = pytree.tree_unflatten(leaves, in_spec)
         mapping = {**dict(zip(params, param_list)), **dict(zip(buffers, buffer_list))}
-        with _reparametrize_module(model, mapping, tie_weights=True):
-            if loss_fn is not None:
-                output = loss_fn(model, *call_args, **call_kwargs)
-                loss = output
-                _check_loss(loss)
-            else:
-                output = model(*call_args, **call_kwargs)
-                loss = loss_from_output(output)
+        if loss_fn is not None:
+            output = _call_with_state(model, mapping, loss_fn, model, *call_args, **call_kwargs)
+            loss = output
+            _check_loss(loss)
+        else:
+            output = _call_with_state(model, mapping, model, *call_args, **call_kwargs)
+            loss = loss_from_output(output)
         held = [t.detach() for t in _held_tensors(output, loss)]
-        layout["backward_start"] = len(get_proxy_mode().tracer.graph.nodes)
+        layout["backward_start"] = len(torch_compat.GET_PROXY_MODE()().tracer.graph.nodes)
         diff = [mapping[n] for n in trainable]
         grads = torch.autograd.grad(loss, diff, allow_unused=True)
         layout["num_held"] = len(held)
@@ -249,6 +270,7 @@ def capture_step(
         return [loss, *held, *(g for g in grads if g is not None)]
 
     input_tensors = [t for _, t in inputs]
+    make_fx = torch_compat.MAKE_FX()  # outside the try: a torch without it is not a graph break
     try:
         with torch.enable_grad(), compiled_code_path():  # the code the compiled step runs
             # stack traces: reports (e.g. ops that mix samples across the batch) name user lines
@@ -289,7 +311,7 @@ def _label(gm, layout, param_names, buffer_names, input_names, device) -> Captur
             else:
                 roles[node.name] = Role.ACTIVATION
 
-    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    output_node = gm.graph.output_node()
     outs = list(output_node.args[0])
     loss, held = outs[0], outs[1 : 1 + layout["num_held"]]
     grads = outs[1 + layout["num_held"] :]
@@ -331,7 +353,7 @@ def _capture_failure(exc, model, args, kwargs, loss_fn, device) -> CaptureError:
 
 def _graph_breaks(model, args, kwargs, loss_fn) -> list[tuple[str, str]]:
     """Graph breaks by TorchDynamo, run on the real inputs without autograd; model state restored."""
-    import torch._dynamo
+    explain = torch_compat.DYNAMO_EXPLAIN()
 
     def forward(*a, **k):
         return loss_fn(model, *a, **k) if loss_fn is not None else model(*a, **k)
@@ -340,16 +362,16 @@ def _graph_breaks(model, args, kwargs, loss_fn) -> list[tuple[str, str]]:
     rng = torch.random.get_rng_state()
     try:
         with torch.no_grad():
-            explained = torch._dynamo.explain(forward)(*args, **kwargs)
+            explained = explain(forward)(*args, **kwargs)
     except Exception as exc:  # explain itself failed: report the original error only
-        log.debug("torch._dynamo.explain failed: %s", exc)
+        log.debug("TorchDynamo's explain failed: %s", exc)
         return []
     finally:
         torch.random.set_rng_state(rng)
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(saved_buffers[n])
-        torch._dynamo.reset()
+        torch.compiler.reset()
     breaks = []
     for reason in explained.break_reasons:
         frame = next(

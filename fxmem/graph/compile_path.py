@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch
+from fxmem.graph import torch_compat
 
 __all__ = ["compiled_code_path"]
 
@@ -23,14 +23,6 @@ __all__ = ["compiled_code_path"]
 def compiled_code_path() -> Iterator[None]:
     """``torch.compiler.is_compiling()`` (and ``torch._dynamo.is_compiling()``, which asks it)
     is True inside, as it is while TorchDynamo compiles a frame; the previous value is restored."""
-    session = getattr(torch.compiler, "_compile_session_context", None)
-    if session is not None:  # what TorchDynamo itself enters for a compile (torch >= 2.11)
-        with session():
-            yield
-        return
-    old = torch.compiler._is_compiling_flag
-    torch.compiler._is_compiling_flag = True
-    try:
+    # what TorchDynamo itself enters for a compile (torch >= 2.11)
+    with torch_compat.COMPILE_SESSION_CONTEXT()():
         yield
-    finally:
-        torch.compiler._is_compiling_flag = old

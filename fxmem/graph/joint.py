@@ -22,7 +22,7 @@ def forward_node_names(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> set
     """Forward nodes: what the first ``num_fwd_outputs`` outputs depend on, plus the other outputs
     of forward ops (e.g. a layer norm's statistics, read only by the backward) and the nodes
     AOTAutograd tagged as forward -- never anything that depends on a tangent."""
-    output = next(n for n in joint.graph.nodes if n.op == "output")
+    output = joint.graph.output_node()
     stack = [n for n in output.args[0][:num_fwd_outputs] if isinstance(n, torch.fx.Node)]
     seen: set[str] = set()
     while stack:
@@ -60,7 +60,7 @@ def step_from_joint(
     backward ones (joint-graph passes may have interleaved them)."""
     placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     primals = [n for n in placeholders if not _is_tangent(n)]
-    output = next(n for n in joint.graph.nodes if n.op == "output")
+    output = joint.graph.output_node()
     outs = list(output.args[0])
     fwd_outs, grads = outs[:num_fwd_outputs], outs[num_fwd_outputs:]
     if len(grads) != len(primals):

@@ -10,8 +10,9 @@ never materialises the (tokens x vocabulary) log-softmax. What it does materiali
 - outputs of reductions and of extern kernels;
 - a loop body read by more than one consumer when inlining it twice would be costly (Inductor's
   ``should_realize_on_reuse``: on CPU any body with ``exp``/``log``/``sigmoid``/``tanh``; more
-  than ``realize_reads_threshold`` buffer reads), or one that reads too many buffers
-  (``has_exceeded_max_reads``).
+  than ``realize_reads_threshold`` buffer reads or ``realize_opcount_threshold`` ops), or one
+  that reads too many buffers (``has_exceeded_max_reads``). The thresholds are read from
+  ``torch._inductor.config`` each time a graph is modelled, so a ``config.patch`` applies.
 
 Inductor also writes a pointwise kernel's output into an input buffer that dies there (in-place
 buffer reuse), which the memory model's take-over rule expresses.
@@ -53,12 +54,13 @@ import dataclasses
 import enum
 import logging
 import operator
-import types
 from collections.abc import Sequence
 
 import torch
 import torch.fx
 
+from fxmem.errors import TorchCompatError
+from fxmem.graph import torch_compat
 from fxmem.memory.simulation import StepStorages
 
 __all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
@@ -73,9 +75,6 @@ _INLINABLE = {"gather", "index", "embedding", "constant_pad_nd", "clone", "_to_c
               "select_scatter", "slice_scatter", "convert_element_type", "where", "fill",
               "zeros", "ones", "lift_fresh_copy", "copy", "alias_copy", "expand_copy",
               "permute_copy", "view_copy"}
-_REUSE_READS = 4  # torch._inductor.config.realize_reads_threshold
-_MAX_READS = {"cpu": 12, "other": 8}  # realize_cpu_acc_reads_threshold / the default
-_MAX_OPS = 30  # realize_opcount_threshold: a body of more ops is realised when reused
 
 
 class Lowered(str, enum.Enum):
@@ -89,22 +88,20 @@ class Lowered(str, enum.Enum):
 
 
 def _base_name(target) -> str:
-    if isinstance(target, torch._ops.OpOverload):
+    if torch_compat.is_op_overload(target):
         return target._schema.name.split("::")[-1]
     return getattr(target, "__name__", str(target))
 
 
 def _op_class(node: torch.fx.Node) -> Lowered:
     """The lowering of an op on its own (before looking at its users)."""
-    from torch._inductor import lowering as inductor_lowering
-
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not torch_compat.is_op_overload(target):
         return Lowered.EXTERN  # higher-order ops (RNG replay wrappers), Python callables
     if torch.Tag.inplace_view in target.tags or _aliases_input(node):
         return Lowered.VIEW
-    if (target in inductor_lowering.fallbacks or target in inductor_lowering.needs_realized_inputs
-            or target not in inductor_lowering.lowerings):
+    if (target in torch_compat.FALLBACKS() or target in torch_compat.NEEDS_REALIZED_INPUTS()
+            or target not in torch_compat.LOWERINGS()):
         return Lowered.EXTERN
     if torch.Tag.reduction in target.tags:
         return Lowered.REDUCTION
@@ -133,10 +130,11 @@ class _Body:
 
 def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, Lowered]:
     """How Inductor lowers each ``call_function`` node of ``gm`` (getitems excluded)."""
-    max_reads = _MAX_READS["cpu" if device.type == "cpu" else "other"]
+    # Inductor's thresholds, read from its config now (torch_compat.inductor_thresholds)
+    limits = torch_compat.inductor_thresholds(device.type)
     kinds: dict[str, Lowered] = {}
     bodies: dict[str, _Body] = {}
-    outputs = {n.name for n in next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes}
+    outputs = {n.name for n in gm.graph.output_node().all_input_nodes}
 
     def body_of(node: torch.fx.Node) -> _Body:
         """What reading ``node`` costs a consumer's loop body: itself if realised."""
@@ -176,9 +174,10 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, 
             node.name in outputs
             or any(u.op != "call_function" or u.target is operator.getitem
                    or kinds.get(u.name) in (Lowered.EXTERN, Lowered.KERNEL) for u in users)
-            or len(body.reads) > max_reads
+            or len(body.reads) > limits.max_reads
             or (len(set(users)) > 1 and ((device.type == "cpu" and body.heavy)
-                                         or len(body.reads) > _REUSE_READS or body.ops > _MAX_OPS))
+                                         or len(body.reads) > limits.reuse_reads
+                                         or body.ops > limits.max_ops))
         )
         if must_realise:
             kinds[node.name] = Lowered.KERNEL
@@ -230,10 +229,9 @@ def optimizes_layout(gm: torch.fx.GraphModule) -> bool:
     """Whether Inductor runs ``gm``'s convolutions channels-last (``decide_layout_opt``)."""
     if not any(n.target is torch.ops.aten.convolution.default for n in gm.graph.nodes):
         return False
-    from torch._inductor.graph import GraphLowering
-
+    decide_layout_opt = torch_compat.DECIDE_LAYOUT_OPT()  # outside the try: missing is an error
     try:
-        return bool(GraphLowering.decide_layout_opt(gm, is_inference=False))
+        return bool(decide_layout_opt(gm, is_inference=False))
     except Exception as exc:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see
         log.debug("decide_layout_opt failed (%s); assuming channels-last copies", exc)
         return True  # the copies: the side of more memory
@@ -325,10 +323,10 @@ def free_after_kernel_groups(storages: StepStorages, kinds: Sequence[Lowered],
 def contiguous_values(gm: torch.fx.GraphModule) -> set[str]:
     """Nodes of ``gm`` (a graph whose layout Inductor optimises) with 4-d outputs that Inductor
     keeps contiguous: those outside ``GraphLowering.find_nodes_prefer_channels_last``."""
-    from torch._inductor.graph import GraphLowering
-
-    try:
-        channels_last = GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=gm))
+    try:  # called with a stand-in for GraphLowering: see torch_compat.nodes_prefer_channels_last
+        channels_last = torch_compat.nodes_prefer_channels_last(gm)
+    except TorchCompatError:
+        raise
     except Exception as exc:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see
         log.debug("find_nodes_prefer_channels_last failed (%s); assuming all channels-last", exc)
         return set()

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fxmem.graph import torch_compat
+
 __all__ = ["MeasuredMemory", "measure_memory", "measure_peak", "live_tensor_bytes"]
 
 
@@ -98,7 +100,7 @@ def _profile(fn, device: torch.device):
             torch.cuda.synchronize(device)
     events = [
         (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
+        for e in torch_compat.kineto_events(prof)
         if e.name() == "[memory]" and _event_on(e, device)
     ]
     events.sort()
@@ -171,8 +173,7 @@ def live_tensor_bytes(device: torch.device | str = "cpu", roots: Iterable | None
     With ``roots``, only the tensors in them (tensors, modules, optimizers, mappings, sequences);
     without, every tensor the garbage collector can reach, and the ``.grad`` of each.
     """
-    from torch._subclasses.fake_tensor import FakeTensor
-
+    FakeTensor = torch_compat.FAKE_TENSOR()
     device = torch.device(device)
     seen: set[int] = set()
     total = 0

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.optim.optimizer import _foreach_supported_types
-from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+from fxmem.graph import torch_compat
 
 __all__ = ["OptimizerMemory", "optimizer_memory", "SUPPORTED_OPTIMIZERS"]
 
@@ -152,8 +152,9 @@ _IMPLS = {
 def _default_foreach(device_types: list[str], params: list[torch.Tensor]) -> bool:
     # Mirrors torch.optim.optimizer._default_to_fused_or_foreach(params, differentiable=False,
     # use_fused=False) with each parameter's device type replaced by the modelled one.
-    supported = _get_foreach_kernels_supported_devices()
-    return all(type(p) in _foreach_supported_types and dt in supported
+    supported = torch_compat.FOREACH_SUPPORTED_DEVICES()()
+    supported_types = torch_compat.FOREACH_SUPPORTED_TYPES()
+    return all(type(p) in supported_types and dt in supported
                for p, dt in zip(params, device_types))
 
 
@@ -301,7 +302,8 @@ def _group_sizes(kind: str, variant: str, params: list[torch.Tensor],
     group_sizes = list(groups.values())
     if variant == "foreach" and kind == "Adam" and len([s for s in group_sizes if s]) > 2:
         if all(p.device == d for p, d in zip(params, placed)):  # torch's own (hash) order;
-            order = torch._C._group_tensors_by_device_and_dtype([params], False)  # no alloc
+            group = torch_compat.GROUP_TENSORS_BY_DEVICE_AND_DTYPE()
+            order = group([params], False)  # no alloc
             group_sizes = [groups[key] for key in order]
         else:  # meta params modelled elsewhere: order unknown, the two largest adjacent
             group_sizes = sorted(group_sizes)[-2:]

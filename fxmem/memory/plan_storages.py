@@ -15,9 +15,9 @@ import operator
 
 import torch
 import torch.fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from fxmem.graph.capture import CapturedStep, Role
+from fxmem.graph.torch_compat import storage_key
 from fxmem.memory.inductor import (
     Lowered,
     channels_last_copies,
@@ -66,13 +66,13 @@ def plan_storages(
         reuse_key_of.append((t.dtype, int(t.untyped_storage().nbytes())))
         return len(nbytes) - 1
 
-    fw_ids: dict[StorageWeakRef, int] = {}
+    fw_ids: dict[object, int] = {}
     fw_nodes: dict[str, tuple[int, ...]] = {}
     # Inductor's layout optimisation runs the convolutions, and so their backward, channels-last
     channels_last = lowering == "inductor" and optimizes_layout(fw)
 
     def fw_id(t: torch.Tensor, resident_category: str | None = None) -> int:
-        key = StorageWeakRef(t.untyped_storage())
+        key = storage_key(t.untyped_storage())
         if key not in fw_ids:
             fw_ids[key] = new_storage(t, "fw")
             if resident_category is not None:
@@ -97,19 +97,19 @@ def plan_storages(
                 reads.append(_reads(node, fw_nodes))
             elif len(nbytes) > before:  # a getitem whose storage its op did not list
                 creates[-1] = creates[-1] + tuple(range(before, len(nbytes)))
-    fw_out = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+    fw_out = fw.graph.output_node().args[0]
     user_outputs = {s for n in fw_out[:num_fwd_outputs] if isinstance(n, torch.fx.Node)
                     for s in fw_nodes[n.name]}
     backward_start = len(op_names)
 
-    bw_ids: dict[StorageWeakRef, int] = {}
+    bw_ids: dict[object, int] = {}
     bw_nodes: dict[str, tuple[int, ...]] = {}
     for node in bw.graph.nodes:
         tensors = _tensors(node.meta.get("val"))
         if node.op == "placeholder":
             ids = []
             for t in tensors:
-                key = StorageWeakRef(t.untyped_storage())
+                key = storage_key(t.untyped_storage())
                 if key in fw_ids:
                     ids.append(fw_ids[key])
                 else:  # a tangent: made by autograd just before the backward
@@ -121,7 +121,7 @@ def plan_storages(
             before = len(nbytes)
             ids = []
             for t in tensors:
-                key = StorageWeakRef(t.untyped_storage())
+                key = storage_key(t.untyped_storage())
                 if node.target is operator.getitem or key in _input_keys(node):
                     ids.append(bw_ids[key] if key in bw_ids else new_storage(t, "bw"))
                 else:
@@ -136,7 +136,7 @@ def plan_storages(
                 reads.append(_reads(node, bw_nodes))
             elif len(nbytes) > before:
                 creates[-1] = creates[-1] + tuple(range(before, len(nbytes)))
-    bw_out = next(n for n in bw.graph.nodes if n.op == "output").args[0]
+    bw_out = bw.graph.output_node().args[0]
     grads = {s for n in bw_out if isinstance(n, torch.fx.Node) for s in bw_nodes[n.name]}
 
     if channels_last:
@@ -262,11 +262,11 @@ def _add_scratch(node, device, nbytes, category, phase_of, reuse_key_of, phase,
         reuse_key_of.append(None)
 
 
-def _input_keys(node: torch.fx.Node) -> set[StorageWeakRef]:
+def _input_keys(node: torch.fx.Node) -> set[object]:
     keys = set()
     for inp in node.all_input_nodes:
         for t in _tensors(inp.meta.get("val")):
-            keys.add(StorageWeakRef(t.untyped_storage()))
+            keys.add(storage_key(t.untyped_storage()))
     return keys
 
 

@@ -11,9 +11,9 @@ import operator
 
 import torch
 import torch.fx
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from fxmem.graph.capture import CapturedStep, Role
+from fxmem.graph.torch_compat import is_op_overload, storage_key
 from fxmem.memory.simulation import StepStorages
 
 __all__ = ["step_storages", "allocation_bytes", "scratch_bytes"]
@@ -45,11 +45,9 @@ def scratch_bytes(node: torch.fx.Node, device: torch.device, *, channels_last: b
     if device.type != "cpu" or node.op != "call_function":
         return 0
     target, args = node.target, node.args
-    if not isinstance(target, torch._ops.OpOverload) and args \
-            and isinstance(args[0], torch._ops.OpOverload):
+    if not is_op_overload(target) and args and is_op_overload(args[0]):
         target, args = args[0], args[1:]  # run_and_save_rng_state(op, *args)
-    elif not isinstance(target, torch._ops.OpOverload) and len(args) > 1 \
-            and isinstance(args[1], torch._ops.OpOverload):
+    elif not is_op_overload(target) and len(args) > 1 and is_op_overload(args[1]):
         target, args = args[1], args[2:]  # run_with_rng_state(state, op, *args)
     if target is torch.ops.aten.convolution_backward.default and len(args) > 2:
         if channels_last:  # oneDNN works on channels-last tensors in place; it reorders the weight
@@ -88,7 +86,7 @@ def step_storages(step: CapturedStep, device: torch.device | None = None, *,
     """
     device = device or step.device
     gm = step.gm
-    key_to_id: dict[StorageWeakRef, int] = {}
+    key_to_id: dict[object, int] = {}
     nbytes: list[int] = []
     created_by: list[int | None] = []  # op index, or None for resident storages
     node_storages: dict[str, tuple[int, ...]] = {}
@@ -99,7 +97,7 @@ def step_storages(step: CapturedStep, device: torch.device | None = None, *,
         ids = []
         for t in tensors:
             storage = t.untyped_storage()
-            key = StorageWeakRef(storage)
+            key = storage_key(storage)
             if key not in key_to_id:
                 key_to_id[key] = len(nbytes)
                 nbytes.append(allocation_bytes(int(storage.nbytes()), device))
@@ -137,7 +135,7 @@ def step_storages(step: CapturedStep, device: torch.device | None = None, *,
                 tuple(sorted({s for inp in node.all_input_nodes for s in node_storages.get(inp.name, ())}))
             )
 
-    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    output_node = gm.graph.output_node()
     pinned = {s for n in output_node.all_input_nodes for s in node_storages[n.name]}
     grad_storages = {s for name in step.grad_of for s in node_storages[name]}
     held = {s for name in [step.loss_node, *step.held_outputs] for s in node_storages[name]}

@@ -29,15 +29,16 @@ import logging
 
 import torch
 import torch.fx
-from torch._inductor.choices import InductorChoices
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from fxmem.graph import torch_compat
 from fxmem.passes.recompute import RECOMPUTED
 
 __all__ = ["SplitDelayedAddmm", "KeepRecomputedInPlace", "keep_recomputed_in_place", "NEAR"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
+InductorChoices = torch_compat.INDUCTOR_CHOICES()
+CustomGraphPass = torch_compat.CUSTOM_GRAPH_PASS()
 
 
 def _nbytes(node: torch.fx.Node) -> int:
@@ -142,6 +143,4 @@ class KeepRecomputedInPlace(InductorChoices):
 
 def keep_recomputed_in_place() -> contextlib.AbstractContextManager:
     """Install :class:`KeepRecomputedInPlace` as Inductor's choices handler for this thread."""
-    from torch._inductor.virtualized import V
-
-    return V.set_choices_handler(KeepRecomputedInPlace())
+    return torch_compat.VIRTUALIZED_V().set_choices_handler(KeepRecomputedInPlace())

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.fx
-from torch._functorch.partitioners import _extract_fwd_bwd_modules
 
+from fxmem.graph import torch_compat
 from fxmem.graph.joint import forward_node_names
 
 __all__ = ["RecomputeRecord", "split_with_saved", "sink_recomputed", "remove_dead", "RECOMPUTED"]
@@ -65,7 +65,7 @@ def split_with_saved(
     missing = [s for s in saved if s not in nodes or s not in forward]
     if missing:
         raise ValueError(f"cannot save nodes that are not forward nodes of the joint graph: {missing[:5]}")
-    output = next(n for n in joint.graph.nodes if n.op == "output")
+    output = joint.graph.output_node()
     fwd_outputs = [n for n in output.args[0][:num_fwd_outputs] if isinstance(n, torch.fx.Node)]
     primals = [n for n in joint.graph.nodes if n.op == "placeholder" and n.name in forward]
     saved_values = list(dict.fromkeys(
@@ -73,7 +73,7 @@ def split_with_saved(
     ))
     saved_sym = [n for n in joint.graph.nodes if n.name in forward and _is_sym(n)]
     saved_values = [n for n in saved_values if not _is_sym(n)]
-    fw, bw = _extract_fwd_bwd_modules(
+    fw, bw = torch_compat.EXTRACT_FWD_BWD_MODULES()(
         joint, saved_values, saved_sym, num_fwd_outputs=num_fwd_outputs
     )
     remove_dead(bw)
@@ -97,7 +97,7 @@ def _save_copies_of(fw, bw, buffers: set[str], num_fwd_outputs: int) -> None:
     read = {n.name for n in bw.graph.nodes if n.op == "placeholder" and n.name in buffers}
     if not read:
         return
-    output = next(n for n in fw.graph.nodes if n.op == "output")
+    output = fw.graph.output_node()
     outs = list(output.args[0])
     first_op = next(n for n in fw.graph.nodes if n.op != "placeholder")
     for i, node in enumerate(outs):
@@ -117,7 +117,7 @@ def _is_view(node: torch.fx.Node) -> bool:
     target = node.target
     if target is operator.getitem:
         return True
-    if not isinstance(target, torch._ops.OpOverload):
+    if not torch_compat.is_op_overload(target):
         return False
     return bool(target._schema.returns) and all(
         r.alias_info is not None and not r.alias_info.is_write for r in target._schema.returns
@@ -136,7 +136,7 @@ def remove_dead(gm: torch.fx.GraphModule) -> int:
         if node.op != "call_function" or node.users:
             continue
         target = node.target
-        writes = isinstance(target, torch._ops.OpOverload) and any(
+        writes = torch_compat.is_op_overload(target) and any(
             a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments
         )
         if not writes:

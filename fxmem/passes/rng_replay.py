@@ -16,7 +16,8 @@ import operator
 
 import torch
 import torch.fx
-from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+
+from fxmem.graph import torch_compat
 
 __all__ = ["RngReplayRecord", "replay_random_ops", "is_random", "is_replayable"]
 
@@ -32,7 +33,7 @@ def is_random(node: torch.fx.Node) -> bool:
     kernels (their ``dropout_p`` defaults to 0) and the RNNs. An op whose dropout probability is
     0 (or that runs with ``train=False``) draws nothing: it is a plain deterministic op."""
     target = node.target
-    if not (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+    if not (node.op == "call_function" and torch_compat.is_op_overload(target)
             and torch.Tag.nondeterministic_seeded in target.tags):
         return False
     values = _schema_values(node)
@@ -75,10 +76,8 @@ class RngReplayRecord:
 
 
 def _fake_mode(gm: torch.fx.GraphModule):
-    from torch._guards import detect_fake_mode
-
     vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    return detect_fake_mode(vals)
+    return torch_compat.DETECT_FAKE_MODE()(vals)
 
 
 def replay_random_ops(
@@ -89,8 +88,10 @@ def replay_random_ops(
     targets = [n for n in bw.graph.nodes if is_random(n) and n.name in fw_nodes]
     if not targets:
         return RngReplayRecord(replayed=())
+    run_and_save_rng_state = torch_compat.RUN_AND_SAVE_RNG_STATE()
+    run_with_rng_state = torch_compat.RUN_WITH_RNG_STATE()
     fake_mode = _fake_mode(fw)
-    fw_output = next(n for n in fw.graph.nodes if n.op == "output")
+    fw_output = fw.graph.output_node()
     outs = list(fw_output.args[0])
     n_saved_tensors = sum(1 for o in outs[num_fwd_outputs:]
                           if isinstance(o, torch.fx.Node) and isinstance(o.meta.get("val"), torch.Tensor))
@@ -110,7 +111,7 @@ def replay_random_ops(
             (fw_node.args, fw_node.kwargs), lambda a: a.meta["val"])
         with fake_mode:
             state_val, _ = run_and_save_rng_state(fw_node.target, *fake_args, **fake_kwargs)
-        if not isinstance(state_val, torch._subclasses.FakeTensor):  # the CPU impl reads the
+        if not isinstance(state_val, torch_compat.FAKE_TENSOR()):  # the CPU impl reads the
             state_val = fake_mode.from_tensor(state_val)  # real generator even under fake mode
         both.meta["val"] = (state_val, fw_node.meta["val"])
         state.meta["val"] = state_val

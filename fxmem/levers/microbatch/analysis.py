@@ -22,9 +22,8 @@ from types import MappingProxyType
 import torch
 import torch.fx
 
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils import _pytree as pytree
-
+from fxmem.graph import torch_compat
+from fxmem.graph.torch_compat import pytree
 from fxmem.levers.microbatch.ops import LOSS_OPS, NLL_OPS, Problem, op_kwargs, op_name
 from fxmem.levers.microbatch.propagation import Propagation
 from fxmem.graph.capture import CapturedStep, Role
@@ -225,7 +224,7 @@ def _target_weight(step, prop, nll: torch.fx.Node) -> tuple[Callable | None, str
     inputs = [n for n in step.gm.graph.nodes
               if n.op == "placeholder" and n.name in step.input_names]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch_compat.FAKE_TENSOR_MODE()(allow_non_fake_inputs=True):
             fakes = [torch.empty([1 if d == prop.state(n).dim else s for d, s in
                                   enumerate(n.meta["val"].shape)], dtype=n.meta["val"].dtype,
                                  device=n.meta["val"].device) for n in inputs]

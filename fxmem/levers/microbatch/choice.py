@@ -17,8 +17,8 @@ import logging
 import time
 
 import torch
-from torch.utils import _pytree as pytree
 
+from fxmem.graph.torch_compat import pytree
 from fxmem.levers.microbatch.analysis import BatchAnalysis
 from fxmem.graph.capture import capture_step
 from fxmem.cost.model import graph_costs, spec_for

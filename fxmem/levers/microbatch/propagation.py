@@ -25,6 +25,7 @@ from fxmem.levers.microbatch.ops import (ALONG_OPS, BATCH_NORM_OPS, CONST_OPS, E
                         leading_independent, op_kwargs, op_name, place_values, shape_of)
 from fxmem.levers.microbatch.ops import BatchState as _V
 from fxmem.graph.capture import CapturedStep
+from fxmem.graph.torch_compat import is_op_overload
 
 __all__ = ["Propagation"]
 
@@ -106,7 +107,7 @@ class Propagation:
             parent = self.S.get(node.args[0].name)
             self.S[node.name] = parent[node.args[1]] if isinstance(parent, list) else parent
             return
-        if not isinstance(node.target, torch._ops.OpOverload) \
+        if not is_op_overload(node.target) \
                 or not isinstance(val, (torch.Tensor, list, tuple)):
             return
         tensors = [a for a in node.all_input_nodes if self.state(a) is not None]

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 
 from fxmem.graph.capture import CapturedStep
+from fxmem.graph.torch_compat import is_op_overload
 from fxmem.memory.inductor import (
     Lowered,
     free_after_kernel_groups,
@@ -47,12 +48,12 @@ class ProblemMap:
 
 
 def _tag(node: torch.fx.Node, tag) -> bool:
-    return isinstance(node.target, torch._ops.OpOverload) and tag in node.target.tags
+    return is_op_overload(node.target) and tag in node.target.tags
 
 
 def _is_mutating(node: torch.fx.Node) -> bool:
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not is_op_overload(target):
         return target is not operator.getitem
     return any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
 
