@@ -66,7 +66,7 @@ from bench.workloads import WORKLOADS  # noqa: E402
 from fxmem.memory.measure import live_tensor_bytes  # noqa: E402
 from fxmem.examples.wide_resnet import BasicBlock  # noqa: E402
 from fxmem.api.optimize import optimize  # noqa: E402
-from fxmem.planning.planner import default_margin  # noqa: E402
+from fxmem.planning.options import default_margin  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MiB = 2**20

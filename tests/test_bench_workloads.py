@@ -175,7 +175,7 @@ def test_inductor_plan_near_its_floor_holds_the_budget(over_floor):
     budget and within the planning margin of the prediction (recomputed ReLUs that Inductor fused
     into an earlier kernel once held 10 MiB more than planned here)."""
     import fxmem
-    from fxmem.planning.planner import default_margin
+    from fxmem.planning.options import default_margin
 
     w = WORKLOADS["wrn_28_2"]()
     model, args, kwargs = w["model"], w["args"], w["kwargs"]

@@ -33,7 +33,8 @@ import torch.fx
 from fxmem.budget import parse_budget
 from fxmem.graph import torch_compat
 from fxmem.passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_place
-from fxmem.planning.planner import LEVERS, Plan, PlanOptions, optimizer_bytes, plan_joint
+from fxmem.planning.options import PlanOptions, StepContext, check_allow
+from fxmem.planning.planner import Plan, optimizer_bytes, plan_joint
 
 __all__ = ["fxmem_backend", "FxmemPartitioner", "make_backend", "PlanLog"]
 
@@ -69,23 +70,25 @@ def _source_hash() -> str:
 class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
     """A partition function (AOTAutograd's, or Inductor's custom_partitioner_fn) that plans."""
 
-    def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None):
-        self.options, self.plans, self.n_static = options, plans, n_static
+    def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None, *,
+                 context: StepContext = StepContext()):
+        self.options, self.plans, self.n_static, self.context = options, plans, n_static, context
 
     def __call__(self, joint, joint_inputs, **kwargs):
         static = set(kwargs.get("static_lifetime_input_indices") or ())
         if self.n_static is not None:
             static |= set(range(self.n_static))
         plan = plan_joint(joint, num_fwd_outputs=kwargs["num_fwd_outputs"],
-                          static_input_indices=static, options=self.options)
+                          static_input_indices=static, options=self.options,
+                          context=self.context)
         self.plans.plans.append(plan)
         log.info("fxmem plan: %s", plan.record.summary())
         return plan.graphs["forward"], plan.graphs["backward"]
 
     def uuid(self) -> Any:
         opts = dataclasses.asdict(self.options)
-        opts.pop("device_spec", None)
-        key = repr(sorted((k, repr(v)) for k, v in opts.items())) + repr(self.n_static)
+        key = (repr(sorted((k, repr(v)) for k, v in opts.items())) + repr(self.n_static)
+               + self.context.key())
         return hashlib.sha256((_source_hash() + key).encode()).hexdigest()
 
 
@@ -104,16 +107,14 @@ def _compile_keeping_recomputed_in_place(*args, **kwargs):
         return compile_fx_inner(*args, **kwargs)
 
 
-def make_backend(options: PlanOptions, plans: PlanLog, *, lowering: str = "inductor",
+def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext = StepContext(),
                  exact_random: bool = True):
-    """A TorchDynamo backend that plans every graph it is given with ``options``."""
-    if lowering not in ("inductor", "eager"):
-        raise ValueError(f"lowering must be 'inductor' or 'eager', got {lowering!r}")
-    options = dataclasses.replace(options, lowering=lowering)  # the memory model follows it
+    """A TorchDynamo backend that plans every graph it is given with ``options`` (whose
+    ``lowering`` says how the graphs run: the memory model follows it) and ``context``."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
-        partitioner = FxmemPartitioner(options, plans)
-        if lowering == "eager":
+        partitioner = FxmemPartitioner(options, plans, context=context)
+        if options.lowering == "eager":
             aot_autograd = torch_compat.AOT_AUTOGRAD()
             return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,
                                 partition_fn=partitioner)(gm, example_inputs)
@@ -129,18 +130,17 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, lowering: str = "induc
     return backend
 
 
-def options_from_mapping(options: Mapping[str, Any] | None) -> tuple[PlanOptions, str, bool]:
-    """PlanOptions, lowering and exact_random from torch.compile's ``options`` dict."""
+def options_from_mapping(options: Mapping[str, Any] | None
+                         ) -> tuple[PlanOptions, StepContext, bool]:
+    """PlanOptions, the optimizer's StepContext and exact_random from torch.compile's
+    ``options`` dict."""
     options = dict(options or {})
     unknown = set(options) - _OPTION_KEYS
     if unknown:
         raise ValueError(f"unknown fxmem options {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
     if "budget" not in options:
         raise ValueError('the fxmem backend needs a budget: options={"budget": "2GiB"}')
-    allow = options.get("allow", ("recompute",))
-    allow = frozenset([allow] if isinstance(allow, str) else allow)
-    if allow - LEVERS:
-        raise ValueError(f"unknown levers {sorted(allow - LEVERS)}; the levers are {sorted(LEVERS)}")
+    allow = check_allow(options.get("allow", ("recompute",)))
     state = step = 0
     optimizer = options.get("optimizer")
     if optimizer is not None:
@@ -151,15 +151,16 @@ def options_from_mapping(options: Mapping[str, Any] | None) -> tuple[PlanOptions
         strategy=options.get("strategy", "ilp"), time_limit=float(options.get("time_limit", 30.0)),
         safety_margin=None if options.get("safety_margin") is None
         else float(options["safety_margin"]),  # None: default_margin, once the device is known
-        optimizer_state=state, optimizer_step=step, cost=options.get("cost", "roofline"),
+        cost=options.get("cost", "roofline"), lowering=options.get("lowering", "inductor"),
     )
-    return plan_options, options.get("lowering", "inductor"), bool(options.get("exact_random", True))
+    return (plan_options, StepContext.of_optimizer(state, step),
+            bool(options.get("exact_random", True)))
 
 LAST_PLANS = PlanLog()  # plans made through torch.compile(backend="fxmem"), newest last
 
 
 def fxmem_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None):
     """``torch.compile(model, backend="fxmem", options={"budget": ...})``."""
-    plan_options, lowering, exact_random = options_from_mapping(options)
-    backend = make_backend(plan_options, LAST_PLANS, lowering=lowering, exact_random=exact_random)
+    plan_options, context, exact_random = options_from_mapping(options)
+    backend = make_backend(plan_options, LAST_PLANS, context=context, exact_random=exact_random)
     return backend(gm, example_inputs)

@@ -30,8 +30,10 @@ from fxmem.graph.capture import _check_loss, _held_tensors, loss_from_output
 from fxmem.graph.compile_path import compiled_code_path
 from fxmem.errors import FxmemError, StepInputError
 from fxmem.api.backend import PlanLog, make_backend
-from fxmem.levers.microbatch.runtime import COUPLING_CHOICES, run_microbatched
-from fxmem.planning.planner import LEVERS, Plan, PlanOptions, default_margin, optimizer_bytes
+from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
+from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
+from fxmem.planning.options import PlanOptions, StepContext, check_allow
+from fxmem.planning.planner import Plan, optimizer_bytes
 
 __all__ = ["optimize", "OptimizedModule"]
 
@@ -111,28 +113,19 @@ def _rebuild(layout, loss, held):
 
 
 @dataclasses.dataclass
-class _Microbatching:
-    analysis: Any  # fxmem.levers.microbatch.analysis.BatchAnalysis
-    sizes: tuple[int, ...]
-    allow_coupling: bool
-    buffers: list
-    report: Any  # fxmem.levers.microbatch.runtime.MicrobatchReport
-    choice: Any = None  # fxmem.levers.microbatch.choice.MicrobatchChoice (None when k was given)
-
-
-@dataclasses.dataclass
 class _Compiled:
     fn: Callable
     plans: PlanLog
     layout: tuple
-    micro: _Microbatching | None = None
+    micro: MicrobatchDecision | None = None
+    run_micro: Callable | None = None  # the microbatch loop around fn
 
 
 class OptimizedModule(torch.nn.Module):
     """Wraps a model; plans on the first call for each input signature. ``plan`` is the latest."""
 
     def __init__(self, model, options: PlanOptions, *, optimizer=None, loss_fn=None,
-                 lowering: str = "eager", microbatches: int | None = None,
+                 microbatches: int | None = None,
                  microbatch_coupling: str = "refuse", batch_dims=None, exact_random: bool = True):
         super().__init__()
         self._exact_random = exact_random
@@ -143,7 +136,6 @@ class OptimizedModule(torch.nn.Module):
         self._options = options
         self._optimizer = optimizer
         self._loss_fn = loss_fn
-        self._lowering = lowering
         self._compiled: dict[Any, _Compiled] = {}
         self._last: _Compiled | None = None
 
@@ -175,12 +167,8 @@ class OptimizedModule(torch.nn.Module):
             self._compiled[key] = compiled
         self._last = compiled
         try:
-            if compiled.micro is not None:
-                m = compiled.micro
-                params = [p for p in self.module.parameters() if p.requires_grad]
-                loss, held = run_microbatched(compiled.fn, tensors, analysis=m.analysis,
-                                              sizes=m.sizes, params=params, buffers=m.buffers,
-                                              allow_coupling=m.allow_coupling)
+            if compiled.run_micro is not None:
+                loss, held = compiled.run_micro(tensors)
                 return _rebuild(compiled.layout, loss, held)
             outputs = compiled.fn(*tensors)
         except torch_compat.DYNAMO_BACKEND_COMPILER_FAILED() as exc:
@@ -218,62 +206,24 @@ class OptimizedModule(torch.nn.Module):
             raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn, device) from exc
         options = self._options
         if options.safety_margin is None:
-            options = dataclasses.replace(
-                options, safety_margin=default_margin(self._lowering, device))
+            options = dataclasses.replace(options, safety_margin=options.margin_for(device))
+        context = StepContext()
         if self._optimizer is not None:
             grads = [p for p in self.module.parameters() if p.requires_grad]
-            state, step_bytes = optimizer_bytes(self._optimizer, grads)
-            options = dataclasses.replace(options, optimizer_state=state, optimizer_step=step_bytes)
-        micro = None
+            context = StepContext.of_optimizer(*optimizer_bytes(self._optimizer, grads))
+        micro = lever = None
         if "microbatch" in options.allow or self._microbatches:
-            micro, options = self._plan_microbatches(leaves, spec, slots, options)
+            lever = MicrobatchLever(self.module, options, loss_fn=self._loss_fn,
+                                    batch_dims=self._batch_dims, coupling=self._coupling,
+                                    microbatches=self._microbatches)
+            micro = lever.decide(leaves, spec, slots, context)
+            if micro is not None:
+                context = micro.context
         plans = PlanLog()
-        backend = make_backend(options, plans, lowering=self._lowering,
-                               exact_random=self._exact_random)
+        backend = make_backend(options, plans, context=context, exact_random=self._exact_random)
         fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
-        return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro)
-
-    def _plan_microbatches(self, leaves, spec, slots, options):
-        """Whether and how to split the batch: (_Microbatching or None, options for the
-        microbatch graph's plan)."""
-        from fxmem.levers.microbatch.analysis import analyze_batch
-        from fxmem.graph.capture import capture_step
-        from fxmem.levers.microbatch.runtime import check_microbatchable, microbatch_report, split_sizes
-        from fxmem.levers.microbatch.choice import choose_microbatches, extra_resident
-
-        args, kwargs = pytree.tree_unflatten(leaves, spec)
-        whole = capture_step(self.module, args, kwargs, loss_fn=self._loss_fn)
-        analysis = analyze_batch(whole, self._batch_dims)
-        allow_coupling = self._coupling == "per-microbatch"
-        nodes = {n.name: n for n in whole.gm.graph.nodes}
-        held_bytes = sum(nodes[h].meta["val"].untyped_storage().nbytes()
-                         for h in whole.held_outputs)
-        constant = {"optimizer state": options.optimizer_state} if options.optimizer_state else {}
-        choice = None
-        if self._microbatches:
-            sizes = tuple(split_sizes(analysis.batch_size, self._microbatches))
-        else:
-            usable = analysis.reduction is not None and (not analysis.coupling or allow_coupling)
-            choice = choose_microbatches(
-                self.module, leaves, spec, slots, analysis=analysis, budget=options.budget,
-                margin=options.safety_margin, loss_fn=self._loss_fn, constant=constant,
-                held_bytes=held_bytes, candidates=None if usable else [1],
-                recompute="recompute" in options.allow, whole=whole)
-            if not usable and not choice.options[0].feasible:
-                check_microbatchable(analysis, allow_coupling=allow_coupling)  # says why not
-            sizes = choice.sizes
-            log.info("%s", choice.summary())
-        if len(sizes) == 1:
-            return None, options
-        check_microbatchable(analysis, allow_coupling=allow_coupling)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        extra = extra_resident([leaves[s] for s in slots], held_bytes, sizes,
-                               analysis.flat_batch_dims, params)
-        options = dataclasses.replace(options, extra_resident=tuple(extra.items()))
-        buffers = [self.module.get_buffer(name) for name in analysis.mutated_buffers]
-        micro = _Microbatching(analysis, sizes, allow_coupling, buffers,
-                               microbatch_report(analysis, sizes), choice)
-        return micro, options
+        run_micro = lever.runtime(fn, micro) if lever is not None else None
+        return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro, run_micro=run_micro)
 
 
 _compiles = itertools.count()
@@ -333,9 +283,9 @@ def optimize(
     "args[0]" or "kwargs['labels']": dim or None}) overrides the batch dimension found.
     ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
     graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
-    few KiB to MiB at the peak. Default (:func:`fxmem.planning.planner.default_margin`): 1%, and 3% for
+    few KiB to MiB at the peak. Default (:func:`fxmem.planning.options.default_margin`): 1%, and 3% for
     Inductor on a GPU, whose buffers fxmem models from Inductor's fusion, layout and buffer-pool
-    rules (:mod:`fxmem.inductor_memory`) but has not measured against Triton's.
+    rules (:mod:`fxmem.memory.inductor`) but has not measured against Triton's.
     ``exact_random`` (with ``lowering="inductor"``): True (default) draws random ops (dropout) as
     eager PyTorch does, so the step's values and gradients equal eager's under the same seed;
     False lets Inductor fuse them into its kernels with its own seeded generator, as
@@ -349,11 +299,10 @@ def optimize(
         raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
     if not isinstance(exact_random, bool):
         raise TypeError(f"exact_random must be a bool, got {type(exact_random).__name__}")
-    allow = frozenset([allow] if isinstance(allow, str) else allow)
-    if allow - LEVERS:
-        raise ValueError(f"unknown levers {sorted(allow - LEVERS)}; the levers are {sorted(LEVERS)}")
+    allow = check_allow(allow)
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
-                          time_limit=time_limit, safety_margin=safety_margin, cost=cost)
+                          lowering=lowering, time_limit=time_limit,
+                          safety_margin=safety_margin, cost=cost)
     if microbatch_coupling not in COUPLING_CHOICES:
         raise ValueError(f"microbatch_coupling must be one of {COUPLING_CHOICES}, "
                          f"got {microbatch_coupling!r}")
@@ -362,6 +311,6 @@ def optimize(
     if microbatches and microbatches > 1 and "microbatch" not in allow:
         allow = allow | {"microbatch"}
     options = dataclasses.replace(options, allow=allow)
-    return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn, lowering=lowering,
+    return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn,
                            microbatches=microbatches, microbatch_coupling=microbatch_coupling,
                            batch_dims=batch_dims, exact_random=exact_random)

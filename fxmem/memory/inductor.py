@@ -61,6 +61,7 @@ import torch.fx
 
 from fxmem.errors import TorchCompatError
 from fxmem.graph import torch_compat
+from fxmem.graph.ops import aliases_input, base_name
 from fxmem.memory.simulation import StepStorages
 
 __all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
@@ -87,38 +88,21 @@ class Lowered(str, enum.Enum):
     VIEW = "view"  # no storage of its own
 
 
-def _base_name(target) -> str:
-    if torch_compat.is_op_overload(target):
-        return target._schema.name.split("::")[-1]
-    return getattr(target, "__name__", str(target))
-
-
 def _op_class(node: torch.fx.Node) -> Lowered:
     """The lowering of an op on its own (before looking at its users)."""
     target = node.target
     if not torch_compat.is_op_overload(target):
         return Lowered.EXTERN  # higher-order ops (RNG replay wrappers), Python callables
-    if torch.Tag.inplace_view in target.tags or _aliases_input(node):
+    if torch.Tag.inplace_view in target.tags or aliases_input(node):
         return Lowered.VIEW
     if (target in torch_compat.FALLBACKS() or target in torch_compat.NEEDS_REALIZED_INPUTS()
             or target not in torch_compat.LOWERINGS()):
         return Lowered.EXTERN
     if torch.Tag.reduction in target.tags:
         return Lowered.REDUCTION
-    if torch.Tag.pointwise in target.tags or _base_name(target) in _INLINABLE:
+    if torch.Tag.pointwise in target.tags or base_name(target) in _INLINABLE:
         return Lowered.INLINED
     return Lowered.KERNEL
-
-
-def _aliases_input(node: torch.fx.Node) -> bool:
-    from fxmem.memory.storages import _tensors
-
-    outs = _tensors(node.meta.get("val"))
-    if not outs:
-        return False
-    ins = {t.untyped_storage()._cdata for inp in node.all_input_nodes
-           for t in _tensors(inp.meta.get("val"))}
-    return all(t.untyped_storage()._cdata in ins for t in outs)
 
 
 @dataclasses.dataclass
@@ -151,7 +135,7 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, 
             bodies[node.name] = _Body(
                 reads=set().union(*(p.reads for p in parts)) if parts else set(),
                 ops=sum(p.ops for p in parts) + (kind is Lowered.INLINED),
-                heavy=any(p.heavy for p in parts) or _base_name(node.target) in _HEAVY,
+                heavy=any(p.heavy for p in parts) or base_name(node.target) in _HEAVY,
             )
         kinds[node.name] = kind
 

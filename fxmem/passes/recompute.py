@@ -20,8 +20,11 @@ import torch.fx
 
 from fxmem.graph import torch_compat
 from fxmem.graph.joint import forward_node_names
+from fxmem.graph.ops import is_view, writes_argument
+from fxmem.passes.base import GraphPass, PassInvariantError, StepGraphs
 
-__all__ = ["RecomputeRecord", "split_with_saved", "sink_recomputed", "remove_dead", "RECOMPUTED"]
+__all__ = ["RecomputeRecord", "RecomputeSplit", "SaveDecision", "split_with_saved", "sink_recomputed",
+           "remove_dead", "RECOMPUTED"]
 
 RECOMPUTED = "fxmem_recomputed"  # node.meta key: a forward op the backward runs again
 
@@ -82,8 +85,8 @@ def split_with_saved(
     moved = sink_recomputed(bw, {n.name for n in copied})
     for n in copied:  # Inductor's fusion keeps them where they are (passes.inductor_order)
         n.meta[RECOMPUTED] = True
-    recomputed = [n.name for n in copied if not _is_view(n)]
-    views = [n.name for n in copied if _is_view(n)]
+    recomputed = [n.name for n in copied if not is_view(n)]
+    views = [n.name for n in copied if is_view(n)]
     received = tuple(n.name for n in bw.graph.nodes if n.op == "placeholder" and n.name in forward
                      and n.name not in {p.name for p in primals})
     record = RecomputeRecord(saved=received, recomputed=tuple(recomputed), views=tuple(views),
@@ -113,20 +116,6 @@ def _save_copies_of(fw, bw, buffers: set[str], num_fwd_outputs: int) -> None:
     fw.recompile()
 
 
-def _is_view(node: torch.fx.Node) -> bool:
-    target = node.target
-    if target is operator.getitem:
-        return True
-    if not torch_compat.is_op_overload(target):
-        return False
-    return bool(target._schema.returns) and all(
-        r.alias_info is not None and not r.alias_info.is_write for r in target._schema.returns
-    ) or target in _VIEW_LIKE
-
-
-_VIEW_LIKE = {torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default}
-
-
 def remove_dead(gm: torch.fx.GraphModule) -> int:
     """Delete nodes whose results nobody reads, random ones included (FX keeps those as impure);
     only ops that write to an argument stay. A backward that reran a forward random op just to
@@ -136,10 +125,7 @@ def remove_dead(gm: torch.fx.GraphModule) -> int:
         if node.op != "call_function" or node.users:
             continue
         target = node.target
-        writes = torch_compat.is_op_overload(target) and any(
-            a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments
-        )
-        if not writes:
+        if not (torch_compat.is_op_overload(target) and writes_argument(node)):
             gm.graph.erase_node(node)
             removed += 1
     return removed
@@ -161,3 +147,35 @@ def sink_recomputed(gm: torch.fx.GraphModule, names: set[str]) -> int:
     gm.graph.lint()
     gm.recompile()
     return moved
+
+
+class RecomputeSplit(GraphPass):
+    """The recompute pass as a :class:`~fxmem.passes.base.GraphPass`: the joint graph and a
+    :class:`SaveDecision` in, the forward and backward graphs and a :class:`RecomputeRecord`
+    out."""
+
+    name = "recompute-split"
+
+    def run(self, graphs: StepGraphs, decision: "SaveDecision") -> tuple[StepGraphs, RecomputeRecord]:
+        if graphs.joint is None:
+            raise ValueError("the recompute split needs the joint graph")
+        fw, bw, record = split_with_saved(graphs.joint, decision.saved,
+                                          num_fwd_outputs=graphs.num_fwd_outputs,
+                                          buffers=decision.buffers)
+        return StepGraphs(graphs.num_fwd_outputs, joint=graphs.joint, forward=fw,
+                          backward=bw), record
+
+    def ensures(self, before: StepGraphs, after: StepGraphs) -> None:
+        super().ensures(before, after)
+        n_out = len(after.forward.graph.output_node().args[0])
+        if n_out < after.num_fwd_outputs:
+            raise PassInvariantError(f"pass {self.name}: the forward returns {n_out} values, "
+                                     f"fewer than the step's {after.num_fwd_outputs} outputs")
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveDecision:
+    """Which forward values to save (node names), and the buffers the step may mutate."""
+
+    saved: tuple[str, ...]
+    buffers: tuple[str, ...] = ()

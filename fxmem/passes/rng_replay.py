@@ -18,8 +18,10 @@ import torch
 import torch.fx
 
 from fxmem.graph import torch_compat
+from fxmem.passes.base import GraphPass, PassInvariantError, StepGraphs
+from fxmem.passes.recompute import RECOMPUTED
 
-__all__ = ["RngReplayRecord", "replay_random_ops", "is_random", "is_replayable"]
+__all__ = ["RngReplayRecord", "replay_random_ops", "is_random", "is_replayable", "RngReplay"]
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +156,25 @@ def _order_placeholders(gm: torch.fx.GraphModule) -> None:
         return
     for p in placeholders:
         first_other.prepend(p)
+
+
+class RngReplay(GraphPass):
+    """The RNG-replay pass as a :class:`~fxmem.passes.base.GraphPass`: the forward and backward
+    graphs in (rewritten in place), a :class:`RngReplayRecord` out; no decision."""
+
+    name = "rng-replay"
+
+    def run(self, graphs: StepGraphs, decision: None = None) -> tuple[StepGraphs, RngReplayRecord]:
+        if graphs.forward is None or graphs.backward is None:
+            raise ValueError("RNG replay needs the forward and backward graphs")
+        record = replay_random_ops(graphs.forward, graphs.backward,
+                                   num_fwd_outputs=graphs.num_fwd_outputs)
+        return graphs, record
+
+    def ensures(self, before: StepGraphs, after: StepGraphs) -> None:
+        super().ensures(before, after)
+        left = [n.name for n in after.backward.graph.nodes
+                if is_random(n) and n.meta.get(RECOMPUTED)]
+        if left:
+            raise PassInvariantError(f"pass {self.name}: random ops {left[:3]} are recomputed "
+                                     "in the backward without replaying the forward's RNG state")

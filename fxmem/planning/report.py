@@ -123,7 +123,9 @@ def format_plan(plan) -> str:
         f"{100.0 * (1 - plan.predicted_peak / plan.unoptimized_peak):.1f}% less)",
         f"strategy {sol.strategy} ({sol.status}"
         + (f", gap {100 * sol.gap:.2f}%" if sol.gap is not None else "")
-        + f", {sol.solve_seconds:.2f}s over {plan.candidates} candidates)",
+        + f", {sol.solve_seconds:.2f}s over {plan.candidates} candidates; "
+        f"{plan.solver_calls} solver call{'s' if plan.solver_calls != 1 else ''} in "
+        f"{plan.plan_seconds:.1f}s of planning)",
         f"recompute: {plan.record.summary()}; predicted extra time "
         f"{1e3 * sol.recompute_time:.2f} ms",
         "levers used: " + (", ".join(
@@ -140,4 +142,11 @@ def format_plan(plan) -> str:
     for cat, b in plan.timeline.breakdown().items():
         if b:
             lines.append(f"  {cat:<{width}}  {format_bytes(b):>12}")
+    if plan.context.resident or plan.context.epilogue:
+        lines.append("held beyond the graph: " + ", ".join(
+            [f"{c} {format_bytes(b)}" for c, b in plan.context.resident]
+            + [f"{label} temporaries {format_bytes(b)}" for label, b in plan.context.epilogue]))
+    if plan.provenance:
+        lines.append("passes (plan.provenance has each graph before and after):")
+        lines += [f"  {r.name}: {r.summary}" for r in plan.provenance]
     return "\n".join(lines)

@@ -47,8 +47,8 @@ def test_options_are_validated():
         options_from_mapping({"budget": "1GiB", "allow": ["recompute", "magic"]})
     with pytest.raises(fxmem.BudgetError, match="unknown unit"):
         options_from_mapping({"budget": "1 furlong"})
-    opts, lowering, exact = options_from_mapping({"budget": "1MiB", "lowering": "eager"})
-    assert opts.budget == 2**20 and lowering == "eager" and exact
+    opts, context, exact = options_from_mapping({"budget": "1MiB", "lowering": "eager"})
+    assert opts.budget == 2**20 and opts.lowering == "eager" and exact and not context.resident
 
 
 def test_cache_key_changes_with_the_budget_and_not_otherwise():

@@ -33,7 +33,7 @@ def test_budget_above_the_unoptimised_peak_recomputes_nothing_and_matches_eager(
 
 
 def test_default_margin_is_wider_only_where_the_model_is_unmeasured():
-    from fxmem.planning.planner import default_margin
+    from fxmem.planning.options import default_margin
 
     assert default_margin("eager", "cpu") == default_margin("inductor", "cpu") == 0.01
     assert default_margin("eager", "cuda") == 0.01

@@ -3,7 +3,7 @@
 import numpy as np
 
 from fxmem.memory.simulation import CATEGORIES, MemoryTimeline
-from fxmem.planning.planner import model_miss
+from fxmem.levers.recompute.fit import model_miss
 from fxmem.solver import RecomputeProblem
 
 

@@ -20,6 +20,7 @@ import torch
 
 from fxmem.graph.torch_compat import pytree
 from fxmem.levers.microbatch.analysis import BatchAnalysis
+from fxmem.planning.options import PlanOptions, StepContext
 from fxmem.graph.capture import capture_step
 from fxmem.cost.model import graph_costs, spec_for
 from fxmem.levers.microbatch.runtime import accumulated_gradient_bytes, split_sizes
@@ -80,19 +81,22 @@ def _part(leaves, slots, dims, start: int, n: int):
     return out
 
 
-def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis, budget: int,
-                        margin: float, loss_fn=None, constant: dict[str, int] | None = None,
-                        held_bytes: int = 0, candidates=None, time_limit: float = 10.0,
-                        recompute: bool = True, whole=None) -> MicrobatchChoice:
+def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis,
+                        options: PlanOptions, context: StepContext = StepContext(),
+                        loss_fn=None, held_bytes: int = 0, candidates=None,
+                        whole=None) -> MicrobatchChoice:
     """The k (and microbatch sizes) with the least predicted step time whose predicted peak fits
-    ``budget * (1 - margin)``; k = 1 if none does (the backend then names the floor).
-    ``recompute=False``: microbatching alone (every k saves everything). ``whole``: the step
+    the budget less its margin; k = 1 if none does (the backend then names the floor). Each k is
+    priced on the model the plan then uses: the same lowering, solver time limit and context
+    (optimizer state and step) as ``options`` and ``context``. Without ``"recompute"`` in
+    ``options.allow``, microbatching alone (every k saves everything). ``whole``: the step
     already captured at the whole batch (k = 1), not captured again."""
     t0 = time.perf_counter()
     batch = analysis.batch_size
     dims = analysis.flat_batch_dims
     params = [p for p in model.parameters() if p.requires_grad]
-    target = int(budget * (1.0 - margin))
+    recompute = "recompute" in options.allow
+    target = options.limit_for(whole.device if whole is not None else "cpu")
     ks = candidates or [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= batch]
     results: list[MicrobatchOption] = []
     spec_ = None
@@ -105,16 +109,16 @@ def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis, 
             step = capture_step(model, args, kwargs, loss_fn=loss_fn)
         spec_ = spec_ or spec_for(step.device)
         costs = graph_costs(step.gm, spec_)
-        extra = dict(constant or {})
-        for cat, b in extra_resident([leaves[s] for s in slots], held_bytes, sizes, dims,
-                                     params).items():
-            extra[cat] = extra.get(cat, 0) + b
-        problem = build_problem(step, costs, constant=extra, replay_random=True).problem
+        held = context.plus(extra_resident([leaves[s] for s in slots], held_bytes, sizes, dims,
+                                           params))
+        problem = build_problem(step, costs, constant=held.constant,
+                                epilogue=held.epilogue_points, replay_random=True,
+                                lowering=options.lowering).problem
         base = save_all(problem)
         if base.peak <= target or not recompute:
             sol = base
         else:
-            sol = solve_ilp(problem, target, time_limit=time_limit)
+            sol = solve_ilp(problem, target, time_limit=options.time_limit)
             if not sol.feasible:
                 sol = greedy(problem, target)
         feasible = sol.feasible and sol.peak <= target

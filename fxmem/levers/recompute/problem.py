@@ -23,17 +23,12 @@ import torch.fx
 
 from fxmem.graph.capture import CapturedStep
 from fxmem.graph.torch_compat import is_op_overload
-from fxmem.memory.inductor import (
-    Lowered,
-    free_after_kernel_groups,
-    lower_storages,
-    lowering_kinds,
-    optimizes_layout,
-)
+from fxmem.memory.inductor import Lowered, optimizes_layout
+from fxmem.memory.lowering import lower_table, op_kinds
 from fxmem.memory.simulation import simulate
 from fxmem.passes.rng_replay import is_random, is_replayable
 from fxmem.solver.problem import Pull, RecomputeProblem
-from fxmem.memory.storages import step_storages
+from fxmem.memory.storages import StorageTable, joint_table
 
 __all__ = ["ProblemMap", "build_problem", "saved_nodes"]
 
@@ -47,8 +42,8 @@ class ProblemMap:
     labels: tuple[str, ...] = ()  # position -> the joint graph's op (or epilogue point) there
 
 
-def _tag(node: torch.fx.Node, tag) -> bool:
-    return is_op_overload(node.target) and tag in node.target.tags
+def _tag(node: torch.fx.Node | None, tag) -> bool:
+    return node is not None and is_op_overload(node.target) and tag in node.target.tags
 
 
 def _is_mutating(node: torch.fx.Node) -> bool:
@@ -97,17 +92,21 @@ def build_problem(
     memory of its own (``again_size`` 0) but reads its inputs again.
     """
     # Inductor's layout optimisation runs the convolutions (and their gradients) channels-last
-    storages = step_storages(step, channels_last=lowering == "inductor" and optimizes_layout(step.gm))
+    if lowering not in ("eager", "inductor"):
+        raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
+    # the joint graph as the plan's graphs will run: FX code, or Inductor's rules
+    # (:mod:`fxmem.memory.lowering`, the same the plan's check applies)
+    layout = lowering == "inductor" and optimizes_layout(step.gm)
+    table = joint_table(step, lowering="eager", channels_last=layout)
     costs = dict(costs)
     optional: dict[int, tuple[int, float]] = {}  # inlined value -> (bytes if realised, cost)
-    input_reads = storages.reads  # what each op reads, for what recomputing it needs
+    input_reads = table.storages.reads  # what each op reads, for what recomputing it needs
     if lowering == "inductor":
-        storages, costs, optional, input_reads = _lowered(step, storages, costs, fused_cost)
-    elif lowering != "eager":
-        raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
+        table, costs, optional, input_reads = _lowered(table, costs, fused_cost, layout)
+    storages = table.storages
     timeline = simulate(storages, constant=constant, epilogue=epilogue)
     nodes = {n.name: n for n in step.gm.graph.nodes}
-    op_nodes = [nodes[name] for name in storages.op_names]
+    op_nodes = table.op_nodes  # None: an op the lowering adds (Inductor's channels-last copies)
     position = {name: i for i, name in enumerate(storages.op_names)}
     n_fwd = storages.backward_start
 
@@ -115,7 +114,8 @@ def build_problem(
     creator: dict[int, str] = {}
     for i, created in enumerate(storages.creates):
         for s in created:
-            creator[s] = op_nodes[i].name
+            if op_nodes[i] is not None:
+                creator[s] = op_nodes[i].name
     for node in step.gm.graph.nodes:  # multi-output ops: name each storage by its getitem
         if node.op == "call_function" and node.target is operator.getitem:
             for s in storages.node_storages.get(node.name, ()):
@@ -229,37 +229,35 @@ def build_problem(
     return ProblemMap(problem=problem, candidate_nodes=problem.names, labels=timeline.labels)
 
 
-def _lowered(step: CapturedStep, storages, costs: dict[str, float], fused_cost=None):
-    """Storages as Inductor runs them; costs with each inlined op's cost charged to the ops that
-    read it (through other inlined ops); the optional candidates (inlined forward values the
-    backward reads: storage -> (bytes, seconds to compute again)); and each op's reads with
-    those values unexpanded (what recomputing the op needs)."""
-    kinds_by_name = lowering_kinds(step.gm, step.device)
-    kinds = [kinds_by_name.get(name, Lowered.EXTERN) for name in storages.op_names]
-    nodes = {n.name: n for n in step.gm.graph.nodes}
+def _lowered(table: StorageTable, costs: dict[str, float], fused_cost, layout: bool):
+    """The joint table as Inductor runs it; costs with each inlined op's cost charged to the ops
+    that read it (through other inlined ops); the optional candidates (inlined forward values the
+    backward reads: storage -> (bytes, seconds to compute again)); and each op's reads with those
+    values unexpanded (what recomputing the op needs)."""
+    kinds = op_kinds(table)
     inlined_cost: dict[str, float] = {}
-    for name in storages.op_names:
-        node = nodes[name]
+    for node, kind in zip(table.op_nodes, kinds):
         body = sum(inlined_cost.get(inp.name, 0.0) for inp in node.all_input_nodes)
-        if kinds_by_name.get(name) in (Lowered.INLINED, Lowered.VIEW):
-            own = costs.get(name, 0.0) if fused_cost is None else fused_cost(node)
-            inlined_cost[name] = body + own
+        if kind in (Lowered.INLINED, Lowered.VIEW):
+            own = costs.get(node.name, 0.0) if fused_cost is None else fused_cost(node)
+            inlined_cost[node.name] = body + own
         else:
-            costs[name] = costs.get(name, 0.0) + body
+            costs[node.name] = costs.get(node.name, 0.0) + body
+    storages = table.storages
     n_fwd = storages.backward_start
     read_in_backward = {s for read in storages.reads[n_fwd:] for s in read}
     kept = storages.pinned | storages.resident
     # recomputing one in the backward's kernels reads its inputs again: priced as its own kernel
     optional = {
-        s: (storages.nbytes[s], costs.get(name, 0.0))
-        for i, name in enumerate(storages.op_names[:n_fwd])
-        if kinds[i] is Lowered.INLINED and not is_random(nodes[name])
+        s: (storages.nbytes[s], costs.get(node.name, 0.0))
+        for i, node in enumerate(table.op_nodes[:n_fwd])
+        if kinds[i] is Lowered.INLINED and not is_random(node)
         for s in storages.creates[i] if s in read_in_backward and s not in kept
     }
     unexpanded = frozenset(optional)
-    lowered = lower_storages(storages, kinds, unexpanded=unexpanded, from_op=n_fwd)
-    input_reads = lower_storages(storages, kinds, unexpanded=unexpanded).reads
-    return (free_after_kernel_groups(lowered, kinds, step.device), costs, optional, input_reads)
+    lowered = lower_table(table, layout_optimized=layout, unexpanded=unexpanded, from_op=n_fwd)
+    input_reads = lower_table(table, layout_optimized=layout, unexpanded=unexpanded).storages.reads
+    return lowered, costs, optional, input_reads
 
 
 def _pulls(n, inputs, direct, need_start, need_end, window) -> list[Pull]:

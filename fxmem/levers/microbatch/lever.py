@@ -1,0 +1,114 @@
+"""The microbatch lever: split the batch into k microbatches whose gradients accumulate.
+
+- analyse: the step captured at the whole batch -> its batch dimensions, the ops that mix samples
+  and the loss's reduction (:func:`fxmem.levers.microbatch.analysis.analyze_batch`);
+- decide: k, jointly with recomputation -- the fastest predicted pair under the budget
+  (:func:`fxmem.levers.microbatch.choice.choose_microbatches`), or the k the user forced;
+- apply: no graph rewrite (the compiled step is the microbatch's); what the microbatched step
+  holds beyond that graph -- gradient buffers, the rest of the batch's inputs and outputs -- is
+  added to the planner's :class:`~fxmem.planning.options.StepContext`;
+- runtime: the loop around the compiled step (:func:`fxmem.levers.microbatch.runtime.run_microbatched`).
+
+Exact for models that keep samples apart; across BatchNorm in training only when the user allows
+per-microbatch statistics (then the report says the numerics changed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from fxmem.graph.capture import capture_step
+from fxmem.graph.torch_compat import pytree
+from fxmem.levers.base import Lever, register
+from fxmem.levers.microbatch.analysis import BatchAnalysis, analyze_batch
+from fxmem.levers.microbatch.choice import MicrobatchChoice, choose_microbatches, extra_resident
+from fxmem.levers.microbatch.runtime import (
+    MicrobatchReport,
+    check_microbatchable,
+    microbatch_report,
+    run_microbatched,
+    split_sizes,
+)
+from fxmem.planning.options import PlanOptions, StepContext
+
+__all__ = ["MicrobatchLever", "MicrobatchDecision"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class MicrobatchDecision:
+    """How to split the batch, and what the runtime loop needs."""
+
+    analysis: BatchAnalysis
+    sizes: tuple[int, ...]
+    allow_coupling: bool
+    buffers: list  # buffers the step mutates (BatchNorm's running statistics)
+    report: MicrobatchReport
+    choice: MicrobatchChoice | None = None  # None when k was given
+    context: StepContext = StepContext()  # what the split step holds beyond its graph
+
+
+@register
+class MicrobatchLever(Lever):
+    name = "microbatch"
+    exact = True  # for models that keep samples apart (see the module's docstring)
+
+    def __init__(self, model: torch.nn.Module, options: PlanOptions, *, loss_fn=None,
+                 batch_dims=None, coupling: str = "refuse", microbatches: int | None = None):
+        self.model, self.options, self.loss_fn = model, options, loss_fn
+        self.batch_dims, self.microbatches = batch_dims, microbatches
+        self.allow_coupling = coupling == "per-microbatch"
+
+    def analyse(self, leaves, spec) -> tuple[Any, BatchAnalysis]:
+        """The whole batch's captured step and its batch analysis."""
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        whole = capture_step(self.model, args, kwargs, loss_fn=self.loss_fn)
+        return whole, analyze_batch(whole, self.batch_dims)
+
+    def decide(self, leaves, spec, slots, context: StepContext) -> MicrobatchDecision | None:
+        """The split to run (None: the whole batch at once), chosen with recomputation under the
+        budget; ``context`` is what the step holds beyond its graph (the optimizer)."""
+        whole, analysis = self.analyse(leaves, spec)
+        nodes = {n.name: n for n in whole.gm.graph.nodes}
+        held_bytes = sum(nodes[h].meta["val"].untyped_storage().nbytes()
+                         for h in whole.held_outputs)
+        choice = None
+        if self.microbatches:
+            sizes = tuple(split_sizes(analysis.batch_size, self.microbatches))
+        else:
+            usable = analysis.reduction is not None and (
+                not analysis.coupling or self.allow_coupling)
+            choice = choose_microbatches(
+                self.model, leaves, spec, slots, analysis=analysis, options=self.options,
+                context=context, loss_fn=self.loss_fn, held_bytes=held_bytes,
+                candidates=None if usable else [1], whole=whole)
+            if not usable and not choice.options[0].feasible:
+                check_microbatchable(analysis, allow_coupling=self.allow_coupling)  # says why not
+            sizes = choice.sizes
+            log.info("%s", choice.summary())
+        if len(sizes) == 1:
+            return None
+        check_microbatchable(analysis, allow_coupling=self.allow_coupling)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        extra = extra_resident([leaves[s] for s in slots], held_bytes, sizes,
+                               analysis.flat_batch_dims, params)
+        buffers = [self.model.get_buffer(name) for name in analysis.mutated_buffers]
+        return MicrobatchDecision(analysis, sizes, self.allow_coupling, buffers,
+                                  microbatch_report(analysis, sizes), choice,
+                                  context=context.plus(extra))
+
+    def runtime(self, fn, decision: MicrobatchDecision | None):
+        """``fn`` (the compiled step on one microbatch's tensors) run over the microbatches:
+        ``(tensors) -> (loss, held outputs)`` of the whole batch."""
+        if decision is None:
+            return None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return functools.partial(run_microbatched, fn, analysis=decision.analysis,
+                                 sizes=decision.sizes, params=params, buffers=decision.buffers,
+                                 allow_coupling=decision.allow_coupling)

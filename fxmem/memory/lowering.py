@@ -1,0 +1,142 @@
+"""A storage table as TorchInductor runs its graphs: the one place Inductor's memory rules
+(:mod:`fxmem.memory.inductor`) are applied, for the recompute problem's joint graph and for a
+plan's forward and backward graphs alike.
+
+:func:`lower_table` rewrites a :class:`~fxmem.memory.storages.StorageTable` in this order:
+
+1. the channels-last copies of the first graph's convolution inputs (images, 3x3 weights): made
+   by one kernel at the start, read by the convolutions and, in place of the originals, by the
+   backward (:func:`fxmem.memory.inductor.channels_last_copies`);
+2. values Inductor inlines into their consumers cost nothing and their readers read their inputs
+   (:func:`~fxmem.memory.inductor.lower_storages`; ``unexpanded`` values, from op ``from_op`` on,
+   are read as themselves: the recompute problem's optional candidates);
+3. a gradient a kernel computes in place of a value Inductor keeps contiguous is copied
+   channels-last for the convolution's backward;
+4. Inductor's buffer pool (:func:`~fxmem.memory.inductor.pool_buffers`);
+5. on the CPU, the C++ backend frees what dies in a kernel group after the whole group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx
+
+from fxmem.memory.inductor import (
+    Lowered,
+    channels_last_copies,
+    contiguous_values,
+    free_after_kernel_groups,
+    lower_storages,
+    lowering_kinds,
+    pool_buffers,
+)
+from fxmem.memory.simulation import StepStorages
+from fxmem.memory.storages import StorageTable
+
+__all__ = ["lower_table", "op_kinds", "COPIES_OP"]
+
+COPIES_OP = "channels_last_copies"  # the op that makes the channels-last copies
+# extern kernels Inductor calls with an ``out=`` buffer it allocated (so one its pool can supply)
+_OUT_EXTERNS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten.baddbmm.default}
+
+
+def op_kinds(table: StorageTable) -> list[Lowered]:
+    """How Inductor lowers each op of the table (an op a lowering added is an extern call)."""
+    kinds = [lowering_kinds(gm, table.device) for gm in table.graphs]
+    return [Lowered.EXTERN if node is None else kinds[g].get(node.name, Lowered.EXTERN)
+            for node, g in zip(table.op_nodes, table.op_graph)]
+
+
+def lower_table(table: StorageTable, *, layout_optimized: bool,
+                unexpanded: frozenset[int] = frozenset(), from_op: int = 0) -> StorageTable:
+    """``table`` as Inductor runs its graphs (see the module's docstring). ``layout_optimized``:
+    Inductor runs the convolutions channels-last (:func:`fxmem.memory.inductor.optimizes_layout`
+    of the first graph); ``from_op`` counts ops of ``table`` (before any copies op is added)."""
+    reuse_key = list(table.reuse_key)
+    if layout_optimized:
+        table = _with_layout_copies(table, reuse_key)
+        from_op += table.op_nodes[0] is None
+    kinds = op_kinds(table)
+    storages = lower_storages(table.storages, kinds, unexpanded=unexpanded, from_op=from_op)
+    if layout_optimized:
+        storages = _channels_last_gradients(table, storages, kinds, reuse_key)
+    writes_out = [node is None or node.target in _OUT_EXTERNS for node in table.op_nodes]
+    returns_tuple = [node is not None and isinstance(node.meta.get("val"), (tuple, list))
+                     for node in table.op_nodes]
+    storages = pool_buffers(storages, kinds, reuse_key, writes_out, returns_tuple)
+    storages = free_after_kernel_groups(storages, kinds, table.device)
+    return dataclasses.replace(table, storages=storages, reuse_key=tuple(reuse_key))
+
+
+def _with_layout_copies(table: StorageTable, reuse_key: list) -> StorageTable:
+    """Inductor's channels-last copies of the first graph's convolution inputs: made by one
+    kernel at the start of the forward, read by the convolutions and, in place of the original,
+    by the backward (the forward saves the copy)."""
+    first = table.graphs[0]
+    storages = table.storages
+    nbytes, category = list(storages.nbytes), list(storages.category)
+    copies: dict[int, int] = {}
+    for name in channels_last_copies(first, layout_optimized=True):
+        original = table.graph_storages[0][name][0]
+        if original not in copies:  # two placeholders of one storage: one copy
+            copies[original] = len(nbytes)
+            nbytes.append(nbytes[original])
+            category.append("temporaries")
+            reuse_key.append(reuse_key[original])
+    if not copies:
+        return table
+    convs = {n for n in first.graph.nodes if n.target is torch.ops.aten.convolution.default}
+    reads = [tuple(sorted({copies.get(s, s) for s in read}))
+             if i >= storages.backward_start or table.op_nodes[i] in convs else read
+             for i, read in enumerate(storages.reads)]
+    for copy in {c for read in reads[storages.backward_start:] for c in read} & set(copies.values()):
+        category[copy] = "saved activations"  # the forward saves the copy for the backward
+    storages = dataclasses.replace(
+        storages, op_names=(COPIES_OP, *storages.op_names),
+        creates=(tuple(copies.values()), *storages.creates),
+        reads=(tuple(sorted(copies)), *reads), nbytes=tuple(nbytes), category=tuple(category),
+        backward_start=storages.backward_start + 1,
+        release_after=tuple(r + 1 for r in (0, *storages.release_after))
+        if storages.release_after else ())
+    return dataclasses.replace(table, storages=storages, op_nodes=(None, *table.op_nodes),
+                               op_graph=(0, *table.op_graph))
+
+
+def _channels_last_gradients(table: StorageTable, storages: StepStorages, kinds,
+                             reuse_key: list) -> StepStorages:
+    """A gradient a convolution's backward reads, computed by a kernel in place of a forward value
+    Inductor keeps contiguous (the activation the classifier's pooling reads): the kernel writes it
+    there, contiguous, and a channels-last copy of it for the convolution, which reads the copy."""
+    contiguous = {s for name in contiguous_values(table.graphs[0])
+                  for s in table.graph_storages[0].get(name, ())}
+    if not contiguous:
+        return storages
+    creates, reads = list(storages.creates), list(storages.reads)
+    nbytes, category = list(storages.nbytes), list(storages.category)
+    creator = {s: i for i, made in enumerate(creates) for s in made}
+    copies: dict[int, int] = {}
+    for i, node in enumerate(table.op_nodes):
+        if node is None or node.target is not torch.ops.aten.convolution_backward.default:
+            continue
+        env = table.graph_storages[table.op_graph[i]]
+        for arg in node.args[:2]:
+            for s in env.get(arg.name, ()) if isinstance(arg, torch.fx.Node) else ():
+                j = creator.get(s)
+                if j is None or kinds[j] is not Lowered.KERNEL or not any(
+                        a in contiguous and nbytes[a] == nbytes[s]
+                        for a in storages.accumulates.get(s, ())):
+                    continue
+                if s not in copies:
+                    copies[s] = len(nbytes)
+                    nbytes.append(nbytes[s])
+                    category.append("temporaries")
+                    reuse_key.append(reuse_key[s])
+                    creates[j] = creates[j] + (copies[s],)
+                reads[i] = tuple(sorted(copies.get(r, r) for r in reads[i]))
+    if not copies:
+        return storages
+    return dataclasses.replace(storages, creates=tuple(creates), reads=tuple(reads),
+                               nbytes=tuple(nbytes), category=tuple(category))
