@@ -10,7 +10,7 @@ from fxmem.graph.capture import CapturedStep, Role, capture_step, loss_from_outp
 from fxmem.errors import CaptureError, FxmemError, MicrobatchError, StepInputError
 from fxmem.api.estimate import MemoryEstimate, estimate
 from fxmem.memory.measure import MeasuredMemory, measure_memory, measure_peak
-from fxmem.api.optimize import OptimizedModule, optimize
+from fxmem.api.optimize import OptimizedModule, floor, optimize
 from fxmem.planning.planner import Plan, PlanOptions
 from fxmem.api.workload import Workload, load_workload
 
@@ -30,6 +30,7 @@ __all__ = [
     "Workload",
     "capture_step",
     "estimate",
+    "floor",
     "format_bytes",
     "load_workload",
     "loss_from_output",

@@ -195,3 +195,22 @@ def test_inductor_plan_near_its_floor_holds_the_budget(over_floor):
     assert om.plan.solution.num_recomputed > 0
     assert peak <= budget, (peak, budget, om.plan.report())
     assert abs(peak - om.plan.predicted_peak) <= default_margin("inductor", "cpu") * budget
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_estimate_of_fxmems_step_equals_the_plans_unoptimised_peak(name):
+    """One capture, one storage table: ``fxmem.estimate(..., lowering=L)`` and a plan made with
+    lowering L under a tight budget report the same unoptimised peak, to the byte (with Adam on
+    one workload, so the optimizer's state and step are counted alike)."""
+    import fxmem
+
+    if name == "hf_gpt2":
+        pytest.importorskip("transformers")
+    w = WORKLOADS[name]()
+    opt = torch.optim.Adam(w["model"].parameters(), lr=1e-4) if name == "wrn_28_2" else None
+    est = fxmem.estimate(w["model"], *w["args"], optimizer=opt, lowering="eager", **w["kwargs"])
+    plan = fxmem.optimize(w["model"], int(0.7 * est.peak), optimizer=opt, lowering="eager",
+                          time_limit=5).plan_for(*w["args"], **w["kwargs"])
+    assert est.peak == plan.unoptimized_peak
+    assert plan.predicted_peak <= plan.budget < est.peak

@@ -36,7 +36,7 @@ from fxmem.passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_pl
 from fxmem.planning.options import PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes, plan_joint
 
-__all__ = ["fxmem_backend", "FxmemPartitioner", "make_backend", "PlanLog"]
+__all__ = ["fxmem_backend", "FxmemPartitioner", "make_backend", "PlanLog", "PlanReady"]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
     """A partition function (AOTAutograd's, or Inductor's custom_partitioner_fn) that plans."""
 
     def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None, *,
-                 context: StepContext = StepContext()):
+                 context: StepContext = StepContext(), stop_after_plan: bool = False):
         self.options, self.plans, self.n_static, self.context = options, plans, n_static, context
+        self.stop_after_plan = stop_after_plan
 
     def __call__(self, joint, joint_inputs, **kwargs):
         static = set(kwargs.get("static_lifetime_input_indices") or ())
@@ -83,6 +84,8 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
                           context=self.context)
         self.plans.plans.append(plan)
         log.info("fxmem plan: %s", plan.record.summary())
+        if self.stop_after_plan:
+            raise PlanReady(plan)
         return plan.graphs["forward"], plan.graphs["backward"]
 
     def uuid(self) -> Any:
@@ -107,13 +110,24 @@ def _compile_keeping_recomputed_in_place(*args, **kwargs):
         return compile_fx_inner(*args, **kwargs)
 
 
+class PlanReady(Exception):
+    """Raised by a partitioner made with ``stop_after_plan``: the plan is made, and the compile
+    stops before any kernel is generated (``OptimizedModule.plan_for``)."""
+
+    def __init__(self, plan: Plan):
+        super().__init__("planned")
+        self.plan = plan
+
+
 def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext = StepContext(),
-                 exact_random: bool = True):
+                 exact_random: bool = True, stop_after_plan: bool = False):
     """A TorchDynamo backend that plans every graph it is given with ``options`` (whose
-    ``lowering`` says how the graphs run: the memory model follows it) and ``context``."""
+    ``lowering`` says how the graphs run: the memory model follows it) and ``context``;
+    ``stop_after_plan``: raise :class:`PlanReady` with the plan instead of compiling it."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
-        partitioner = FxmemPartitioner(options, plans, context=context)
+        partitioner = FxmemPartitioner(options, plans, context=context,
+                                       stop_after_plan=stop_after_plan)
         if options.lowering == "eager":
             aot_autograd = torch_compat.AOT_AUTOGRAD()
             return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,

@@ -30,6 +30,7 @@ __all__ = ["MemoryEstimate", "estimate", "estimate_captured"]
 log = logging.getLogger(__name__)
 
 OPTIMIZER_STEP = "optimizer.step"
+_NO_LIMIT = 2**62  # a budget no step reaches: the plan saves everything
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,8 @@ class MemoryEstimate:
     timeline: MemoryTimeline
     device: torch.device
     optimizer: OptimizerMemory | None
-    step: CapturedStep = dataclasses.field(repr=False)
+    # the captured joint step (None for fxmem's unoptimised step: see estimate's ``lowering``)
+    step: CapturedStep | None = dataclasses.field(repr=False)
 
     @property
     def peak(self) -> int:
@@ -72,6 +74,7 @@ def estimate(
     *args,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    lowering: str | None = None,
     **kwargs,
 ) -> MemoryEstimate:
     """Predict the peak device bytes of one training iteration of ``model`` on these inputs.
@@ -79,9 +82,36 @@ def estimate(
     ``loss_fn(model, *args, **kwargs)`` returns the loss when the model's output is not (or does
     not contain) it. With ``optimizer``, its state is resident and its ``step()`` is part of the
     iteration.
+
+    ``lowering`` says which step: ``None`` (default), the step as eager PyTorch runs it -- your
+    loop as it is, the autograd engine's order and frees; ``"eager"`` or ``"inductor"``, fxmem's
+    unoptimised step as :func:`fxmem.optimize` with that lowering would run it before saving
+    any memory -- the same capture, storage table and memory model as the plan, so
+    ``estimate(..., lowering=L).peak == plan.unoptimized_peak`` to the byte. The two steps differ:
+    AOTAutograd's functional graphs free some values earlier than the autograd engine does.
     """
+    if lowering is not None:
+        return _estimate_unoptimised(model, args, kwargs, optimizer, loss_fn, lowering)
     step = capture_step(model, args, kwargs, loss_fn=loss_fn)
     return estimate_captured(step, model, optimizer=optimizer)
+
+
+def _estimate_unoptimised(model, args, kwargs, optimizer, loss_fn, lowering: str) -> MemoryEstimate:
+    """fxmem's unoptimised step: the save-all plan of the capture ``fxmem.optimize`` makes."""
+    from fxmem.api.optimize import optimize
+    from fxmem.graph.capture import _model_device
+
+    if optimizer is not None:
+        _check_optimizer(optimizer, model)
+    module = optimize(model, _NO_LIMIT, optimizer=optimizer, loss_fn=loss_fn, lowering=lowering,
+                      allow=("recompute",))
+    plan = module.plan_for(*args, **kwargs)
+    opt_mem = None
+    if optimizer is not None:
+        trained = {id(p) for p in model.parameters() if p.requires_grad}
+        opt_mem = optimizer_memory(optimizer, has_grad=lambda p: id(p) in trained)
+    return MemoryEstimate(timeline=plan.timeline, device=_model_device(model), optimizer=opt_mem,
+                          step=None)
 
 
 def estimate_captured(

@@ -25,17 +25,17 @@ import torch.fx
 
 from fxmem.graph import torch_compat
 from fxmem.graph.torch_compat import pytree
-from fxmem.budget import parse_budget
+from fxmem.budget import BudgetError, parse_budget
 from fxmem.graph.capture import _check_loss, _held_tensors, loss_from_output
 from fxmem.graph.compile_path import compiled_code_path
 from fxmem.errors import FxmemError, StepInputError
-from fxmem.api.backend import PlanLog, make_backend
+from fxmem.api.backend import PlanLog, PlanReady, make_backend
 from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
 from fxmem.planning.options import PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes
 
-__all__ = ["optimize", "OptimizedModule"]
+__all__ = ["optimize", "floor", "OptimizedModule"]
 
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,31 @@ class OptimizedModule(torch.nn.Module):
                                    _model_device(self.module)) from exc
         return _rebuild(compiled.layout, outputs[0], outputs[1:])
 
-    def _compile(self, leaves, spec, slots, tensors) -> _Compiled:
+    def plan_for(self, *args, **kwargs) -> Plan:
+        """The plan for a step on these inputs, made without generating kernels or running the
+        step (so without allocating its activations); raises :class:`fxmem.BudgetError` as the
+        first call would. The module is left as it was: its first call still plans."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        slots = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        tensors = [leaves[i] for i in slots]
+        compiled = self._compile(leaves, spec, slots, tensors, stop_after_plan=True)
+        try:
+            with torch.enable_grad():
+                compiled.fn(*tensors)
+        except torch_compat.DYNAMO_BACKEND_COMPILER_FAILED() as exc:
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, PlanReady):
+                plan = inner.plan
+                if compiled.micro is not None:
+                    plan.microbatch = compiled.micro.report
+                return plan
+            if isinstance(inner, FxmemError):
+                raise inner.with_traceback(None) from None
+            raise
+        raise RuntimeError("the step compiled without being planned")  # fxmem's bug
+
+    def _compile(self, leaves, spec, slots, tensors, *, stop_after_plan: bool = False
+                 ) -> _Compiled:
         from fxmem.graph.capture import _model_device
 
         device = _model_device(self.module)
@@ -220,7 +244,8 @@ class OptimizedModule(torch.nn.Module):
             if micro is not None:
                 context = micro.context
         plans = PlanLog()
-        backend = make_backend(options, plans, context=context, exact_random=self._exact_random)
+        backend = make_backend(options, plans, context=context, exact_random=self._exact_random,
+                               stop_after_plan=stop_after_plan)
         fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
         run_micro = lever.runtime(fn, micro) if lever is not None else None
         return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro, run_micro=run_micro)
@@ -314,3 +339,26 @@ def optimize(
     return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn,
                            microbatches=microbatches, microbatch_coupling=microbatch_coupling,
                            batch_dims=batch_dims, exact_random=exact_random)
+
+
+def floor(
+    model: torch.nn.Module,
+    *args,
+    optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    allow: Iterable[str] = ("recompute",),
+    lowering: str = "eager",
+    time_limit: float = 30.0,
+    safety_margin: float | None = None,
+    **kwargs,
+) -> int:
+    """The smallest budget (bytes) fxmem can meet for ``model``'s step on these inputs with the
+    levers in ``allow``: the :attr:`fxmem.BudgetError.floor` a 1-byte budget reports, found
+    without generating kernels or running the step. ``kwargs`` are the model's."""
+    module = optimize(model, 1, optimizer=optimizer, loss_fn=loss_fn, allow=allow,
+                      lowering=lowering, time_limit=time_limit, safety_margin=safety_margin)
+    try:
+        plan = module.plan_for(*args, **kwargs)
+    except BudgetError as exc:
+        return int(exc.floor)
+    return int(plan.budget)  # a 1-byte budget met: nothing is held

@@ -123,3 +123,25 @@ def test_estimate_rejects_a_foreign_optimizer():
     other = torch.optim.SGD(MLP().parameters(), lr=0.1)
     with pytest.raises(ValueError, match="not parameters of the model"):
         fxmem.estimate(workload.model, *workload.args, optimizer=other)
+
+
+@pytest.mark.parametrize("lowering", ["eager", "inductor"])
+def test_estimate_with_a_lowering_is_the_plans_unoptimised_step(lowering):
+    """``estimate(..., lowering=L)`` predicts fxmem's own unoptimised step: the peak a plan with
+    lowering L reports as unoptimised, to the byte, with the optimizer counted alike; planning
+    does not run the step (``plan_for``), and ``fxmem.floor`` is under that peak and plans."""
+    w = tiny_gpt()
+    model, args = w["model"], w["args"]
+    opt = torch.optim.AdamW(model.parameters())
+    est = fxmem.estimate(model, *args, optimizer=opt, lowering=lowering)
+    module = fxmem.optimize(model, int(0.8 * est.peak), optimizer=opt, lowering=lowering,
+                            time_limit=5)
+    plan = module.plan_for(*args)
+    assert est.peak == plan.unoptimized_peak
+    assert est.breakdown()["optimizer state"] == plan.timeline.breakdown()["optimizer state"] > 0
+    with pytest.raises(RuntimeError, match="no plan yet"):
+        module.plan  # plan_for leaves the module unplanned
+    floor = fxmem.floor(model, *args, optimizer=opt, lowering=lowering, time_limit=5)
+    assert floor < est.peak
+    assert fxmem.optimize(model, floor, optimizer=opt, lowering=lowering,
+                          time_limit=5).plan_for(*args).predicted_peak <= floor
