@@ -320,8 +320,6 @@ def optimize(
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if lowering not in ("eager", "inductor"):
-        raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
     if not isinstance(exact_random, bool):
         raise TypeError(f"exact_random must be a bool, got {type(exact_random).__name__}")
     allow = check_allow(allow)

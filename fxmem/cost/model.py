@@ -21,6 +21,7 @@ import torch
 from torch.fx.node import map_arg
 from torch.utils.flop_counter import flop_registry
 
+from fxmem.graph.ops import input_tensors, node_value, tensors
 from fxmem.graph.torch_compat import is_op_overload, pytree
 from fxmem.passes.rng_replay import is_random
 
@@ -159,21 +160,6 @@ def _is_free(node: torch.fx.Node) -> bool:
     return bool(returns) and all(r.alias_info and not r.alias_info.is_write for r in returns)
 
 
-def _val(n: torch.fx.Node) -> Any:
-    val = n.meta.get("val", _MISSING)
-    if val is _MISSING and n.op == "get_attr":
-        val = getattr(n.graph.owning_module, n.target, _MISSING)
-    return val
-
-
-def _tensors(val: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)]
-
-
-def _input_tensors(node: torch.fx.Node) -> list[torch.Tensor]:
-    return [t for n in node.all_input_nodes for t in _tensors(_val(n))]
-
-
 def _tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of the distinct elements ``t`` addresses: a broadcast (stride-0) dim counts once."""
     try:
@@ -188,7 +174,7 @@ def node_flops(node: torch.fx.Node) -> int:
     formula = flop_registry.get(_FORMULA_OF.get(packet, packet))
     if formula is None:
         return 0
-    args, kwargs = map_arg((node.args, node.kwargs), _val)
+    args, kwargs = map_arg((node.args, node.kwargs), node_value)
     try:  # called as FlopCounterMode calls it: the op's arguments, and its output as out_val
         return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
     except Exception as exc:
@@ -201,8 +187,8 @@ def node_bytes(node: torch.fx.Node) -> int:
     if _is_free(node):
         return 0
     packet = _packet(node)
-    read = [] if packet in _META_INPUTS else _input_tensors(node)
-    written = [] if packet in _NO_WRITE else _tensors(node.meta.get("val"))
+    read = [] if packet in _META_INPUTS else input_tensors(node)
+    written = [] if packet in _NO_WRITE else tensors(node.meta.get("val"))
     return sum(map(_tensor_bytes, read + written))
 
 
@@ -214,8 +200,8 @@ def node_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
     flops, nbytes = node_flops(node), node_bytes(node)
     if flops == 0 and nbytes == 0:
         return 0.0
-    tensors = _input_tensors(node) + _tensors(node.meta.get("val"))  # the first float's dtype
-    dtype = next((t.dtype for t in tensors if t.is_floating_point() or t.is_complex()), None)
+    values = input_tensors(node) + tensors(node.meta.get("val"))  # the first float's dtype
+    dtype = next((t.dtype for t in values if t.is_floating_point() or t.is_complex()), None)
     return max(flops / spec.flops_rate(dtype), nbytes / spec.bytes_per_s,
                _random_time(node, spec)) + spec.op_overhead_s
 
@@ -225,8 +211,8 @@ def compute_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
     arithmetic to that kernel, not its memory traffic or a launch."""
     if _is_free(node):
         return 0.0
-    tensors = _input_tensors(node) + _tensors(node.meta.get("val"))
-    dtype = next((t.dtype for t in tensors if t.is_floating_point() or t.is_complex()), None)
+    values = input_tensors(node) + tensors(node.meta.get("val"))
+    dtype = next((t.dtype for t in values if t.is_floating_point() or t.is_complex()), None)
     return max(node_flops(node) / spec.flops_rate(dtype), _random_time(node, spec))
 
 
@@ -234,7 +220,7 @@ def _random_time(node: torch.fx.Node, spec: DeviceSpec) -> float:
     """Seconds to generate a random op's numbers (one per element of its first output)."""
     if not spec.random_per_s or not is_random(node):
         return 0.0
-    outs = _tensors(node.meta.get("val"))
+    outs = tensors(node.meta.get("val"))
     return outs[0].numel() / spec.random_per_s if outs else 0.0
 
 
@@ -255,7 +241,11 @@ class ProfiledCosts(dict):
 
 def _signature(node: torch.fx.Node) -> tuple | None:
     """A hashable key of the op and its inputs' shapes, dtypes and strides; None if unknown."""
-    leaves, treespec = pytree.tree_flatten(map_arg((node.args, node.kwargs), _val))
+    def value(n: torch.fx.Node) -> Any:
+        val = node_value(n)
+        return _MISSING if val is None else val
+
+    leaves, treespec = pytree.tree_flatten(map_arg((node.args, node.kwargs), value))
     key: list[Any] = [node.target, str(treespec)]
     for leaf in leaves:
         if leaf is _MISSING or isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -283,7 +273,7 @@ def _time_op(node: torch.fx.Node, device: torch.device, repeats: int) -> float |
     """Median wall seconds of the op on random inputs like its own; None when it cannot run."""
     try:
         with torch.no_grad():
-            inputs = map_arg((node.args, node.kwargs), _val)
+            inputs = map_arg((node.args, node.kwargs), node_value)
             args, kwargs = pytree.tree_map(lambda x: _materialize(x, device), inputs)
             node.target(*args, **kwargs)  # warm-up, and the check that these inputs are valid
             times = [_wall(lambda: node.target(*args, **kwargs), device) for _ in range(repeats)]

@@ -31,6 +31,7 @@ import torch
 import torch.fx
 
 from fxmem.graph import torch_compat
+from fxmem.graph.ops import storage_nbytes
 from fxmem.passes.recompute import RECOMPUTED
 
 __all__ = ["SplitDelayedAddmm", "KeepRecomputedInPlace", "keep_recomputed_in_place", "NEAR"]
@@ -39,11 +40,6 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 InductorChoices = torch_compat.INDUCTOR_CHOICES()
 CustomGraphPass = torch_compat.CUSTOM_GRAPH_PASS()
-
-
-def _nbytes(node: torch.fx.Node) -> int:
-    val = node.meta.get("val")
-    return val.untyped_storage().nbytes() if isinstance(val, torch.Tensor) else 0
 
 
 class SplitDelayedAddmm(CustomGraphPass):
@@ -64,8 +60,8 @@ class SplitDelayedAddmm(CustomGraphPass):
             mats = [m for m in (a, b) if isinstance(m, torch.fx.Node)]
             if not mats or position[c] <= max(position[m] for m in mats):
                 continue  # the sum's other operand is ready first: nothing was delayed
-            freed = sum(_nbytes(_base(m)) for m in mats if _last_reader(m, position) is node)
-            if freed <= _nbytes(node):
+            freed = sum(storage_nbytes(_base(m)) for m in mats if _last_reader(m, position) is node)
+            if freed <= storage_nbytes(node):
                 continue
             anchor = max(mats, key=lambda m: position[m])
             with graph.inserting_after(anchor):
@@ -87,7 +83,7 @@ class SplitDelayedAddmm(CustomGraphPass):
 def _base(node: torch.fx.Node) -> torch.fx.Node:
     """Through views (permute, reshape) to the node that owns the storage."""
     while (node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node)
-           and _nbytes(node) and _nbytes(node) == _nbytes(node.args[0])
+           and storage_nbytes(node) and storage_nbytes(node) == storage_nbytes(node.args[0])
            and node.meta["val"].untyped_storage()._cdata
            == node.args[0].meta["val"].untyped_storage()._cdata):
         node = node.args[0]

@@ -22,10 +22,12 @@ import torch
 import torch.fx
 
 from fxmem.graph.capture import CapturedStep
+from fxmem.graph.ops import writes_argument
 from fxmem.graph.torch_compat import is_op_overload
 from fxmem.memory.inductor import Lowered, optimizes_layout
 from fxmem.memory.lowering import lower_table, op_kinds
 from fxmem.memory.simulation import simulate
+from fxmem.planning.options import LOWERINGS
 from fxmem.passes.rng_replay import is_random, is_replayable
 from fxmem.solver.problem import Pull, RecomputeProblem
 from fxmem.memory.storages import StorageTable, joint_table
@@ -44,13 +46,6 @@ class ProblemMap:
 
 def _tag(node: torch.fx.Node | None, tag) -> bool:
     return node is not None and is_op_overload(node.target) and tag in node.target.tags
-
-
-def _is_mutating(node: torch.fx.Node) -> bool:
-    target = node.target
-    if not is_op_overload(target):
-        return target is not operator.getitem
-    return any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
 
 
 def _block_of(node: torch.fx.Node) -> str | None:
@@ -81,7 +76,7 @@ def build_problem(
     recomputed for another's recomputation (default: an eighth of the backward, at least 64);
     farther pulls are cut by saving a value on the way.
 
-    ``lowering="inductor"`` models the step as Inductor runs it (:mod:`fxmem.inductor_memory`):
+    ``lowering="inductor"`` models the step as Inductor runs it (:mod:`fxmem.memory.lowering`):
     values Inductor inlines into their consumers never exist in memory, and their cost --
     ``fused_cost(node)``, seconds (default: ``costs``), e.g. arithmetic alone -- is charged to
     the realised values whose kernels compute them. An inlined forward value the backward reads
@@ -91,11 +86,11 @@ def build_problem(
     min-cut partitioner do). Saving all of them is the unoptimised step; not saving one costs no
     memory of its own (``again_size`` 0) but reads its inputs again.
     """
-    # Inductor's layout optimisation runs the convolutions (and their gradients) channels-last
-    if lowering not in ("eager", "inductor"):
-        raise ValueError(f"lowering must be 'eager' or 'inductor', got {lowering!r}")
+    if lowering not in LOWERINGS:
+        raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
     # the joint graph as the plan's graphs will run: FX code, or Inductor's rules
-    # (:mod:`fxmem.memory.lowering`, the same the plan's check applies)
+    # (:mod:`fxmem.memory.lowering`, the same the plan's check applies); Inductor's layout
+    # optimisation runs the convolutions (and their gradients) channels-last
     layout = lowering == "inductor" and optimizes_layout(step.gm)
     table = joint_table(step, lowering="eager", channels_last=layout)
     costs = dict(costs)
@@ -105,12 +100,73 @@ def build_problem(
         table, costs, optional, input_reads = _lowered(table, costs, fused_cost, layout)
     storages = table.storages
     timeline = simulate(storages, constant=constant, epilogue=epilogue)
+    c = _candidates(step, table, input_reads, optional)
+    _date_needs(c)
+    # where what dies at each position is freed (later than its last read in a kernel group)
+    release = np.array(storages.release_after or range(len(storages.op_names)), dtype=np.int64)
+    c.fwd_end = release[c.fwd_end]
+    c.need_end = np.where(c.need_end >= 0, release[np.maximum(c.need_end, 0)], -1)
+    if pull_window is None:
+        pull_window = max(64, (len(storages.op_names) - storages.backward_start) // 8)
+    pulls = _pulls(len(c.cands), c.inputs, c.direct, c.need_start, c.need_end, pull_window)
+    keep_idx = np.flatnonzero(c.need_end >= 0)
+    remap = {int(old): new for new, old in enumerate(keep_idx)}
+    traits = _traits(c, keep_idx, table, costs, optional, replay_random)
+    problem = RecomputeProblem(
+        names=tuple(c.creator[c.cands[k]] for k in keep_idx),
+        size=c.size[keep_idx],
+        cost=traits["cost"],
+        fwd_end=c.fwd_end[keep_idx],
+        need_start=c.need_start[keep_idx],
+        need_end=c.need_end[keep_idx],
+        direct=c.direct[keep_idx],
+        inputs=tuple(tuple(remap[j] for j in c.inputs[k] if j in remap) for k in keep_idx),
+        must_save=traits["must_save"],
+        never_save=traits["never_save"],
+        base=_base(timeline, c, release),
+        backward_start=storages.backward_start,
+        block=traits["block"],
+        transient=traits["transient"],
+        again_size=np.where(c.fused[keep_idx], 0, c.size[keep_idx]),
+        pulls=tuple(
+            Pull(remap[p.target], remap[p.by], p.start,
+                 tuple(remap[j] for j in p.interior if j in remap), p.far)
+            for p in pulls if p.target in remap and p.by in remap
+        ),
+    )
+    return ProblemMap(problem=problem, candidate_nodes=problem.names, labels=timeline.labels)
+
+
+@dataclasses.dataclass
+class _Candidates:
+    """The forward values a plan may save or recompute, each with where it is made, read and
+    needed (positions of the lowered table), before the unneeded ones are dropped."""
+
+    cands: list[int]  # storage ids
+    creator: dict[int, str]  # storage -> the node that names it
+    readers: dict[int, list[int]]  # storage -> the positions that read it
+    held: np.ndarray  # bytes in the timeline
+    size: np.ndarray  # bytes if saved (an inlined value's when realised)
+    fused: np.ndarray  # an inlined value (optional: not saving it costs no memory of its own)
+    producer: np.ndarray
+    fwd_reads: list[list[int]]
+    bwd_reads: list[list[int]]
+    fwd_end: np.ndarray
+    direct: np.ndarray  # read by the backward itself
+    need_start: np.ndarray
+    need_end: np.ndarray
+    inputs: list[tuple[int, ...]]  # candidates each one's recomputation reads
+    op_nodes: tuple = ()
+
+
+def _candidates(step: CapturedStep, table: StorageTable, input_reads, optional) -> _Candidates:
+    """Candidates are the storages forward ops create that the step does not keep anyway, named
+    by the node that creates each (a getitem for a multi-output op)."""
+    storages = table.storages
     nodes = {n.name: n for n in step.gm.graph.nodes}
     op_nodes = table.op_nodes  # None: an op the lowering adds (Inductor's channels-last copies)
     position = {name: i for i, name in enumerate(storages.op_names)}
     n_fwd = storages.backward_start
-
-    # the node that creates each storage, and each storage's readers (positions)
     creator: dict[int, str] = {}
     for i, created in enumerate(storages.creates):
         for s in created:
@@ -125,108 +181,94 @@ def build_problem(
     for i, read in enumerate(storages.reads):
         for s in read:
             readers.setdefault(s, []).append(i)
-
     kept = storages.pinned | storages.resident
     cands = [s for s, op in sorted(creator.items(), key=lambda kv: position.get(kv[1], 0))
              if s not in kept and _op_position(creator[s], nodes, position) < n_fwd]
     index = {s: k for k, s in enumerate(cands)}
-    n = len(cands)
-    held = np.array([storages.nbytes[s] for s in cands], dtype=np.int64)  # in the timeline
-    size = np.array([optional[s][0] if s in optional else storages.nbytes[s] for s in cands],
-                    dtype=np.int64)
-    fused = np.array([s in optional for s in cands], dtype=bool)
     producer = np.array([_op_position(creator[s], nodes, position) for s in cands])
     fwd_reads = [[p for p in readers.get(s, []) if p < n_fwd] for s in cands]
     bwd_reads = [[p for p in readers.get(s, []) if p >= n_fwd] for s in cands]
-    fwd_end = np.array([max([producer[k], *fwd_reads[k]]) for k in range(n)], dtype=np.int64)
-    direct = np.array([bool(r) for r in bwd_reads])
-    need_start = np.array([min(r) if r else np.iinfo(np.int64).max for r in bwd_reads], dtype=np.int64)
-    need_end = np.array([max(r) if r else -1 for r in bwd_reads], dtype=np.int64)
+    big = np.iinfo(np.int64).max
+    return _Candidates(
+        cands=cands, creator=creator, readers=readers,
+        held=np.array([storages.nbytes[s] for s in cands], dtype=np.int64),
+        size=np.array([optional[s][0] if s in optional else storages.nbytes[s] for s in cands],
+                      dtype=np.int64),
+        fused=np.array([s in optional for s in cands], dtype=bool),
+        producer=producer, fwd_reads=fwd_reads, bwd_reads=bwd_reads,
+        fwd_end=np.array([max([producer[k], *fwd_reads[k]]) for k in range(len(cands))],
+                         dtype=np.int64),
+        direct=np.array([bool(r) for r in bwd_reads]),
+        need_start=np.array([min(r) if r else big for r in bwd_reads], dtype=np.int64),
+        need_end=np.array([max(r) if r else -1 for r in bwd_reads], dtype=np.int64),
+        inputs=[tuple(sorted({index[t] for t in input_reads[producer[k]]
+                              if t in index and t != s})) for k, s in enumerate(cands)],
+        op_nodes=op_nodes,
+    )
 
-    inputs = []
-    for k, s in enumerate(cands):
-        ins = {index[t] for t in input_reads[producer[k]] if t in index and t != s}
-        inputs.append(tuple(sorted(ins)))
-    # A value the backward reads is made (saved or recomputed) for its first read. A value only a
-    # recomputation reads is needed when its consumers are first needed: propagate through such
-    # values only, consumers first. Propagating through directly-read values too would date every
-    # value back to the first backward op (recompute the loss -> the logits -> ... -> layer 0).
+
+def _date_needs(c: _Candidates) -> None:
+    """When each candidate is needed in the backward. A value the backward reads is made (saved or
+    recomputed) for its first read. A value only a recomputation reads is needed when its
+    consumers are first needed: propagate through such values only, consumers first.
+    Propagating through directly-read values too would date every value back to the first
+    backward op (recompute the loss -> the logits -> ... -> layer 0). A fused consumer is
+    computed again inside each of its readers: its inputs live to its end."""
     consumers: dict[int, list[int]] = {}
-    for k in range(n):
-        for j in inputs[k]:
+    for k in range(len(c.cands)):
+        for j in c.inputs[k]:
             consumers.setdefault(j, []).append(k)
-    # (A fused consumer is computed again inside each of its readers: its inputs live to its end.)
-    for k in sorted(range(n), key=lambda k: -producer[k]):
-        users = [c for c in consumers.get(k, ()) if need_end[c] >= 0]
+    for k in sorted(range(len(c.cands)), key=lambda k: -c.producer[k]):
+        users = [u for u in consumers.get(k, ()) if c.need_end[u] >= 0]
         if not users:
             continue
-        if not direct[k]:
-            need_start[k] = min(need_start[c] for c in users)
-        need_end[k] = max(need_end[k], max(need_end[c] if fused[c] else need_start[c]
-                                           for c in users))
-    # where what dies at each position is freed (later than its last read in a kernel group)
-    release = np.array(storages.release_after or range(len(storages.op_names)), dtype=np.int64)
-    fwd_end = release[fwd_end]
-    need_end = np.where(need_end >= 0, release[np.maximum(need_end, 0)], -1)
-    if pull_window is None:
-        pull_window = max(64, (len(storages.op_names) - n_fwd) // 8)
-    pulls = _pulls(n, inputs, direct, need_start, need_end, pull_window)
-    needed = need_end >= 0
-    keep_idx = np.flatnonzero(needed)
-    remap = {int(old): new for new, old in enumerate(keep_idx)}
+        if not c.direct[k]:
+            c.need_start[k] = min(c.need_start[u] for u in users)
+        c.need_end[k] = max(c.need_end[k], max(c.need_end[u] if c.fused[u] else c.need_start[u]
+                                               for u in users))
 
+
+def _traits(c: _Candidates, keep_idx, table: StorageTable, costs, optional,
+            replay_random: bool) -> dict[str, np.ndarray]:
+    """Per kept candidate: its recompute cost, must-save and never-save flags, block and the
+    scratch its op makes again when recomputed."""
+    storages = table.storages
     must_save, never_save, cost, block_names, transient = [], [], [], [], []
     for k in keep_idx:
-        s = cands[k]
-        op = op_nodes[producer[k]]
+        s = c.cands[k]
+        op = c.op_nodes[c.producer[k]]
         # what the op allocates that nothing reads: its scratch, made again when it is recomputed
-        transient.append(sum(storages.nbytes[t] for t in storages.creates[producer[k]]
-                             if t != s and t not in readers))
+        transient.append(sum(storages.nbytes[t] for t in storages.creates[c.producer[k]]
+                             if t != s and t not in c.readers))
         replayable = replay_random and is_replayable(op)
-        must_save.append((is_random(op) and not replayable) or _is_mutating(op)
+        must_save.append((is_random(op) and not replayable) or writes_argument(op)
                          or not isinstance(op.meta.get("val"), (torch.Tensor, tuple, list)))
-        consumers = [op_nodes[p] for p in fwd_reads[k]]
+        consumers = [c.op_nodes[p] for p in c.fwd_reads[k]]
         never_save.append(
-            not must_save[-1] and not direct[k] and _tag(op, torch.Tag.pointwise)
-            and all(_tag(c, torch.Tag.pointwise) for c in consumers)
+            not must_save[-1] and not c.direct[k] and _tag(op, torch.Tag.pointwise)
+            and all(_tag(u, torch.Tag.pointwise) for u in consumers)
         )
         cost.append(optional[s][1] if s in optional else float(costs.get(op.name, 0.0)))
         block_names.append(_block_of(op))
     blocks = {b: i for i, b in enumerate(dict.fromkeys(b for b in block_names if b))}
+    return {"must_save": np.array(must_save, dtype=bool),
+            "never_save": np.array(never_save, dtype=bool),
+            "cost": np.array(cost, dtype=np.float64),
+            "block": np.array([blocks.get(b, -1) if b else -1 for b in block_names],
+                              dtype=np.int64),
+            "transient": np.array(transient, dtype=np.int64)}
 
-    # base: the joint timeline minus every candidate's life past its forward use
+
+def _base(timeline, c: _Candidates, release: np.ndarray) -> np.ndarray:
+    """The joint timeline minus every candidate's life past its forward use."""
     total = timeline.total.astype(np.int64)
     delta = np.zeros(len(total) + 1, dtype=np.int64)
-    for k in range(n):
-        last = max(fwd_end[k], release[max(bwd_reads[k])] if bwd_reads[k] else -1)
-        if last > fwd_end[k]:
-            delta[fwd_end[k] + 1] -= held[k]
-            delta[last + 1] += held[k]
-    base = total + np.cumsum(delta[:-1])
-
-    problem = RecomputeProblem(
-        names=tuple(creator[cands[k]] for k in keep_idx),
-        size=size[keep_idx],
-        cost=np.array(cost, dtype=np.float64),
-        fwd_end=fwd_end[keep_idx],
-        need_start=need_start[keep_idx],
-        need_end=need_end[keep_idx],
-        direct=direct[keep_idx],
-        inputs=tuple(tuple(remap[j] for j in inputs[k] if j in remap) for k in keep_idx),
-        must_save=np.array(must_save, dtype=bool),
-        never_save=np.array(never_save, dtype=bool),
-        base=base,
-        backward_start=n_fwd,
-        block=np.array([blocks.get(b, -1) if b else -1 for b in block_names], dtype=np.int64),
-        transient=np.array(transient, dtype=np.int64),
-        again_size=np.where(fused[keep_idx], 0, size[keep_idx]),
-        pulls=tuple(
-            Pull(remap[p.target], remap[p.by], p.start, tuple(remap[j] for j in p.interior if j in remap),
-                 p.far)
-            for p in pulls if p.target in remap and p.by in remap
-        ),
-    )
-    return ProblemMap(problem=problem, candidate_nodes=problem.names, labels=timeline.labels)
+    for k in range(len(c.cands)):
+        last = max(c.fwd_end[k], release[max(c.bwd_reads[k])] if c.bwd_reads[k] else -1)
+        if last > c.fwd_end[k]:
+            delta[c.fwd_end[k] + 1] -= c.held[k]
+            delta[last + 1] += c.held[k]
+    return total + np.cumsum(delta[:-1])
 
 
 def _lowered(table: StorageTable, costs: dict[str, float], fused_cost, layout: bool):
