@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fractions", default="0.8,0.6,0.45")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--out", default="microbatch", help="results file stem")
     ns = parser.parse_args(argv)
     t0 = time.perf_counter()
     ks = [int(k) for k in ns.ks.split(",")]
@@ -199,10 +200,10 @@ def main(argv=None) -> int:
     micro = [r["accuracy"] for r in runs if r["microbatches"] is not None]
     diff = sum(micro) / len(micro) - sum(whole) / len(whole)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(peaks, RESULTS / "microbatch_peak_vs_k.png")
+    plot(peaks, RESULTS / f"{ns.out}_peak_vs_k.png")
     env = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                torch=torch.__version__, cpu=cpu_name(), threads=torch.get_num_threads())
-    (RESULTS / "microbatch.json").write_text(json.dumps(
+    (RESULTS / f"{ns.out}.json").write_text(json.dumps(
         dict(env=env, peak_vs_k=peaks, budgets=budget_rows, digits=runs,
              accuracy_difference=diff, wall_seconds=time.perf_counter() - t0), indent=1))
     lines = [f"# Microbatching (CPU)", "",
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['workload']} | {r['k']} | {r['sizes']} | {r['predicted'] / MiB:.1f} | "
                      f"{r['measured'] / MiB:.1f} | {100 * r['error']:+.2f}% | "
                      f"{'yes' if r['ok'] else '**no**'} |")
-    lines += ["", "![peak vs k](microbatch_peak_vs_k.png)", "",
+    lines += ["", f"![peak vs k]({ns.out}_peak_vs_k.png)", "",
               "## Budgets (`allow=(\"recompute\", \"microbatch\")`: the plan picks k)", "",
               "| workload | budget MiB | k | recomputed ops | predicted MiB | measured MiB | within |",
               "|---|---|---|---|---|---|---|"]
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
               f"{sum(micro) / len(micro):.2f}% (difference {diff:+.2f} points; target within "
               f"{ACCURACY_LIMIT}).", "", "Plan note: "
               + (next(r["report"] for r in runs if r["report"]) or "").replace("\n", " ")]
-    (RESULTS / "microbatch.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{ns.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

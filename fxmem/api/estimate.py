@@ -24,12 +24,12 @@ from fxmem.graph.capture import CapturedStep, capture_step
 from fxmem.memory.simulation import MemoryTimeline, simulate
 from fxmem.memory.optimizer import OptimizerMemory, optimizer_memory
 from fxmem.memory.storages import step_storages
+from fxmem.planning.options import OPTIMIZER_STEP, StepContext
 
 __all__ = ["MemoryEstimate", "estimate", "estimate_captured"]
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_STEP = "optimizer.step"
 _NO_LIMIT = 2**62  # a budget no step reaches: the plan saves everything
 
 
@@ -119,14 +119,13 @@ def estimate_captured(
 ) -> MemoryEstimate:
     """:func:`estimate` for a step already captured with :func:`fxmem.graph.capture.capture_step`."""
     storages = step_storages(step)
-    constant, epilogue, opt_mem = {}, [], None
+    context, opt_mem = StepContext(), None
     if optimizer is not None:
         _check_optimizer(optimizer, model)
         with_grad = {id(p) for name, p in model.named_parameters() if name in set(step.grad_of.values())}
         opt_mem = optimizer_memory(optimizer, has_grad=lambda p: id(p) in with_grad, device=step.device)
-        constant = {"optimizer state": opt_mem.state_bytes}
-        epilogue = [(OPTIMIZER_STEP, {"temporaries": opt_mem.step_peak_bytes})]
-    timeline = simulate(storages, constant=constant, epilogue=epilogue)
+        context = StepContext.of_optimizer(opt_mem.state_bytes, opt_mem.step_peak_bytes)
+    timeline = simulate(storages, constant=context.constant, epilogue=context.epilogue_points)
     log.debug("estimated peak %d bytes at %s", timeline.peak, timeline.peak_label)
     return MemoryEstimate(timeline=timeline, device=step.device, optimizer=opt_mem, step=step)
 

@@ -32,7 +32,7 @@ from fxmem.memory.inductor import (
     lowering_kinds,
     pool_buffers,
 )
-from fxmem.memory.simulation import StepStorages
+from fxmem.memory.simulation import Category, StepStorages
 from fxmem.memory.storages import StorageTable
 
 __all__ = ["lower_table", "op_kinds", "COPIES_OP"]
@@ -84,7 +84,7 @@ def _with_layout_copies(table: StorageTable, reuse_key: list) -> StorageTable:
         if original not in copies:  # two placeholders of one storage: one copy
             copies[original] = len(nbytes)
             nbytes.append(nbytes[original])
-            category.append("temporaries")
+            category.append(Category.TEMPORARIES)
             reuse_key.append(reuse_key[original])
     if not copies:
         return table
@@ -93,7 +93,7 @@ def _with_layout_copies(table: StorageTable, reuse_key: list) -> StorageTable:
              if i >= storages.backward_start or table.op_nodes[i] in convs else read
              for i, read in enumerate(storages.reads)]
     for copy in {c for read in reads[storages.backward_start:] for c in read} & set(copies.values()):
-        category[copy] = "saved activations"  # the forward saves the copy for the backward
+        category[copy] = Category.SAVED  # the forward saves the copy for the backward
     storages = dataclasses.replace(
         storages, op_names=(COPIES_OP, *storages.op_names),
         creates=(tuple(copies.values()), *storages.creates),
@@ -132,7 +132,7 @@ def _channels_last_gradients(table: StorageTable, storages: StepStorages, kinds,
                 if s not in copies:
                     copies[s] = len(nbytes)
                     nbytes.append(nbytes[s])
-                    category.append("temporaries")
+                    category.append(Category.TEMPORARIES)
                     reuse_key.append(reuse_key[s])
                     creates[j] = creates[j] + (copies[s],)
                 reads[i] = tuple(sorted(copies.get(r, r) for r in reads[i]))

@@ -22,22 +22,31 @@ Rules, matching eager PyTorch:
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["CATEGORIES", "StepStorages", "MemoryTimeline", "simulate"]
+__all__ = ["CATEGORIES", "Category", "StepStorages", "MemoryTimeline", "simulate"]
 
-CATEGORIES = (
-    "parameters",
-    "buffers",
-    "gradients",
-    "optimizer state",
-    "inputs",
-    "saved activations",
-    "outputs",
-    "temporaries",
-)
+class Category(str, enum.Enum):
+    """What holds a storage: the one list of names the breakdowns, reports and levers use (each
+    member equals its name as a string, so ``{"optimizer state": n}`` works too)."""
+
+    PARAMETERS = "parameters"
+    BUFFERS = "buffers"
+    GRADIENTS = "gradients"
+    OPTIMIZER_STATE = "optimizer state"
+    INPUTS = "inputs"
+    SAVED = "saved activations"
+    OUTPUTS = "outputs"
+    TEMPORARIES = "temporaries"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CATEGORIES = tuple(c.value for c in Category)
 _CAT = {c: i for i, c in enumerate(CATEGORIES)}
 
 

@@ -39,7 +39,7 @@ import torch.fx
 from fxmem.graph.capture import CapturedStep, Role
 from fxmem.graph.ops import tensors, value_nbytes
 from fxmem.graph.torch_compat import is_op_overload, storage_key
-from fxmem.memory.simulation import StepStorages
+from fxmem.memory.simulation import Category, StepStorages
 
 __all__ = ["LOWERINGS", "StorageTable", "build_table", "step_storages", "plan_storages",
            "allocation_bytes", "scratch_bytes"]
@@ -48,10 +48,10 @@ LOWERINGS = ("autograd", "eager", "inductor")
 _CUDA_ROUND = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 _ACCUMULATING_OPS = {torch.ops.aten.add.Tensor}
 _RESIDENT_CATEGORY = {
-    Role.PARAMETER: "parameters",
-    Role.BUFFER: "buffers",
-    Role.INPUT: "inputs",
-    Role.TANGENT: "temporaries",
+    Role.PARAMETER: Category.PARAMETERS,
+    Role.BUFFER: Category.BUFFERS,
+    Role.INPUT: Category.INPUTS,
+    Role.TANGENT: Category.TEMPORARIES,
 }
 
 
@@ -153,7 +153,7 @@ class _Builder:
             seen = storage_key(t.untyped_storage()) in self.known
             s = self.tensor_storage(t, None, reuse=True)
             if not seen:  # a later graph's own placeholder: a tangent, made before it runs
-                self.resident.setdefault(s, category if first_graph else "temporaries")
+                self.resident.setdefault(s, category if first_graph else Category.TEMPORARIES)
             ids.append(s)
         return tuple(ids)
 
@@ -212,7 +212,7 @@ def build_table(
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 role = roles.get(node.name, Role.BUFFER if node.op == "get_attr" else Role.INPUT)
-                env[node.name] = b.placeholder(node, _RESIDENT_CATEGORY.get(role, "inputs"), g == 0)
+                env[node.name] = b.placeholder(node, _RESIDENT_CATEGORY.get(role, Category.INPUTS), g == 0)
             elif node.op == "call_function" and node.target is operator.getitem:
                 b.getitem(node, env)
             elif node.op == "call_function":
@@ -245,15 +245,15 @@ def _categories(b: _Builder, envs, held, gradients, backward_ops) -> tuple[str, 
         if s in b.resident:
             category.append(b.resident[s])
         elif s in grads:
-            category.append("gradients")
+            category.append(Category.GRADIENTS)
         elif op in backward_ops:
-            category.append("temporaries")
+            category.append(Category.TEMPORARIES)
         elif s in outputs:  # held by the caller whether or not the backward reads it
-            category.append("outputs")
+            category.append(Category.OUTPUTS)
         elif s in read_by_backward:
-            category.append("saved activations")
+            category.append(Category.SAVED)
         else:
-            category.append("temporaries")
+            category.append(Category.TEMPORARIES)
     return tuple(category)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from fxmem.cost.model import DeviceSpec
+from fxmem.memory.simulation import Category
 
 __all__ = ["PlanOptions", "StepContext", "LEVERS", "EXACT_LEVERS", "STRATEGIES", "LOWERINGS",
            "default_margin", "OPTIMIZER_STEP"]
@@ -102,7 +103,7 @@ class StepContext:
     @classmethod
     def of_optimizer(cls, state_bytes: int, step_bytes: int) -> "StepContext":
         """The context an optimizer makes: its state held throughout, its step's temporaries."""
-        return cls(resident=(("optimizer state", int(state_bytes)),) if state_bytes else (),
+        return cls(resident=((Category.OPTIMIZER_STATE, int(state_bytes)),) if state_bytes else (),
                    epilogue=((OPTIMIZER_STEP, int(step_bytes)),) if step_bytes else ())
 
     def plus(self, resident: Mapping[str, int]) -> "StepContext":
@@ -121,7 +122,7 @@ class StepContext:
     @property
     def epilogue_points(self) -> list[tuple[str, dict[str, int]]]:
         """The epilogue for :func:`fxmem.memory.simulation.simulate`."""
-        return [(label, {"temporaries": int(nbytes)}) for label, nbytes in self.epilogue]
+        return [(label, {Category.TEMPORARIES: int(nbytes)}) for label, nbytes in self.epilogue]
 
     def key(self) -> str:
         """A stable text of the context, for cache keys."""

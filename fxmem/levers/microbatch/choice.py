@@ -26,6 +26,7 @@ from fxmem.cost.model import graph_costs, spec_for
 from fxmem.levers.microbatch.runtime import accumulated_gradient_bytes, split_sizes
 from fxmem.levers.recompute.problem import build_problem
 from fxmem.solver import greedy, save_all, solve_ilp
+from fxmem.memory.simulation import Category
 
 __all__ = ["MicrobatchOption", "MicrobatchChoice", "choose_microbatches", "extra_resident"]
 
@@ -69,8 +70,8 @@ def extra_resident(tensors, held_bytes: int, sizes, dims, params) -> dict[str, i
     inputs = sum(t.untyped_storage().nbytes() * (1 - first / total)
                  for t, d in zip(tensors, dims) if d is not None)
     # held outputs: the whole batch's buffer they are gathered into, beside each microbatch's own
-    return {"gradients": accumulated_gradient_bytes(params), "inputs": int(inputs),
-            "outputs": int(held_bytes)}
+    return {Category.GRADIENTS: accumulated_gradient_bytes(params), Category.INPUTS: int(inputs),
+            Category.OUTPUTS: int(held_bytes)}
 
 
 def _part(leaves, slots, dims, start: int, n: int):
