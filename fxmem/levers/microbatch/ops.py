@@ -9,9 +9,34 @@ import dataclasses
 import torch
 import torch.fx
 
-__all__ = ["ALONG_OPS", "BATCH_NORM_OPS", "BatchState", "CONST_OPS", "EINSUM_OPS", "LOSS_OPS",
-           "NLL_OPS", "Problem", "REDUCE_OPS", "SAME_OPS", "SLICE_OPS", "U_AWARE_OPS", "VIEW_OPS",
-           "leading_independent", "op_kwargs", "op_name", "place_values", "shape_of"]
+__all__ = ["ALONG_OPS", "ATTENTION_OPS", "BATCH_NORM_OPS", "BatchState", "CONST_OPS",
+           "EINSUM_OPS", "GROUPED_MM_OPS", "LOSS_OPS", "NLL_OPS", "Problem", "REDUCE_OPS",
+           "Reordered", "SAME_OPS", "SLICE_OPS", "U_AWARE_OPS", "VIEW_OPS", "leading_independent",
+           "op_kwargs", "op_name", "place_values", "shape_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reordered:
+    """A value that follows a ``sort`` along the batch dim (a mixture-of-experts dispatch: rows
+    sorted by expert, gathered, multiplied per group, put back in order). Let P be the sort's
+    indices into the sorted dim (``size`` rows, the batch its top digit). ``kind``:
+
+    - "keys": the sorted values themselves; along ``dim`` row i is row P[i]'s key;
+    - "rows": along ``dim`` row i belongs to the sample of row P[i] (computed from it alone);
+    - "index": also "rows", and its values are P[i] // ``div``: positions in a dim of
+      ``size // div`` rows (whose batch is its top digit), in the same sample as row P[i];
+    - "groups": the number of sorted keys per group, or their running sum (grouped-matmul
+      offsets): each row's group is its own key;
+    - "inverse": in the batch's order, the position of each row in the sorted order (P's inverse).
+
+    The value's :class:`BatchState` has no batch dim: a rule that does not know these kinds sees an
+    unbatched value computed from batched ones, so the analysis stays conservative."""
+
+    kind: str
+    sort: str  # the sort node's name: values of one sort line up row by row
+    dim: int = 0
+    size: int = 0
+    div: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +51,7 @@ class BatchState:
     free: frozenset = frozenset()  # unbatched: dims the values do not vary along
     dep: bool = False  # unbatched but computed from batched values (a reduction over the batch)
     iota: int | None = None  # unbatched: value == index along this dim (arange)
+    reordered: Reordered | None = None  # unbatched: rows in a sort's order (MoE dispatch)
 
     def at(self, d: int) -> BatchState:
         return dataclasses.replace(self, dim=d)
@@ -50,6 +76,13 @@ REDUCE_OPS = {
     "sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "prod",
     "logsumexp", "norm", "linalg_vector_norm", "any", "all", "argmax", "argmin", "count_nonzero",
     "nansum", "nanmean", "median", "mode", "aminmax"}
+ATTENTION_OPS = {  # scaled dot-product attention kernels: (..., positions, features) operands
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable", "_scaled_dot_product_attention_math",
+    "_scaled_dot_product_attention_math_for_mps"}
+GROUPED_MM_OPS = {  # a row-wise matmul, each row by its group's matrix (transformers' fallback too)
+    "_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
 EINSUM_OPS = {"mm": "ik,kj->ij", "bmm": "gik,gkj->gij", "mv": "ik,k->i", "dot": "k,k->",
               "addmm": "ik,kj->ij", "baddbmm": "gik,gkj->gij", "addmv": "ik,k->i",
               "addbmm": "gik,gkj->ij"}

@@ -8,7 +8,10 @@ not vary along (``free``: constants, broadcasts, i.i.d. random masks) and whethe
 ``arange`` along a dim (``iota``), so that a causal mask built as ``(B, 1, T, T)`` from
 ``arange(T)``, or ``x[arange(B), y]``, keeps samples apart. Ops are handled by rule families
 (pointwise, views, reductions, matmuls, normalisations, indexing...); an op the rules do not know,
-fed a batched value, is reported as coupling: the analysis is conservative.
+fed a batched value, is reported as coupling: the analysis is conservative. An in-place write into
+a view updates the value the view shows; an empty part of a concatenation (a cache's first
+``torch.tensor([])``) adds nothing; rows a sort reorders along the batch (a mixture of experts'
+dispatch) are followed by :mod:`fxmem.levers.microbatch.reorder`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import operator
 import torch
 import torch.fx
 
-from fxmem.levers.microbatch.ops import (ALONG_OPS, BATCH_NORM_OPS, CONST_OPS, EINSUM_OPS, LOSS_OPS, NLL_OPS,
-                        REDUCE_OPS, SAME_OPS, SLICE_OPS, U_AWARE_OPS, VIEW_OPS, Problem,
-                        leading_independent, op_kwargs, op_name, place_values, shape_of)
+from fxmem.levers.microbatch.ops import (ALONG_OPS, ATTENTION_OPS, BATCH_NORM_OPS, CONST_OPS,
+                        EINSUM_OPS, LOSS_OPS, NLL_OPS, REDUCE_OPS, SAME_OPS, SLICE_OPS, U_AWARE_OPS,
+                        VIEW_OPS, Problem, leading_independent, op_kwargs, op_name,
+                        place_values, shape_of)
 from fxmem.levers.microbatch.ops import BatchState as _V
+from fxmem.levers.microbatch.reorder import reordered_rule, strip_reordered
 from fxmem.graph.capture import CapturedStep
+from fxmem.passes.rng_replay import is_random
 from fxmem.graph.torch_compat import is_op_overload
 
 __all__ = ["Propagation"]
@@ -60,6 +66,13 @@ def _unbatched(val):
     return _V()
 
 
+def _numel(x) -> int:
+    n = 1
+    for s in shape_of(x):
+        n *= s
+    return n
+
+
 def _arange(kw) -> _V:
     """arange: iota along its dim 0 when it counts 0, 1, 2... (start 0, step 1)."""
     start, step = kw.get("start", 0), kw.get("step", 1)
@@ -91,6 +104,7 @@ class Propagation:
         self.S: dict[str, object] = {}
         self.problems: dict[torch.fx.Node, Problem] = {}
         self.mutated: dict[str, None] = {}
+        self.base: dict[str, torch.fx.Node] = {}  # a view -> the value whose memory it shows
         for node in step.gm.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 self.S[node.name] = _V(input_dims.get(node.name))
@@ -106,6 +120,8 @@ class Propagation:
         if node.target is operator.getitem:
             parent = self.S.get(node.args[0].name)
             self.S[node.name] = parent[node.args[1]] if isinstance(parent, list) else parent
+            if node.args[0].name in self.base:  # one of split's views
+                self.base[node.name] = self.base[node.args[0].name]
             return
         if not is_op_overload(node.target) \
                 or not isinstance(val, (torch.Tensor, list, tuple)):
@@ -119,6 +135,7 @@ class Propagation:
         try:
             out = self._rule(node, op_name(node), tensors, batched)
             self._check_write(node, out)
+            self._write_through(node, out)
         except Problem as p:
             self.problems[node] = p
             out = self._guess(node, batched)
@@ -130,6 +147,34 @@ class Propagation:
         dep = any(self.state(a).dim is not None or self.state(a).dep for a in tensors)
         fix = lambda v: v if v is None or v.dim is not None else dataclasses.replace(v, dep=dep)
         self.S[node.name] = [fix(v) for v in out] if isinstance(out, list) else fix(out)
+        returns, first = node.target._schema.returns, node.args[0] if node.args else None
+        if isinstance(first, torch.fx.Node) and returns and all(
+                r.alias_info is not None and not r.alias_info.is_write for r in returns):
+            self.base[node.name] = self.base.get(first.name, first)
+
+    def _write_through(self, node, out):
+        """An in-place op on a view writes into the value the view shows (``shifted[:, 1:] =
+        labels[:, :-1]`` in T5's decoder inputs): per-sample values written along the view's batch
+        dim make that value batched along the dim its memory shares, when the rest of it does not
+        vary along that dim; later reads of it see the batch."""
+        args, view = node.target._schema.arguments, node.args[0] if node.args else None
+        if not (args and args[0].alias_info is not None and args[0].alias_info.is_write
+                and isinstance(view, torch.fx.Node) and view.name in self.base
+                and isinstance(out, _V) and out.dim is not None):
+            return
+        base = self.base[view.name]
+        v, b = view.meta["val"], base.meta["val"]
+        d = next((d for d in range(b.dim()) if b.shape[d] == v.shape[out.dim]
+                  and b.stride(d) == v.stride(out.dim)), None)
+        s = self.state(base)
+        if d is None or (s.dim is not None and (s.dim, s.outer) != (d, out.outer)):
+            raise Problem("batch_mixing", f"writes per-sample values into a view of {base.name} "
+                          "along another dim than its batch")
+        if s.dim is None:
+            if base.op == "placeholder" or d not in s.free:
+                raise Problem("batch_mixing", f"writes per-sample values into {base.name}, whose "
+                              "other values vary along the batch dimension")
+            self.S[base.name] = _V(d, out.outer)
 
     def _check_write(self, node, out):
         args, first = node.target._schema.arguments, node.args[0] if node.args else None
@@ -179,7 +224,14 @@ class Propagation:
             return _all_free(op.val)
         if name == "arange":
             return _arange(kw)
-        random = torch.Tag.nondeterministic_seeded in tags
+        reordered = reordered_rule(self, op)  # rows a sort put in its order (mixture of experts)
+        if reordered is not None:
+            return reordered
+        return strip_reordered(self._general_rule(op, tags))
+
+    def _general_rule(self, op: _Op, tags):
+        name, batched = op.name, op.batched
+        random = is_random(op.node)  # draws numbers (attention with dropout_p 0 does not)
         if not batched and name not in U_AWARE_OPS and torch.Tag.pointwise not in tags:
             return _all_free(op.val) if random else _unbatched(op.val)
         if name in SAME_OPS:
@@ -273,6 +325,16 @@ class Propagation:
             raise Problem("batch_mixing", f"mixes the batch dim {d} with its last {k} dims")
         return _kept_where_shown(op.val, _V(d, outer), shape_of(batched[0])[d])
 
+    def _attention(self, op: _Op):
+        """Attention kernels: queries, keys, values and the mask broadcast over their leading
+        dims (a mask may not vary along the batch unless computed from the sample); the last two
+        (positions, features) mix within a sample only."""
+        shape = shape_of(op.x)
+        b = self._broadcast(shape, [a for a in op.tensors if len(shape_of(a)) == len(shape)])
+        if b.dim is None or b.dim >= len(shape) - 2:
+            raise Problem("batch_mixing", "attends across the batch dimension")
+        return _kept_where_shown(op.val, b, shape[b.dim])
+
     def _view(self, op: _Op):
         """Views and reshapes: the batch is a digit of the flat index; a free or iota dim keeps
         its meaning where an output dim spans the same index range."""
@@ -332,6 +394,10 @@ class Propagation:
         name, kw, val = op.name, op.kw, op.val
         parts = [t for t in kw["tensors"] if isinstance(t, torch.fx.Node)]
         n, new = val.dim(), name == "stack"
+        if not new and any(_numel(t) for t in parts):  # an empty part (HF's empty cache, a 1-D
+            parts = [t for t in parts if _numel(t)]  # torch.tensor([])) adds no element
+            if len(parts) == 1 and shape_of(parts[0]) == tuple(val.shape):
+                return self.state(parts[0])  # the other part, as it is
         d = kw["dim"] % n
         up = lambda i: i + (new and i >= d)
         b = self._one({(up(self.state(t).dim), self.state(t).outer) for t in parts
@@ -442,5 +508,5 @@ class Propagation:
         **dict.fromkeys(("index", "_unsafe_index"), _index), **dict.fromkeys(EINSUM_OPS, _einsum),
         "embedding": _embedding, **dict.fromkeys(BATCH_NORM_OPS, _batch_norm),
         **dict.fromkeys(NLL_OPS, _nll_loss), **dict.fromkeys(LOSS_OPS, _loss),
-        "constant_pad_nd": _constant_pad,
+        "constant_pad_nd": _constant_pad, **dict.fromkeys(ATTENTION_OPS, _attention),
     }
