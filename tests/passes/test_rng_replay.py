@@ -82,3 +82,41 @@ def test_replay_passes_tensor_keyword_arguments_of_the_graph_it_runs_in():
     expected = aten.bernoulli.Tensor(x, p=p)
     torch.testing.assert_close(out, expected * x)
     torch.testing.assert_close(grad, expected)
+
+
+class MaskedAttention(torch.nn.Module):
+    """Attention blocks with a tensor mask, as Hugging Face models call it (``attn_mask=``)."""
+
+    def __init__(self, width=32, heads=4, layers=4):
+        super().__init__()
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(width, 3 * width) for _ in range(layers))
+        self.heads = heads
+
+    def forward(self, x, mask):
+        b, t, c = x.shape
+        for qkv in self.qkv:
+            q, k, v = qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + a.transpose(1, 2).reshape(b, t, c).tanh()
+        return x.square().mean()
+
+
+def test_attention_with_a_mask_is_recomputed_exactly():
+    """SDPA with dropout_p 0 is a plain op: recomputed, not replayed, its mask read in the
+    backward (planning used to crash replaying it with the mask as an FX node)."""
+    import fxmem
+    from tests.helpers import assert_same_grads, grads_of
+
+    torch.manual_seed(0)
+    model = MaskedAttention()
+    x = torch.randn(4, 64, 32)
+    mask = torch.ones(64, 64, dtype=torch.bool).tril().expand(4, 1, 64, 64)
+    expected = grads_of(model, model, x, mask)
+    with pytest.raises(fxmem.BudgetError) as info:
+        fxmem.optimize(model, 1, time_limit=5)(x, mask)
+    om = fxmem.optimize(model, int(1.05 * info.value.floor), time_limit=5)
+    assert_same_grads(expected, grads_of(model, om, x, mask))
+    joint = {n.name: n for n in om.plan.graphs["joint"].graph.nodes}
+    recomputed = [str(joint[r].target) for r in om.plan.record.recomputed if r in joint]
+    assert any("scaled_dot_product" in r for r in recomputed), recomputed
+    assert not om.plan.record.replayed
