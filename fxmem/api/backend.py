@@ -33,6 +33,7 @@ import torch.fx
 from fxmem.budget import parse_budget
 from fxmem.graph import torch_compat
 from fxmem.passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_place
+from fxmem.api.graph_breaks import compiled_inside_eager_code, session_for, warn_unguaranteed
 from fxmem.planning.options import PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes, plan_joint
 
@@ -71,9 +72,10 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
     """A partition function (AOTAutograd's, or Inductor's custom_partitioner_fn) that plans."""
 
     def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None, *,
-                 context: StepContext = StepContext(), stop_after_plan: bool = False):
+                 context: StepContext = StepContext(), stop_after_plan: bool = False,
+                 session=None, note: str | None = None):
         self.options, self.plans, self.n_static, self.context = options, plans, n_static, context
-        self.stop_after_plan = stop_after_plan
+        self.stop_after_plan, self.session, self.note = stop_after_plan, session, note
 
     def __call__(self, joint, joint_inputs, **kwargs):
         static = set(kwargs.get("static_lifetime_input_indices") or ())
@@ -82,6 +84,10 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
         plan = plan_joint(joint, num_fwd_outputs=kwargs["num_fwd_outputs"],
                           static_input_indices=static, options=self.options,
                           context=self.context)
+        if self.note:
+            plan.notes = (*plan.notes, self.note)
+        if self.session is not None:
+            self.session.add(plan)
         self.plans.plans.append(plan)
         log.info("fxmem plan: %s", plan.record.summary())
         if self.stop_after_plan:
@@ -126,8 +132,21 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext =
     ``stop_after_plan``: raise :class:`PlanReady` with the plan instead of compiling it."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
-        partitioner = FxmemPartitioner(options, plans, context=context,
-                                       stop_after_plan=stop_after_plan)
+        session, last = session_for(gm)
+        held, note = context, None
+        if session is None and (where := compiled_inside_eager_code()) is not None:
+            note = warn_unguaranteed(where)
+        if session is not None:  # one of several graphs of a step: the others' bytes count
+            device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)),
+                          torch.device("cpu"))
+            others, note = session.context_for(example_inputs, options.limit_for(device),
+                                               more=not last)
+            held = dataclasses.replace(
+                context, resident=context.resident + others.resident,
+                during_backward=context.during_backward + others.during_backward)
+        partitioner = FxmemPartitioner(options, plans, context=held,
+                                       stop_after_plan=stop_after_plan, session=session,
+                                       note=note)
         if options.lowering == "eager":
             aot_autograd = torch_compat.AOT_AUTOGRAD()
             return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,

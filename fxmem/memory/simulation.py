@@ -133,12 +133,14 @@ def simulate(
     order: Sequence[int] | None = None,
     constant: Mapping[str, int] | None = None,
     epilogue: Sequence[tuple[str, Mapping[str, int]]] = (),
+    backward_constant: Mapping[str, int] | None = None,
 ) -> MemoryTimeline:
     """Run the step's ops in ``order`` (default: as given) and record the live bytes at each.
 
-    ``constant`` adds bytes present throughout (e.g. optimizer state); ``epilogue`` appends points
-    after the last op, each adding its own bytes to what is live at the end (e.g. an optimizer
-    step's temporaries).
+    ``constant`` adds bytes present throughout (e.g. optimizer state); ``backward_constant`` adds
+    bytes present from the first backward op on (e.g. gradients another graph of the step made
+    before this one's backward); ``epilogue`` appends points after the last op, each adding its
+    own bytes to what is live at the end (e.g. an optimizer step's temporaries).
     """
     n_ops = len(step.op_names)
     order = list(range(n_ops)) if order is None else list(order)
@@ -167,8 +169,11 @@ def simulate(
         rows[len(order) + k] = row
         allocated[len(order) + k] = total_allocated
 
+    backward_start = _backward_position(step, order)
+    for c, b in (backward_constant or {}).items():
+        rows[backward_start:, _CAT[c]] += int(b)
     labels = tuple(step.op_names[op] for op in order) + tuple(label for label, _ in epilogue)
-    return MemoryTimeline(labels=labels, live=rows, backward_start=_backward_position(step, order),
+    return MemoryTimeline(labels=labels, live=rows, backward_start=backward_start,
                           allocated=allocated)
 
 

@@ -99,6 +99,7 @@ class StepContext:
 
     resident: tuple[tuple[str, int], ...] = ()
     epilogue: tuple[tuple[str, int], ...] = ()
+    during_backward: tuple[tuple[str, int], ...] = ()  # held from the backward's start on
 
     @classmethod
     def of_optimizer(cls, state_bytes: int, step_bytes: int) -> "StepContext":
@@ -106,10 +107,14 @@ class StepContext:
         return cls(resident=((Category.OPTIMIZER_STATE, int(state_bytes)),) if state_bytes else (),
                    epilogue=((OPTIMIZER_STEP, int(step_bytes)),) if step_bytes else ())
 
-    def plus(self, resident: Mapping[str, int]) -> "StepContext":
-        """This context with more resident bytes (by category)."""
+    def plus(self, resident: Mapping[str, int],
+             during_backward: Mapping[str, int] | None = None) -> "StepContext":
+        """This context with more bytes (by category) held throughout, and from the backward's
+        start on."""
         return dataclasses.replace(
-            self, resident=self.resident + tuple((c, int(b)) for c, b in resident.items() if b))
+            self, resident=self.resident + tuple((c, int(b)) for c, b in resident.items() if b),
+            during_backward=self.during_backward + tuple(
+                (c, int(b)) for c, b in (during_backward or {}).items() if b))
 
     @property
     def constant(self) -> dict[str, int]:
@@ -120,10 +125,18 @@ class StepContext:
         return out
 
     @property
+    def backward_constant(self) -> dict[str, int]:
+        """Bytes by category held from the backward's start on."""
+        out: dict[str, int] = {}
+        for category, nbytes in self.during_backward:
+            out[category] = out.get(category, 0) + int(nbytes)
+        return out
+
+    @property
     def epilogue_points(self) -> list[tuple[str, dict[str, int]]]:
         """The epilogue for :func:`fxmem.memory.simulation.simulate`."""
         return [(label, {Category.TEMPORARIES: int(nbytes)}) for label, nbytes in self.epilogue]
 
     def key(self) -> str:
         """A stable text of the context, for cache keys."""
-        return repr((self.resident, self.epilogue))
+        return repr((self.resident, self.epilogue, self.during_backward))

@@ -61,6 +61,7 @@ class Plan:
     solver_calls: int = 0
     provenance: tuple[PassRecord, ...] = ()
     microbatch: object | None = None  # fxmem.levers.microbatch.runtime.MicrobatchReport
+    notes: tuple[str, ...] = ()  # what the plan assumed that the user should know
 
     @property
     def budget(self) -> int:
@@ -98,8 +99,9 @@ def plan_joint(
                               lever.decision(pmap, solution, step))
         storages = plan_storages(step, applied.graphs.forward, applied.graphs.backward,
                                  num_fwd_outputs=num_fwd_outputs, lowering=options.lowering)
-        return Realised(solution, applied, simulate(storages, constant=context.constant,
-                                                    epilogue=context.epilogue_points))
+        return Realised(solution, applied, simulate(
+            storages, constant=context.constant, epilogue=context.epilogue_points,
+            backward_constant=context.backward_constant))
 
     base = realise(save_all(pmap.problem, options.budget))
     chosen = _choose(pmap, lever, realise, base, options)

@@ -142,10 +142,12 @@ def format_plan(plan) -> str:
     for cat, b in plan.timeline.breakdown().items():
         if b:
             lines.append(f"  {cat:<{width}}  {format_bytes(b):>12}")
-    if plan.context.resident or plan.context.epilogue:
+    if plan.context.resident or plan.context.epilogue or plan.context.during_backward:
         lines.append("held beyond the graph: " + ", ".join(
             [f"{c} {format_bytes(b)}" for c, b in plan.context.resident]
+            + [f"{c} {format_bytes(b)} during the backward" for c, b in plan.context.during_backward]
             + [f"{label} temporaries {format_bytes(b)}" for label, b in plan.context.epilogue]))
+    lines += [f"note: {note}" for note in plan.notes]
     if plan.provenance:
         lines.append("passes (plan.provenance has each graph before and after):")
         lines += [f"  {r.name}: {r.summary}" for r in plan.provenance]

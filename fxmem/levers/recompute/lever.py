@@ -57,7 +57,8 @@ class RecomputeLever(Lever):
         costs = profile_costs(step.gm, step.device) if self.options.cost == "profile" \
             else graph_costs(step.gm, spec)
         return build_problem(step, costs, constant=context.constant,
-                             epilogue=context.epilogue_points, replay_random=True,
+                             epilogue=context.epilogue_points,
+                             backward_constant=context.backward_constant, replay_random=True,
                              lowering=self.options.lowering,
                              fused_cost=functools.partial(compute_time, spec=spec))
 

@@ -65,6 +65,7 @@ def build_problem(
     *,
     constant: Mapping[str, int] | None = None,
     epilogue=(),
+    backward_constant: Mapping[str, int] | None = None,
     replay_random: bool = False,
     pull_window: int | None = None,
     lowering: str = "eager",
@@ -99,7 +100,8 @@ def build_problem(
     if lowering == "inductor":
         table, costs, optional, input_reads = _lowered(table, costs, fused_cost, layout)
     storages = table.storages
-    timeline = simulate(storages, constant=constant, epilogue=epilogue)
+    timeline = simulate(storages, constant=constant, epilogue=epilogue,
+                        backward_constant=backward_constant)
     c = _candidates(step, table, input_reads, optional)
     _date_needs(c)
     # where what dies at each position is freed (later than its last read in a kernel group)
