@@ -17,7 +17,7 @@ import torch.fx
 
 from fxmem.graph import torch_compat
 
-__all__ = ["tensors", "node_value", "input_tensors", "value_nbytes", "storage_nbytes",
+__all__ = ["schema_arguments", "tensors", "node_value", "input_tensors", "value_nbytes", "storage_nbytes",
            "is_view", "aliases_input", "writes_argument", "base_name", "op_name", "is_pointwise"]
 
 _MISSING = object()
@@ -114,3 +114,17 @@ def aliases_input(node: torch.fx.Node) -> bool:
 def is_pointwise(node: torch.fx.Node) -> bool:
     """The op is tagged pointwise (Inductor fuses it into its consumers)."""
     return torch_compat.is_op_overload(node.target) and torch.Tag.pointwise in node.target.tags
+
+
+def schema_arguments(node: torch.fx.Node) -> dict[str, Any]:
+    """An ATen op's arguments by schema name, positional or keyword, defaults filled in (None for
+    an argument with no default that was not given)."""
+    out = {}
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args) and not a.kwarg_only:
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from fxmem.graph import torch_compat
+from fxmem.graph.ops import schema_arguments
 from fxmem.passes.base import GraphPass, PassInvariantError, StepGraphs
 from fxmem.passes.recompute import RECOMPUTED
 
@@ -38,7 +39,7 @@ def is_random(node: torch.fx.Node) -> bool:
     if not (node.op == "call_function" and torch_compat.is_op_overload(target)
             and torch.Tag.nondeterministic_seeded in target.tags):
         return False
-    values = _schema_values(node)
+    values = schema_arguments(node)
     if values.get("train") is False:
         return False
     is_dropout = "dropout" in target._schema.name
@@ -47,19 +48,6 @@ def is_random(node: torch.fx.Node) -> bool:
         if isinstance(p, (int, float)) and not isinstance(p, bool):
             return p > 0
     return True
-
-
-def _schema_values(node: torch.fx.Node) -> dict:
-    """The op's arguments by schema name, positional or keyword, defaults filled in."""
-    values = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args) and not arg.kwarg_only:
-            values[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            values[arg.name] = node.kwargs[arg.name]
-        elif arg.has_default_value():
-            values[arg.name] = arg.default_value
-    return values
 
 
 def is_replayable(node: torch.fx.Node) -> bool:

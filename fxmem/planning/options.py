@@ -119,18 +119,12 @@ class StepContext:
     @property
     def constant(self) -> dict[str, int]:
         """Resident bytes by category, for :func:`fxmem.memory.simulation.simulate`."""
-        out: dict[str, int] = {}
-        for category, nbytes in self.resident:
-            out[category] = out.get(category, 0) + int(nbytes)
-        return out
+        return _by_category(self.resident)
 
     @property
     def backward_constant(self) -> dict[str, int]:
         """Bytes by category held from the backward's start on."""
-        out: dict[str, int] = {}
-        for category, nbytes in self.during_backward:
-            out[category] = out.get(category, 0) + int(nbytes)
-        return out
+        return _by_category(self.during_backward)
 
     @property
     def epilogue_points(self) -> list[tuple[str, dict[str, int]]]:
@@ -140,3 +134,10 @@ class StepContext:
     def key(self) -> str:
         """A stable text of the context, for cache keys."""
         return repr((self.resident, self.epilogue, self.during_backward))
+
+
+def _by_category(pairs) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for category, nbytes in pairs:
+        out[category] = out.get(category, 0) + int(nbytes)
+    return out

@@ -9,6 +9,9 @@ import dataclasses
 import torch
 import torch.fx
 
+from fxmem.graph.ops import op_name  # noqa: F401 (re-exported)
+from fxmem.graph.ops import schema_arguments as op_kwargs  # noqa: F401 (re-exported)
+
 __all__ = ["ALONG_OPS", "ATTENTION_OPS", "BATCH_NORM_OPS", "BatchState", "CONST_OPS",
            "EINSUM_OPS", "GROUPED_MM_OPS", "LOSS_OPS", "NLL_OPS", "Problem", "REDUCE_OPS",
            "Reordered", "SAME_OPS", "SLICE_OPS", "U_AWARE_OPS", "VIEW_OPS", "leading_independent",
@@ -113,26 +116,6 @@ def leading_independent(name: str, ndim: int, kw: dict) -> int | None:
         if f"{k}d" in name and any(w in name for w in ("pool", "upsample", "pad")):
             return k
     return None
-
-
-def op_kwargs(node: torch.fx.Node) -> dict:
-    """An ATen node's arguments by schema name, defaults filled in."""
-    out = {}
-    for i, a in enumerate(node.target._schema.arguments):
-        if i < len(node.args) and not a.kwarg_only:
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
-        else:
-            out[a.name] = a.default_value if a.has_default_value() else None
-    return out
-
-
-def op_name(node: torch.fx.Node) -> str:
-    """The op's name without overload or in-place underscore: "add" for aten.add_.Tensor."""
-    packet = getattr(node.target, "overloadpacket", None)
-    name = packet.__name__ if packet is not None else getattr(node.target, "__name__", "")
-    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
 def shape_of(x) -> tuple[int, ...]:
