@@ -26,7 +26,7 @@ import torch.fx
 
 from fxmem.budget import BudgetError, format_bytes
 from fxmem.graph.joint import step_from_joint
-from fxmem.levers.recompute.fit import Realised, fit, smallest_peak
+from fxmem.levers.recompute.fit import Realised, descend, fit, smallest_peak
 from fxmem.levers.recompute.lever import RecomputeLever
 from fxmem.memory.simulation import MemoryTimeline, simulate
 from fxmem.memory.storages import plan_storages
@@ -143,6 +143,9 @@ def _choose(pmap, lever: RecomputeLever, realise, base: Realised, options: PlanO
     if floor.peak > limit and missed.any():
         fed = smallest_peak(pmap, lever, realise, missed, limit)
         floor = min(floor, fed, key=lambda r: r.peak)
+    if floor.peak <= limit:
+        return floor
+    floor = descend(pmap, lever, realise, floor, budget=options.budget)
     if floor.peak <= limit:
         return floor
     if unoptimized <= options.budget:  # at or above the unoptimised peak: as it is

@@ -20,7 +20,7 @@ import numpy as np
 from fxmem.levers.recompute.problem import ProblemMap
 from fxmem.memory.simulation import MemoryTimeline
 
-__all__ = ["Realised", "fit", "smallest_peak", "model_miss"]
+__all__ = ["Realised", "fit", "smallest_peak", "descend", "model_miss"]
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +124,19 @@ def model_miss(problem, labels: tuple[str, ...], decision, timeline: MemoryTimel
             mapped = n_fwd - 1  # a forward point after the last forward op the joint has
         miss[mapped] = max(miss[mapped], int(total[k]) - int(model[mapped]))
     return miss
+
+
+def descend(pmap: ProblemMap, lever, realise: Callable[[Any], Realised], start: Realised, *,
+            budget: int, step: float = 0.03, tries: int = 3) -> Realised:
+    """A lower floor than ``start``'s, if fitting finds one: the smallest-peak decision's linear
+    model can be far from its simulation (WideResNet: 142 MiB predicted, 182 simulated), while
+    the ordinary fit, fed what the model misses, reaches plans that simulate lower (176 MiB).
+    Fits at ``step`` under the best peak so far, ``tries`` times or until one finds nothing."""
+    best = start
+    for _ in range(tries):
+        target = int(best.peak * (1.0 - step))
+        found, _ = fit(pmap, lever, realise, target, budget=budget, max_rounds=2)
+        if found is None or found.peak >= best.peak:
+            break
+        best = found
+    return best
