@@ -29,6 +29,8 @@ from fxmem.levers.microbatch.ops import (ALONG_OPS, ATTENTION_OPS, BATCH_NORM_OP
                         place_values, shape_of)
 from fxmem.levers.microbatch.ops import BatchState as _V
 from fxmem.levers.microbatch.reorder import reordered_rule, strip_reordered
+from fxmem.levers.microbatch.states import (RuleOp, all_free, arange, kept_where_shown, numel,
+                                            per_output, unbatched)
 from fxmem.graph.capture import CapturedStep
 from fxmem.passes.rng_replay import is_random
 from fxmem.graph.torch_compat import is_op_overload
@@ -36,63 +38,6 @@ from fxmem.graph.torch_compat import is_op_overload
 __all__ = ["Propagation"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Op:
-    """One forward op as the rules see it: its node, op name, arguments by schema name (``kw``),
-    fake output(s) (``val``), first argument (``x``) and that argument's state (``s``), and its
-    tensor inputs (``tensors``), of which ``batched`` are batched."""
-
-    node: torch.fx.Node
-    name: str
-    kw: dict
-    val: object
-    x: object
-    s: _V | None
-    tensors: list
-    batched: list
-
-
-def _all_free(val) -> _V:
-    """An unbatched value equal at every position (a constant, i.i.d. draws): all dims free."""
-    return _V(free=frozenset(range(val.dim() if isinstance(val, torch.Tensor) else 0)))
-
-
-def _unbatched(val):
-    """Unbatched output(s) with nothing known of them: a state per tensor, None for the rest."""
-    if isinstance(val, (list, tuple)):
-        return [_V() if isinstance(v, torch.Tensor) else None for v in val]
-    return _V()
-
-
-def _numel(x) -> int:
-    n = 1
-    for s in shape_of(x):
-        n *= s
-    return n
-
-
-def _arange(kw) -> _V:
-    """arange: iota along its dim 0 when it counts 0, 1, 2... (start 0, step 1)."""
-    start, step = kw.get("start", 0), kw.get("step", 1)
-    return _V(iota=0 if (start in (0, None) and step in (1, None)) else None)
-
-
-def _per_output(out: _V, val):
-    """``out`` for each output of a multi-output op, else ``out`` itself."""
-    return [out] * len(val) if isinstance(val, (list, tuple)) else out
-
-
-def _kept_where_shown(val, s: _V | None, size):
-    """Output state(s): ``s`` wherever an output tensor still has a dim ``s.dim`` of the batch's
-    ``size``; unbatched for the other tensors (and for all when ``s`` is None); None for a
-    non-tensor."""
-    def one(v):
-        if not isinstance(v, torch.Tensor):
-            return None
-        return s if s is not None and v.dim() > s.dim and v.shape[s.dim] == size else _V()
-    return [one(v) for v in val] if isinstance(val, (list, tuple)) else one(val)
 
 
 class Propagation:
@@ -187,7 +132,7 @@ class Propagation:
         """After a problem: keep the batch dim where the shape still shows it."""
         s = self.state(batched[0]) if batched else None
         size = shape_of(batched[0])[s.dim] if batched else None
-        return _kept_where_shown(node.meta["val"], s, size)
+        return kept_where_shown(node.meta["val"], s, size)
 
     def _one(self, states: set, what: str) -> tuple[int, int] | None:
         if len(states) > 1:
@@ -218,22 +163,22 @@ class Propagation:
         for the op; any other op keeps samples apart only along the leading dims that
         :func:`leading_independent` vouches for."""
         kw, x = op_kwargs(node), node.args[0] if node.args else None
-        op = _Op(node, name, kw, node.meta["val"], x, self.state(x), tensors, batched)
+        op = RuleOp(node, name, kw, node.meta["val"], x, self.state(x), tensors, batched)
         tags = node.target.tags
         if name in CONST_OPS:
-            return _all_free(op.val)
+            return all_free(op.val)
         if name == "arange":
-            return _arange(kw)
+            return arange(kw)
         reordered = reordered_rule(self, op)  # rows a sort put in its order (mixture of experts)
         if reordered is not None:
             return reordered
         return strip_reordered(self._general_rule(op, tags))
 
-    def _general_rule(self, op: _Op, tags):
+    def _general_rule(self, op: RuleOp, tags):
         name, batched = op.name, op.batched
         random = is_random(op.node)  # draws numbers (attention with dropout_p 0 does not)
         if not batched and name not in U_AWARE_OPS and torch.Tag.pointwise not in tags:
-            return _all_free(op.val) if random else _unbatched(op.val)
+            return all_free(op.val) if random else unbatched(op.val)
         if name in SAME_OPS:
             return op.s
         if torch.Tag.pointwise in tags or random or name in ("copy", "masked_fill", "where"):
@@ -241,7 +186,7 @@ class Propagation:
         rule = self._RULES.get(name)
         return rule(self, op) if rule is not None else self._leading_independent(op)
 
-    def _pointwise(self, op: _Op, random: bool):
+    def _pointwise(self, op: RuleOp, random: bool):
         """Pointwise ops (and copy, masked_fill, where, random draws): the operands broadcast."""
         val = op.val
         shape = tuple((val[0] if isinstance(val, (list, tuple)) else val).shape)
@@ -250,7 +195,7 @@ class Propagation:
             out = _V(free=frozenset(range(len(shape))))
         return [out, out] if isinstance(val, (list, tuple)) else out
 
-    def _expand(self, op: _Op):
+    def _expand(self, op: RuleOp):
         """expand: the dims it adds in front and the size-1 dims it grows are free."""
         s, old, new = op.s, shape_of(op.x), tuple(op.val.shape)
         off = len(new) - len(old)
@@ -260,7 +205,7 @@ class Propagation:
         return _V(free=frozenset({i + off for i in s.free} | set(range(off)) | grown),
                   iota=None if s.iota is None else s.iota + off)
 
-    def _permute(self, op: _Op):
+    def _permute(self, op: RuleOp):
         """permute, transpose, t: every dim (batch, free, iota) moves where the op puts it."""
         s, name, kw = op.s, op.name, op.kw
         n = len(shape_of(op.x))
@@ -272,22 +217,22 @@ class Propagation:
         return s.at(m[s.dim]) if s.dim is not None else _V(
             free=frozenset(m[i] for i in s.free), iota=None if s.iota is None else m[s.iota])
 
-    def _along(self, op: _Op):
+    def _along(self, op: RuleOp):
         """Ops along a dim (softmax, cumsum, sort...): along the batch dim they mix samples."""
         s, kw, n = op.s, op.kw, len(shape_of(op.x))
         dims = kw["dims"] if "dims" in kw else kw.get("dim", -1)
         dims = {d % n for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
         if s.dim is not None and s.dim in dims:
             raise Problem(ALONG_OPS[op.name], f"works along the batch dim {s.dim}")
-        return _per_output(s if s.dim is not None else _V(free=s.free - dims), op.val)
+        return per_output(s if s.dim is not None else _V(free=s.free - dims), op.val)
 
-    def _embedding(self, op: _Op):
+    def _embedding(self, op: RuleOp):
         """embedding: each looked-up row belongs to its index's sample; the table must not vary."""
         if self.state(op.kw["weight"]).dim is not None:
             raise Problem("batch_mixing", "looks up rows of a batched table")
         return self.state(op.kw["indices"])
 
-    def _nll_loss(self, op: _Op):
+    def _nll_loss(self, op: RuleOp):
         """nll_loss: input and target batched alike along dim 0, no reduction over the batch."""
         s, tgt = op.s, self.state(op.kw["target"])
         if s.dim != 0 or (tgt.dim, tgt.outer) != (0, s.outer):
@@ -297,14 +242,14 @@ class Propagation:
             raise Problem("batch_reduction", "reduces the loss over the batch")
         return [s, _V()]
 
-    def _loss(self, op: _Op):
+    def _loss(self, op: RuleOp):
         """Elementwise losses (mse, l1...): the operands broadcast; no reduction over the batch."""
         out = self._broadcast(shape_of(op.x), op.tensors)
         if op.kw["reduction"] != 0:
             raise Problem("batch_reduction", "reduces the loss over the batch")
         return out
 
-    def _constant_pad(self, op: _Op):
+    def _constant_pad(self, op: RuleOp):
         """constant_pad_nd: padding the batch dim mixes samples; padded dims are no longer free."""
         s, n, pad = op.s, len(shape_of(op.x)), list(op.kw["pad"])
         padded = {n - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
@@ -312,7 +257,7 @@ class Propagation:
             raise Problem("batch_mixing", "pads the batch dimension")
         return s if s.dim is not None else _V(free=s.free - padded)
 
-    def _leading_independent(self, op: _Op):
+    def _leading_independent(self, op: RuleOp):
         """Any other op: samples stay apart when :func:`leading_independent` says the op works on
         its last k dims only and the batch dim comes before them."""
         x, batched = op.x, op.batched
@@ -323,9 +268,9 @@ class Propagation:
         d, outer = self._one({(self.state(a).dim, self.state(a).outer) for a in batched}, "mixes")
         if d >= len(shape_of(batched[0])) - k:
             raise Problem("batch_mixing", f"mixes the batch dim {d} with its last {k} dims")
-        return _kept_where_shown(op.val, _V(d, outer), shape_of(batched[0])[d])
+        return kept_where_shown(op.val, _V(d, outer), shape_of(batched[0])[d])
 
-    def _attention(self, op: _Op):
+    def _attention(self, op: RuleOp):
         """Attention kernels: queries, keys, values and the mask broadcast over their leading
         dims (a mask may not vary along the batch unless computed from the sample); the last two
         (positions, features) mix within a sample only."""
@@ -333,9 +278,9 @@ class Propagation:
         b = self._broadcast(shape, [a for a in op.tensors if len(shape_of(a)) == len(shape)])
         if b.dim is None or b.dim >= len(shape) - 2:
             raise Problem("batch_mixing", "attends across the batch dimension")
-        return _kept_where_shown(op.val, b, shape[b.dim])
+        return kept_where_shown(op.val, b, shape[b.dim])
 
-    def _view(self, op: _Op):
+    def _view(self, op: RuleOp):
         """Views and reshapes: the batch is a digit of the flat index; a free or iota dim keeps
         its meaning where an output dim spans the same index range."""
         s, old, new = op.s, shape_of(op.x), tuple(op.val.shape)
@@ -353,7 +298,7 @@ class Propagation:
                      and ranges.get((pn[e], new[e])) == s.iota), None)
         return _V(free=frozenset(free), iota=iota)
 
-    def _reduce(self, op: _Op):
+    def _reduce(self, op: RuleOp):
         """Reductions (sum, mean, max...): over the batch dim they reduce across samples."""
         s, shape, kw, val = op.s, shape_of(op.x), op.kw, op.val
         n, dims = len(shape), kw.get("dim")
@@ -367,9 +312,9 @@ class Propagation:
         else:
             kept = [i for i in range(n) if keep or i not in dims]
             out = _V(free=frozenset(j for j, i in enumerate(kept) if i in s.free or i in dims))
-        return _per_output(out, val)
+        return per_output(out, val)
 
-    def _slice(self, op: _Op):
+    def _slice(self, op: RuleOp):
         """slice, select, split, unbind, chunk: only a full slice may cut along the batch dim."""
         name, s, shape, kw, val = op.name, op.s, shape_of(op.x), op.kw, op.val
         d = kw.get("dim", 0) % len(shape)
@@ -389,13 +334,13 @@ class Propagation:
             return [out] * len(val) if name == "unbind" else out
         return [s] * len(val)
 
-    def _cat(self, op: _Op):
+    def _cat(self, op: RuleOp):
         """cat along dim d, or stack into a new dim d (the inputs' dims from d on move up)."""
         name, kw, val = op.name, op.kw, op.val
         parts = [t for t in kw["tensors"] if isinstance(t, torch.fx.Node)]
         n, new = val.dim(), name == "stack"
-        if not new and any(_numel(t) for t in parts):  # an empty part (HF's empty cache, a 1-D
-            parts = [t for t in parts if _numel(t)]  # torch.tensor([])) adds no element
+        if not new and any(numel(t) for t in parts):  # an empty part (HF's empty cache, a 1-D
+            parts = [t for t in parts if numel(t)]  # torch.tensor([])) adds no element
             if len(parts) == 1 and shape_of(parts[0]) == tuple(val.shape):
                 return self.state(parts[0])  # the other part, as it is
         d = kw["dim"] % n
@@ -412,7 +357,7 @@ class Propagation:
         return _V(free=frozenset(i for i in range(n) if i != d
                                  and all(i in {up(j) for j in self.state(t).free} for t in parts)))
 
-    def _index(self, op: _Op):
+    def _index(self, op: RuleOp):
         """index (advanced indexing): the batch dim may be indexed only by an arange over it."""
         x, indices, out_shape = op.x, op.kw["indices"], tuple(op.val.shape)
         s, shape = self.state(x), shape_of(x)
@@ -453,7 +398,7 @@ class Propagation:
         free |= {e for e in range(start, start + nb) if all(k in s.free or flat(k, e) for k in pos)}
         return _V(free=frozenset(free))
 
-    def _einsum(self, op: _Op):
+    def _einsum(self, op: RuleOp):
         """Matmuls (mm, bmm, addmm...) as einsums: contracting over the batch dim reduces it."""
         node, name, val = op.node, op.name, op.val
         ins, out = EINSUM_OPS[name].split("->")
@@ -482,7 +427,7 @@ class Propagation:
                 raise Problem("batch_mixing", "adds a per-position value to each sample")
         return res
 
-    def _batch_norm(self, op: _Op):
+    def _batch_norm(self, op: RuleOp):
         """BatchNorm: in training mode it normalises with the batch's statistics (a problem); in
         eval mode it is per sample unless the batch is its channel dim."""
         name, kw, s, val = op.name, op.kw, op.s, op.val
