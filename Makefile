@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fxmem estimate fxmem.examples:demo_workload --plot demo_memory.png
+	$(BIN)/fxmem plan fxmem.examples:demo_workload --budget 60% --plot demo_plan.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

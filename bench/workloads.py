@@ -43,16 +43,20 @@ from typing import Any, Callable
 
 import torch
 
-from fxmem.examples import GPT, GPTConfig, wide_resnet_28_2
+from fxmem.examples import GPT, GPTConfig, WideResNet, wide_resnet_28_2
 
 __all__ = ["gpt_decoder", "wrn_28_2", "hf_gpt2", "decoder_1b", "WORKLOADS"]
 
 
-def gpt_decoder(batch: int = 8, seq: int = 256) -> dict[str, Any]:
-    """GPT (6 layers, d_model 512, 8 heads, vocab 8192) on random tokens."""
+def gpt_decoder(batch: int = 8, seq: int = 256, *, n_layer: int = 6, d_model: int = 512,
+                n_head: int = 8, vocab_size: int = 8192) -> dict[str, Any]:
+    """GPT (6 layers, d_model 512, 8 heads, vocab 8192) on random tokens.
+
+    The keywords make smaller versions (``bench/gpu_check.py --dry-run``)."""
     torch.manual_seed(0)
     cfg = GPTConfig(
-        vocab_size=8192, n_layer=6, n_head=8, d_model=512, max_seq_len=256, dropout=0.1
+        vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
+        max_seq_len=256, dropout=0.1
     )
     model = GPT(cfg).train()
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
@@ -60,17 +64,28 @@ def gpt_decoder(batch: int = 8, seq: int = 256) -> dict[str, Any]:
     return dict(model=model, args=(idx, targets), kwargs={}, name="gpt_decoder")
 
 
-def wrn_28_2(batch: int = 128) -> dict[str, Any]:
-    """WRN-28-2 on random 3x32x32 images with 10 classes."""
+def wrn_28_2(batch: int = 128, *, depth: int = 28, widen_factor: int = 2,
+             image: int = 32) -> dict[str, Any]:
+    """WRN-28-2 on random 3x32x32 images with 10 classes.
+
+    The keywords make smaller versions, WRN-``depth``-``widen_factor`` on ``image`` x ``image``
+    pixels (``bench/gpu_check.py --dry-run``)."""
     torch.manual_seed(0)
-    model = wide_resnet_28_2(num_classes=10, in_channels=3).train()
-    x = torch.randn(batch, 3, 32, 32)
+    if (depth, widen_factor) == (28, 2):
+        model = wide_resnet_28_2(num_classes=10, in_channels=3).train()
+    else:
+        model = WideResNet(depth=depth, widen_factor=widen_factor, num_classes=10,
+                           in_channels=3).train()
+    x = torch.randn(batch, 3, image, image)
     targets = torch.randint(0, 10, (batch,))
     return dict(model=model, args=(x, targets), kwargs={}, name="wrn_28_2")
 
 
-def hf_gpt2(batch: int = 8, seq: int = 256) -> dict[str, Any]:
-    """A 4-layer Hugging Face GPT-2 (n_embd 256, full vocabulary), SDPA attention."""
+def hf_gpt2(batch: int = 8, seq: int = 256, *, n_layer: int = 4, n_embd: int = 256,
+            n_head: int = 4, vocab_size: int = 50257) -> dict[str, Any]:
+    """A 4-layer Hugging Face GPT-2 (n_embd 256, full vocabulary), SDPA attention.
+
+    The keywords make smaller versions (``bench/gpu_check.py --dry-run``)."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -80,11 +95,13 @@ def hf_gpt2(batch: int = 8, seq: int = 256) -> dict[str, Any]:
         ) from exc
     torch.manual_seed(0)
     config = GPT2Config(
-        n_layer=4,
-        n_embd=256,
-        n_head=4,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
         n_positions=256,
-        vocab_size=50257,
+        vocab_size=vocab_size,
+        bos_token_id=min(50256, vocab_size - 1),  # GPT-2's, or the last id of a smaller vocab
+        eos_token_id=min(50256, vocab_size - 1),
         use_cache=False,
         attn_implementation="sdpa",
     )

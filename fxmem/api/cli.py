@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
+from fxmem.budget import BudgetError
 from fxmem.errors import FxmemError
 
 __all__ = ["main"]
@@ -40,16 +42,46 @@ def _estimate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(ns: argparse.Namespace) -> int:
+_NO_LIMIT = 2**62  # a budget no step reaches: the plan saves everything
+
+
+def _relative_budget(text: str) -> float | None:
+    """``"55%"`` -> 0.55 (a fraction of the unoptimised peak); None for an absolute budget."""
+    text = text.strip()
+    if not text.endswith("%"):
+        return None
+    try:
+        fraction = float(text[:-1]) / 100.0
+    except ValueError:
+        fraction = float("nan")
+    if not 0.0 < fraction < float("inf"):
+        raise BudgetError(f"cannot read budget {text!r}: a relative budget is a positive "
+                          "percentage of the unoptimised peak, e.g. '55%'")
+    return fraction
+
+
+def _recomputed_ops(record) -> str:
+    """The forward ops the backward runs again, counted by op (node names without their index)."""
+    counts: dict[str, int] = {}
+    for name in record.recomputed:
+        op = re.sub(r"_\d+$", "", name)
+        counts[op] = counts.get(op, 0) + 1
+    if not counts:
+        return "nothing"
+    ops = ", ".join(f"{op} x{n}" if n > 1 else op
+                    for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    random = f", {len(record.replayed)} random (replayed)" if record.replayed else ""
+    return f"{len(record.recomputed)} forward ops{random}: {ops}"
+
+
+def _run_planned(workload, budget: int, ns: argparse.Namespace):
+    """Optimize the workload's model at ``budget``, run one step (it plans and compiles), then
+    measure one steady-state step. Returns the plan and the measurement."""
     import gc
 
     import fxmem
 
-    from fxmem.budget import format_bytes
-    from fxmem.api.workload import load_workload
-
-    workload = load_workload(ns.factory)
-    model = fxmem.optimize(workload.model, ns.budget, optimizer=workload.optimizer,
+    model = fxmem.optimize(workload.model, budget, optimizer=workload.optimizer,
                            loss_fn=workload.loss_fn, strategy=ns.strategy, lowering=ns.lowering)
 
     def step():
@@ -59,20 +91,85 @@ def _plan(ns: argparse.Namespace) -> int:
             workload.optimizer.step()
             workload.optimizer.zero_grad(set_to_none=True)
 
-    step()  # plans and compiles on the first call
+    step()  # plans and compiles on the first call (and creates the optimizer's state)
     workload.zero_grad()
     gc.collect()
-    measured = fxmem.measure_memory(step, device=next(workload.model.parameters()).device)
-    plan = model.plan
-    print(f"fxmem plan: {workload.name}, lowering {ns.lowering}")
+    device = next(workload.model.parameters()).device
+    # the bytes live at the start are the step's own: the model, its inputs, the optimizer state
+    measured = fxmem.measure_memory(step, device=device, baseline=workload.roots())
+    workload.zero_grad()
+    return model.plan, measured
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    import time
+
+    import fxmem
+
+    from fxmem.budget import format_bytes
+    from fxmem.api.workload import load_workload
+
+    t0 = time.perf_counter()
+    fraction = _relative_budget(ns.budget)
+    budget = None if fraction is not None else fxmem.parse_budget(ns.budget)
+    workload = load_workload(ns.factory)
+    before = measured_before = None
+    if ns.plot:  # the unoptimised step (fxmem's, nothing recomputed), run and measured
+        before, measured_before = _run_planned(workload, _NO_LIMIT, ns)
+        unoptimized = before.unoptimized_peak
+    elif fraction is not None:  # its prediction only
+        unoptimized = fxmem.estimate(workload.model, *workload.args, optimizer=workload.optimizer,
+                                     loss_fn=workload.loss_fn, lowering=ns.lowering,
+                                     **workload.kwargs).peak
+    if fraction is not None:
+        budget = int(fraction * unoptimized)
+    plan, measured = _run_planned(workload, budget, ns)
+    within = measured.peak <= plan.budget
+    print(f"fxmem plan: {workload.name} on {measured.device}, lowering {ns.lowering}")
     print(plan.report())
-    print(f"measured peak {format_bytes(measured.peak)} "
-          f"({'within' if measured.peak <= plan.budget else 'OVER'} the budget of "
-          f"{format_bytes(plan.budget)})")
+    print()
+    relative = (f" ({100 * fraction:g}% of the unoptimised peak {format_bytes(unoptimized)})"
+                if fraction is not None else "")
+    rows = [("budget", f"{format_bytes(plan.budget)}{relative}"),
+            ("predicted peak", format_bytes(plan.predicted_peak)),
+            ("measured peak", f"{format_bytes(measured.peak)} ({measured.peak} bytes)")]
+    if measured_before is not None:
+        rows.insert(1, ("unoptimised", f"predicted {format_bytes(before.predicted_peak)}, "
+                                       f"measured {format_bytes(measured_before.peak)}"))
+    rows += [("within budget", "yes" if within else "NO"),
+             ("recomputed", _recomputed_ops(plan.record))]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if ns.plot:
+        from fxmem.planning.report import plot_plan
+
+        path = plot_plan(before, measured_before, plan, measured, ns.plot,
+                         title=f"{workload.name}: unoptimised vs planned ({ns.lowering})")
+        print(f"plot: {path}")
+    if ns.json:
+        record = {
+            "name": workload.name,
+            "device": str(measured.device),
+            "lowering": ns.lowering,
+            "budget": plan.budget,
+            "budget_fraction": fraction,
+            "unoptimized_peak": plan.unoptimized_peak,
+            "unoptimized_measured_peak": None if measured_before is None else measured_before.peak,
+            "predicted_peak": plan.predicted_peak,
+            "measured_peak": measured.peak,
+            "within_budget": within,
+            "recomputed": list(plan.record.recomputed),
+            "replayed": list(plan.record.replayed),
+            "seconds": time.perf_counter() - t0,
+        }
+        with open(ns.json, "w") as f:
+            json.dump(record, f, indent=2)
     if ns.show_graphs:
         for name in ("forward", "backward"):
             print(f"\n# {name} graph\n{plan.graphs[name].code}")
-    return 0 if measured.peak <= plan.budget else 1
+    print(f"({time.perf_counter() - t0:.1f}s)")
+    return 0 if within else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
     q = sub.add_parser("plan", help="plan a training step under a budget, run it, measure it")
     q.add_argument("factory", help="MODULE:FACTORY returning the model and its inputs (and optimizer)")
-    q.add_argument("--budget", required=True, help="bytes, or with a unit: 512MiB, 2GB, 1.5GiB")
+    q.add_argument("--budget", required=True,
+                   help="bytes, or with a unit: 512MiB, 2GB, 1.5GiB; or a percentage of the "
+                        "step's unoptimised peak (plan.unoptimized_peak): 60%%")
     q.add_argument("--strategy", default="ilp", choices=["ilp", "greedy", "checkpoint-blocks",
                                                           "save-all"])
     q.add_argument("--lowering", default="eager", choices=["eager", "inductor"])
+    q.add_argument("--plot", metavar="PNG", help="also run the unoptimised step and write its "
+                   "memory and the plan's, predicted and measured, to this PNG")
+    q.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
     q.add_argument("--show-graphs", action="store_true", help="print the rewritten graphs")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING)

@@ -86,6 +86,16 @@ class Workload:
         for p in self.model.parameters():
             p.grad = None
 
+    def roots(self) -> list:
+        """What the step holds from its start: the model, the inputs, the optimizer (its state)
+        and the tensors a ``loss_fn`` closes over -- ``measure_memory``'s ``baseline``."""
+        roots = [self.model, list(self.args), list(self.kwargs.values())]
+        if self.optimizer is not None:
+            roots.append(self.optimizer)
+        if self.loss_fn is not None:  # tensors a loss_fn closes over (its targets) are live too
+            roots += [c.cell_contents for c in (getattr(self.loss_fn, "__closure__", None) or ())]
+        return roots
+
     def measure(self, warmup: int = 1):
         """Measure one steady-state iteration (after ``warmup`` iterations create optimizer state).
 
@@ -98,12 +108,7 @@ class Workload:
         self.zero_grad()
         gc.collect()
         device = next(self.model.parameters()).device
-        roots = [self.model, list(self.args), list(self.kwargs.values())]
-        if self.optimizer is not None:
-            roots.append(self.optimizer)
-        if self.loss_fn is not None:  # tensors a loss_fn closes over (its targets) are live too
-            roots += [c.cell_contents for c in (getattr(self.loss_fn, "__closure__", None) or ())]
-        measured = measure_memory(self.step, device=device, baseline=roots)
+        measured = measure_memory(self.step, device=device, baseline=self.roots())
         self.zero_grad()
         return measured
 

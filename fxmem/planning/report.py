@@ -10,7 +10,7 @@ import numpy as np
 from fxmem.budget import format_bytes
 from fxmem.memory.simulation import CATEGORIES
 
-__all__ = ["format_estimate", "format_comparison", "plot_memory"]
+__all__ = ["format_estimate", "format_comparison", "plot_memory", "plot_plan"]
 
 
 def format_estimate(est) -> str:
@@ -152,3 +152,64 @@ def format_plan(plan) -> str:
         lines.append("passes (plan.provenance has each graph before and after):")
         lines += [f"  {r.name}: {r.summary}" for r in plan.provenance]
     return "\n".join(lines)
+
+
+def plot_plan(before, measured_before, plan, measured, path: str | Path = "plan.png",
+              title: str = "") -> Path:
+    """The step before and after planning, side by side on one scale: each panel stacks the
+    predicted bytes by category over the step (its plan's ``timeline``) and draws the measured
+    live bytes on top, against the bytes allocated so far (as in :func:`plot_memory`); the
+    budget is a line across both.
+
+    ``before`` is the unoptimised step's plan (a budget no step reaches: nothing recomputed),
+    ``plan`` the one under the budget; ``measured_before`` and ``measured`` are
+    :class:`fxmem.memory.measure.MeasuredMemory` of one step each (either may be None).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from exc
+
+    mib = 2.0**20
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    panels = ((axes[0], before, measured_before, "unoptimised (nothing recomputed)"),
+              (axes[1], plan, measured, "planned"))
+    for k, (ax, p, m, name) in enumerate(panels):
+        live = p.timeline.live / mib
+        x = _fraction(p.timeline.allocated)
+        keep = [c for c in range(len(CATEGORIES)) if live[:, c].any()]
+        ax.stackplot(x, live[:, keep].T, labels=[CATEGORIES[c] for c in keep], alpha=0.75,
+                     step="post")
+        ax.axhline(p.predicted_peak / mib, color="k", ls="--", lw=0.8,
+                   label=f"predicted peak {format_bytes(p.predicted_peak)}")
+        if m is not None:
+            ax.plot(_fraction(m.allocated), m.live / mib, color="crimson", lw=1.0,
+                    drawstyle="steps-post", label=f"measured ({format_bytes(m.peak)} peak)")
+        ax.axhline(plan.budget / mib, color="tab:blue", lw=1.4,
+                   label=f"budget {format_bytes(plan.budget)}")
+        if 0 < p.timeline.backward_start < len(live):
+            ax.axvline(x[p.timeline.backward_start], color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{name}: predicted {format_bytes(p.predicted_peak)}"
+                     + ("" if m is None else f", measured {format_bytes(m.peak)}"), fontsize=10)
+        ax.set_xlabel("bytes allocated so far (fraction of the step's total)")
+        ax.set_xlim(0, 1)
+        # the categories once (right), the peaks and the budget on each panel's upper right
+        handles, labels = ax.get_legend_handles_labels()
+        lines = [i for i, lab in enumerate(labels) if lab not in CATEGORIES]
+        chosen = range(len(labels)) if k == 1 else lines
+        ax.legend([handles[i] for i in chosen], [labels[i] for i in chosen], loc="upper right",
+                  fontsize=7)
+    axes[0].set_ylabel("MiB live")
+    top = max([before.predicted_peak, plan.predicted_peak, plan.budget]
+              + [m.peak for m in (measured_before, measured) if m is not None])
+    axes[0].set_ylim(0, 1.3 * top / mib)  # headroom for the legends above the curves
+    fig.suptitle(title or "fxmem: the step before and after planning")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

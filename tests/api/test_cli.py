@@ -4,7 +4,9 @@ import textwrap
 
 import pytest
 
+import fxmem
 from fxmem.api.cli import main
+from fxmem.budget import format_bytes
 
 
 @pytest.fixture
@@ -51,6 +53,55 @@ def test_bad_factory_and_bad_model_are_clear_errors(factory_module, capsys):
 def test_plan_runs_the_step_under_the_budget(factory_module, capsys):
     assert main(["plan", f"{factory_module}:make", "--budget", "1GiB"]) == 0
     out = capsys.readouterr().out
-    assert "predicted peak" in out and "within the budget" in out
+    assert "predicted peak" in out and "\nwithin budget   yes\n" in out
     assert main(["plan", f"{factory_module}:make", "--budget", "2KiB"]) == 2
     assert "smallest feasible budget" in capsys.readouterr().err
+
+
+def test_demo_plans_under_a_relative_budget_measures_and_plots(tmp_path, monkeypatch, capsys):
+    """`make demo`'s path (`fxmem plan ... --budget 60% --plot`) on a smaller demo GPT + Adam:
+    the unoptimised step and the planned one run and are measured, the summary's numbers agree
+    with the JSON, the measured peak is within the budget, and the before/after PNG is written."""
+    (tmp_path / "small_demo.py").write_text(textwrap.dedent("""
+        from fxmem.examples import demo_workload
+
+        def small():
+            return demo_workload(n_layer=2, d_model=64, n_head=2, vocab_size=512, batch=4, seq=32)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    png, js = tmp_path / "plan.png", tmp_path / "plan.json"
+    try:
+        assert main(["plan", "small_demo:small", "--budget", "80%", "--plot", str(png),
+                     "--json", str(js)]) == 0
+    finally:
+        sys.modules.pop("small_demo", None)
+    out = capsys.readouterr().out
+    record = json.loads(js.read_text())
+    keys = ("budget", "predicted peak", "measured peak", "within budget", "recomputed")
+    rows = {key: line[len(key):].strip() for line in out.splitlines() for key in keys
+            if line.startswith(key + "  ")}  # the summary's rows (the report's lines differ)
+    assert set(rows) == set(keys)
+    assert rows["budget"].startswith(format_bytes(record["budget"]) + " (80% of the unoptimised")
+    assert rows["predicted peak"] == format_bytes(record["predicted_peak"])
+    assert rows["measured peak"] == (f"{format_bytes(record['measured_peak'])} "
+                                     f"({record['measured_peak']} bytes)")
+    assert rows["within budget"] == "yes" and record["within_budget"]
+    assert record["budget"] == int(0.8 * record["unoptimized_peak"])
+    assert record["measured_peak"] <= record["budget"] < record["unoptimized_measured_peak"]
+    assert record["predicted_peak"] <= record["budget"]
+    assert record["recomputed"] and rows["recomputed"].startswith(f"{len(record['recomputed'])} ")
+    assert png.stat().st_size > 10_000
+
+
+def test_relative_budgets_are_read_by_the_cli_only(capsys):
+    from fxmem.api.cli import _relative_budget
+
+    assert _relative_budget("55%") == 0.55 and _relative_budget(" 60.5% ") == 0.605
+    assert _relative_budget("2GiB") is None
+    for bad in ("0%", "-5%", "x%"):
+        with pytest.raises(fxmem.BudgetError, match="percentage of the unoptimised peak"):
+            _relative_budget(bad)
+    with pytest.raises(fxmem.BudgetError):  # the library's budgets stay absolute
+        fxmem.parse_budget("55%")
+    assert main(["plan", "no_such_module_xyz:make", "--budget", "abc%"]) == 2
+    assert "percentage of the unoptimised peak" in capsys.readouterr().err
