@@ -8,3 +8,43 @@ from pathlib import Path
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+
+# ---------------------------------------------------------------- shared fixtures
+# Session-scoped factories (plain functions in tests.helpers), so hypothesis tests may use them.
+
+import pytest  # noqa: E402
+
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt():
+    """``tiny_gpt(**overrides) -> (model, (idx, targets), {})``: the tests' one tiny GPT
+    (2 layers, d_model 64, batch 4 x 64 tokens, dropout 0.1 unless overridden)."""
+    return helpers.make_tiny_gpt
+
+
+@pytest.fixture(scope="session")
+def same_grads():
+    """``same_grads(model, call, *args, expected=None, seed=1, rtol=..., atol=..., **kwargs)``:
+    the loss and gradients of one step through ``call`` equal eager ``model``'s (computed first
+    unless ``expected`` is given, under one seed: dropout masks match); returns both."""
+
+    def check(model, call, *args, expected=None, seed=1, rtol=None, atol=None, **kwargs):
+        if expected is None:
+            expected = helpers.grads_of(model, model, *args, seed=seed, **kwargs)
+        got = helpers.grads_of(model, call, *args, seed=seed, **kwargs)
+        tolerances = {} if rtol is None and atol is None else {"rtol": rtol, "atol": atol}
+        helpers.assert_same_grads(expected, got, **tolerances)
+        return expected, got
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def budget_between():
+    """``budget_between(model, args, kwargs=None, fraction=0.5, **optimize_options)``: a budget
+    ``fraction`` of the way from the step's floor to its unoptimised peak (both from one plan,
+    cached per model and input shapes)."""
+    return helpers.budget_between

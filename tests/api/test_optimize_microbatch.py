@@ -7,16 +7,13 @@ import pytest
 import torch
 
 import fxmem
-from fxmem.examples import GPT, GPTConfig
-from tests.helpers import assert_same_grads, grads_of, measured_step_peak
+from tests.helpers import assert_same_grads, grads_of, make_tiny_gpt, measured_step_peak
 
 
 def gpt_no_dropout(batch=6, seq=32):
     # dropout off: a microbatch draws other masks than the whole batch does
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=seq, dropout=0.0)
-    idx = torch.randint(0, 512, (batch, seq))
-    return GPT(cfg).train(), (idx, torch.randint(0, 512, (batch, seq)))
+    model, args, _ = make_tiny_gpt(n_head=4, dropout=0.0, batch=batch, seq=seq, targets="random")
+    return model, args
 
 
 def test_microbatching_alone_fits_a_budget_save_all_cannot_and_keeps_the_gradients():

@@ -14,7 +14,8 @@ from fxmem.graph.capture import capture_step
 from fxmem.errors import MicrobatchError, StepInputError
 from fxmem.levers.microbatch.runtime import (MICROBATCH_COUPLING_OPTION, accumulated_gradient_bytes,
                               microbatch_report, run_microbatched, split_sizes)
-from fxmem.examples import GPT, GPTConfig, WideResNet
+from fxmem.examples import WideResNet
+from tests.helpers import make_tiny_gpt
 
 
 # ---------------------------------------------------------------------------- split_sizes
@@ -39,12 +40,9 @@ def test_split_sizes_errors(batch, k):
 def small_gpt(batch=5, seq=8, dropout=0.0):
     # dropout p=0 for the exactness tests: microbatches draw other dropout masks than the whole
     # batch (the RNG is consumed in another order), so with p > 0 the losses differ by design
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16,
-                    dropout=dropout)
-    idx = torch.randint(0, 64, (batch, seq))
-    targets = torch.randint(0, 64, (batch, seq))
-    return GPT(cfg).train(), idx, targets
+    model, (idx, targets), _ = make_tiny_gpt(vocab=64, d_model=32, max_seq_len=16, seq=seq,
+                                            batch=batch, dropout=dropout, targets="random")
+    return model, idx, targets
 
 
 def tiny_gpt2(batch=5, seq=8):
