@@ -8,6 +8,14 @@ import torch
 
 from bench.workloads import WORKLOADS
 from fxmem import Workload
+from tests.helpers import assert_same_grads, grads_of, measured_grads, step_bounds
+
+# seconds per solve. At 30 (fxmem's default) the floor search alone takes minutes on a 2-core
+# machine; the plans' checks (exact gradients, measured peak under the budget) hold at any limit
+TIME_LIMIT = 5
+# a floor that only places a budget part of the way to the unoptimised peak need not be tight:
+# the search (three smallest-peak solves) at 2 s a solve instead of 5 (WRN-28-2: 12 s, not 46 s)
+BOUNDS_TIME_LIMIT = 2
 
 
 @pytest.mark.slow
@@ -24,38 +32,6 @@ def test_bench_workload_prediction_within_5_percent(name):
     gc.collect()
 
 
-def _grads(model, call, args, kwargs, seed=1):
-    from fxmem import loss_from_output
-
-    for p in model.parameters():
-        p.grad = None
-    torch.manual_seed(seed)
-    loss = loss_from_output(call(*args, **kwargs))
-    loss.backward()
-    out = loss.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    for p in model.parameters():
-        p.grad = None
-    return out
-
-
-def _assert_close(expected, got, **tol):
-    torch.testing.assert_close(got[0], expected[0], **tol)
-    for a, b in zip(expected[1], got[1]):
-        torch.testing.assert_close(b, a, **tol)
-
-
-def _midway_budget(model, args, kwargs):
-    import fxmem
-
-    top = fxmem.optimize(model, "100GiB")
-    top(*args, **kwargs)
-    try:
-        fxmem.optimize(model, 4096)(*args, **kwargs)
-    except fxmem.BudgetError as err:
-        return int((err.floor + top.plan.unoptimized_peak) / 2), top.plan.unoptimized_peak
-    raise AssertionError("a 4 KiB budget should be infeasible")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_optimize_bench_workload_exact_gradients_within_budget(name):
@@ -67,26 +43,26 @@ def test_optimize_bench_workload_exact_gradients_within_budget(name):
         pytest.importorskip("transformers")
     w = WORKLOADS[name]()
     model, args, kwargs = w["model"], w["args"], w["kwargs"]
-    expected = _grads(model, model, args, kwargs)
-    budget, top = _midway_budget(model, args, kwargs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    om = fxmem.optimize(model, budget)
-    om(*args, **kwargs)  # plan (BatchNorm statistics move: restore them below)
+    expected = grads_of(model, model, *args, **kwargs)
+    floor, top = step_bounds(model, args, kwargs, time_limit=BOUNDS_TIME_LIMIT)  # runs nothing
+    budget = (floor + top) // 2
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
+    # plan, and run the backward once (its graph is set up on its first call); BatchNorm's
+    # statistics move: restore them
+    fxmem.loss_from_output(om(*args, **kwargs)).backward()
     model.load_state_dict(state)
-    _assert_close(expected, _grads(model, om, args, kwargs))
-
-    def step():  # the caller holds the output through backward, as the plan assumes
-        out = om(*args, **kwargs)
-        fxmem.loss_from_output(out).backward()
-
-    gc.collect()
-    peak = fxmem.measure_memory(step, baseline=[model, list(args), list(kwargs.values())]).peak
+    # one measured step gives the gradients and the peak (the output held through backward)
+    got, peak = measured_grads(model, om, args, kwargs)
+    assert_same_grads(expected, got)
     assert peak <= budget < top, (peak, budget, om.plan.report())
     assert om.plan.predicted_peak == pytest.approx(peak, rel=0.02)
 
 
-SMALL = {"gpt_decoder": dict(batch=8, seq=128), "wrn_28_2": dict(batch=16),
-         "hf_gpt2": dict(batch=4, seq=128)}
+# the bench's architectures with fewer of their blocks: an Inductor compile costs about its
+# graph's length (tens of seconds per graph on a 2-core CPU), not its batch
+SMALL = {"gpt_decoder": dict(batch=8, seq=128, n_layer=2), "wrn_28_2": dict(batch=16, depth=10),
+         "hf_gpt2": dict(batch=4, seq=128, n_layer=2)}
 
 
 def _deviation(expected, got):
@@ -102,7 +78,8 @@ def _backend_budget(model, args, kwargs):
 
     torch._dynamo.reset()
     try:
-        torch.compile(model, backend="fxmem", options={"budget": 4096})(*args, **kwargs)
+        torch.compile(model, backend="fxmem",
+                      options={"budget": 4096, "time_limit": BOUNDS_TIME_LIMIT})(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         err = exc.inner_exception
         assert isinstance(err, fxmem.BudgetError) and err.floor and err.unoptimized
@@ -114,10 +91,10 @@ def _backend_budget(model, args, kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_backend_bench_workload_gradients_through_inductor(name):
-    """The bench architectures through torch.compile(backend="fxmem") at a smaller batch, dropout
-    on, something recomputed: gradients equal eager PyTorch's. Inductor's CPU convolutions round
-    differently from eager's, so for the WideResNet the bound is Inductor's own deviation (fxmem
-    must add no error of its own)."""
+    """The bench architectures through torch.compile(backend="fxmem") at a smaller batch and depth
+    (2 of the GPTs' layers, WRN-10-2), dropout on, something recomputed: gradients equal eager
+    PyTorch's. Inductor's CPU convolutions round differently from eager's, so for the WideResNet
+    the bound is Inductor's own deviation (fxmem must add no error of its own)."""
     import torch._dynamo
     from fxmem.api.backend import LAST_PLANS
 
@@ -126,63 +103,89 @@ def test_backend_bench_workload_gradients_through_inductor(name):
     w = WORKLOADS[name](**SMALL[name])
     model, args, kwargs = w["model"], w["args"], w["kwargs"]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    expected = _grads(model, model, args, kwargs)
+    expected = grads_of(model, model, *args, **kwargs)
     budget = _backend_budget(model, args, kwargs)
     model.load_state_dict(state)
-    compiled = torch.compile(model, backend="fxmem", options={"budget": budget})
-    got = _grads(model, compiled, args, kwargs)
+    compiled = torch.compile(model, backend="fxmem",
+                             options={"budget": budget, "time_limit": TIME_LIMIT})
+    got = grads_of(model, compiled, *args, **kwargs)
     assert LAST_PLANS.latest.solution.num_recomputed > 0
     assert LAST_PLANS.latest.predicted_peak <= budget
     if name == "wrn_28_2":
         model.load_state_dict(state)
         torch._dynamo.reset()
-        inductor = _grads(model, torch.compile(model), args, kwargs)
+        inductor = grads_of(model, torch.compile(model), *args, **kwargs)
         assert _deviation(expected, got) <= 1.5 * _deviation(expected, inductor) + 2e-5
     else:
-        _assert_close(expected, got, rtol=1e-4, atol=1e-5)
+        assert_same_grads(expected, got, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def without_dropout():
+    """``get(name)``: the bench workload with dropout off (at 64 tokens: the split is of the
+    batch) and its whole batch's loss and gradients, built once per module (the cases of one
+    workload share them)."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            w = WORKLOADS[name](seq=64)
+            model, args, kwargs = w["model"], w["args"], w["kwargs"]
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+                elif isinstance(getattr(m, "dropout", None), float):  # fxmem GPT's attention
+                    m.dropout = 0.0
+            built[name] = model, args, kwargs, grads_of(model, model, *args, **kwargs)
+        return built[name]
+
+    yield get
+    built.clear()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,k", [("gpt_decoder", 2), ("gpt_decoder", 3), ("hf_gpt2", 3)])
-def test_bench_workload_microbatched_equals_the_whole_batch(name, k):
+def test_bench_workload_microbatched_equals_the_whole_batch(name, k, without_dropout):
     """Loss and gradients of k microbatches (batch 8: even for 2, [3, 3, 2] for 3) equal the
     whole batch's. Dropout is off: a microbatch draws other masks than the whole batch does."""
     if name == "hf_gpt2":
         pytest.importorskip("transformers")
     import fxmem
 
-    w = WORKLOADS[name]()
-    model, args, kwargs = w["model"], w["args"], w["kwargs"]
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        elif isinstance(getattr(m, "dropout", None), float):  # fxmem GPT's attention dropout
-            m.dropout = 0.0
-    expected = _grads(model, model, args, kwargs)
+    model, args, kwargs, expected = without_dropout(name)
     om = fxmem.optimize(model, "64GiB", microbatches=k)
-    got = _grads(model, om, args, kwargs)
+    got = grads_of(model, om, *args, **kwargs)
     assert len(om.plan.microbatch.sizes) == k
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(got[1], expected[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def wrn_inductor_floor():
+    """WRN-28-2 at the bench's size and its floor through Inductor (one plan, shared by the
+    budgets over it)."""
+    import fxmem
+
+    w = WORKLOADS["wrn_28_2"]()
+    model, args, kwargs = w["model"], w["args"], w["kwargs"]
+    floor = fxmem.floor(model, *args, lowering="inductor", time_limit=TIME_LIMIT, **kwargs)
+    return model, args, kwargs, floor
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("over_floor", [1.02, 1.11])
-def test_inductor_plan_near_its_floor_holds_the_budget(over_floor):
+def test_inductor_plan_near_its_floor_holds_the_budget(over_floor, wrn_inductor_floor):
     """WRN-28-2 through Inductor a little over fxmem's floor: the measured peak is under the
     budget and within the planning margin of the prediction (recomputed ReLUs that Inductor fused
     into an earlier kernel once held 10 MiB more than planned here)."""
     import fxmem
     from fxmem.planning.options import default_margin
 
-    w = WORKLOADS["wrn_28_2"]()
-    model, args, kwargs = w["model"], w["args"], w["kwargs"]
-    with pytest.raises(fxmem.BudgetError) as err:
-        fxmem.optimize(model, 4096, lowering="inductor")(*args, **kwargs)
-    budget = int(err.value.floor * over_floor)
-    om = fxmem.optimize(model, budget, lowering="inductor")
+    model, args, kwargs, floor = wrn_inductor_floor
+    budget = int(floor * over_floor)
+    om = fxmem.optimize(model, budget, lowering="inductor", time_limit=TIME_LIMIT)
 
     def step():
         out = om(*args, **kwargs)

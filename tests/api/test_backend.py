@@ -9,29 +9,15 @@ from hypothesis import strategies as st
 
 import fxmem
 from fxmem.api.backend import LAST_PLANS, FxmemPartitioner, PlanLog, options_from_mapping
-from fxmem.examples import GPT, GPTConfig
 from fxmem.planning.planner import PlanOptions
 
-
-def tiny_gpt():
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=256, n_layer=2, n_head=2, d_model=64, max_seq_len=32, dropout=0.1)
-    idx = torch.randint(0, 256, (4, 32))
-    return GPT(cfg), idx
+TIME_LIMIT = 5  # seconds per solve
 
 
-def grads(model, call, *inputs, seed=1):
-    if len(inputs) == 1:  # a language model: the tokens are their own targets
-        inputs = inputs * 2
-    for p in model.parameters():
-        p.grad = None
-    torch.manual_seed(seed)
-    loss = call(*inputs)
-    loss.backward()
-    out = loss.detach(), [p.grad.clone() for p in model.parameters()]
-    for p in model.parameters():
-        p.grad = None
-    return out
+@pytest.fixture(scope="module")
+def gpt(tiny_gpt):
+    """One tiny GPT (dropout 0.1, 4 x 32 tokens) for the module: the tests only read it."""
+    return tiny_gpt(vocab=256, seq=32)[:2]
 
 
 def test_backend_is_registered_by_entry_point():
@@ -60,22 +46,18 @@ def test_cache_key_changes_with_the_budget_and_not_otherwise():
     assert a == b and len({a, c, d}) == 3
 
 
-def _budget(model, idx, fraction=0.85):
-    om = fxmem.optimize(model, "10GiB")
-    om(idx, idx)
-    return int(fraction * om.plan.unoptimized_peak)
+def _budget(model, args, fraction=0.85):
+    """``fraction`` of fxmem.optimize's unoptimised peak (eager lowering; planned, not run)."""
+    return int(fraction * fxmem.optimize(model, "10GiB").plan_for(*args).unoptimized_peak)
 
 
-def test_backend_with_eager_lowering_matches_eager_gradients():
-    model, idx = tiny_gpt()
-    expected = grads(model, model, idx)
-    budget = _budget(model, idx)
+def test_backend_with_eager_lowering_matches_eager_gradients(gpt, same_grads):
+    model, args = gpt
+    budget = _budget(model, args)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="fxmem", options={"budget": budget, "lowering": "eager"})
-    got = grads(model, compiled, idx)
-    torch.testing.assert_close(got[0], expected[0])
-    for a, b in zip(expected[1], got[1]):
-        torch.testing.assert_close(b, a)
+    compiled = torch.compile(model, backend="fxmem", options={
+        "budget": budget, "lowering": "eager", "time_limit": TIME_LIMIT})
+    same_grads(model, compiled, *args)
     plan = LAST_PLANS.latest
     assert plan.budget == budget and plan.predicted_peak <= budget
     assert plan.solution.num_recomputed > 0
@@ -83,32 +65,31 @@ def test_backend_with_eager_lowering_matches_eager_gradients():
 
 
 @pytest.mark.slow
-def test_backend_lowers_through_inductor_with_eager_gradients(monkeypatch):
+def test_backend_lowers_through_inductor_with_eager_gradients(monkeypatch, gpt, same_grads):
     import torch._inductor.scheduler as scheduler
     from torch._inductor.virtualized import V
 
     from fxmem.passes.recompute import RECOMPUTED
 
-    model, idx = tiny_gpt()
-    expected = grads(model, model, idx)
+    model, args = gpt
     # Inductor holds less than eager (fused values never exist): a budget well under eager's
     # peak, so that the plan must recompute dropout too. Random numbers are costly on the CPU
     # (DeviceSpec.random_per_s), so the planner recomputes dropout last: with the CPU's 1%
     # planning margin, 0.76 of eager's peak recomputes 17 values and no dropout, 0.745 (about 1%
     # over the floor) 23 and one dropout, 0.74 34 and 3 dropouts
-    budget = _budget(model, idx, fraction=0.745)
+    budget = _budget(model, args, fraction=0.745)
     torch._dynamo.reset()
     choices = []  # Inductor's heuristics while it fuses each graph (the backward's: lazily)
     can_fuse = scheduler.Scheduler.can_fuse
     monkeypatch.setattr(scheduler.Scheduler, "can_fuse", lambda self, *args, **kwargs: (
         choices.append(type(V.choices).__name__), can_fuse(self, *args, **kwargs))[1])
-    compiled = torch.compile(model, backend="fxmem", options={"budget": budget})
-    got = grads(model, compiled, idx)
+    compiled = torch.compile(model, backend="fxmem",
+                             options={"budget": budget, "time_limit": TIME_LIMIT})
+    # Inductor fuses and reorders floating-point work: equal up to fp32 rounding (the loss to
+    # 1e-5, the gradients to rtol 1e-4)
+    (l0, g0), (l1, g1) = same_grads(model, compiled, *args, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     assert choices and set(choices) == {"KeepRecomputedInPlace"}
-    # Inductor fuses and reorders floating-point work: equal up to fp32 rounding
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(expected[1], got[1]):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     plan = LAST_PLANS.latest
     assert plan.solution.num_recomputed > 0 and plan.record.replayed  # dropout recomputed too
     tagged = {n.name for n in plan.graphs["backward"].graph.nodes if n.meta.get(RECOMPUTED)}
@@ -119,23 +100,20 @@ def test_backend_lowers_through_inductor_with_eager_gradients(monkeypatch):
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=random_net_spec(), width=st.sampled_from([16, 48]), fraction=st.floats(0.0, 1.0))
-def test_backend_random_graphs_give_eager_gradients(spec, width, fraction):
+def test_backend_random_graphs_give_eager_gradients(spec, width, fraction, same_grads):
     torch.manual_seed(0)
     model = RandomNet(spec, width)
     x, y = torch.randn(64, width), torch.randint(0, 3, (64,))
-    expected = grads(model, model, x, y)
+    options = {"lowering": "eager", "time_limit": TIME_LIMIT}
     torch._dynamo.reset()
     try:
-        torch.compile(model, backend="fxmem", options={"budget": 1024, "lowering": "eager"})(x, y)
+        torch.compile(model, backend="fxmem", options={"budget": 1024, **options})(x, y)
         floor = top = None
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         floor, top = exc.inner_exception.floor, exc.inner_exception.unoptimized
     torch._dynamo.reset()
     budget = int(floor + fraction * max(0, top - floor)) + 1 if floor else 10**9
-    compiled = torch.compile(model, backend="fxmem", options={"budget": budget, "lowering": "eager"})
-    got = grads(model, compiled, x, y)
-    torch.testing.assert_close(got[0], expected[0])
-    for a, b in zip(expected[1], got[1]):
-        torch.testing.assert_close(b, a)
+    compiled = torch.compile(model, backend="fxmem", options={"budget": budget, **options})
+    same_grads(model, compiled, x, y)
     assert LAST_PLANS.latest.predicted_peak <= budget
     torch._dynamo.reset()

@@ -7,23 +7,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxmem
-from fxmem.examples import GPT, GPTConfig, wide_resnet_28_2
+from fxmem.examples import wide_resnet_28_2
 from tests.graphs_for_tests import DataDependent, RandomNet, random_net_spec
-from tests.helpers import assert_same_grads, grads_of, measured_step_peak
+from tests.helpers import assert_same_grads, grads_of, measured_step_peak, step_bounds
+
+TIME_LIMIT = 5  # seconds per solve (fxmem's default, 30, is for real models)
+# the floor search (three smallest-peak solves, each to its time limit) at 2 s a solve: on these
+# tiny steps it finds the floor 5 s finds, in less than half the time
+BOUNDS_TIME_LIMIT = 2
 
 
-def tiny_gpt(dropout=0.1, n_layer=2):
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=512, n_layer=n_layer, n_head=2, d_model=64, max_seq_len=64, dropout=dropout)
-    idx = torch.randint(0, 512, (4, 64))
-    return GPT(cfg), (idx, idx), {}
-
-
-def test_budget_above_the_unoptimised_peak_recomputes_nothing_and_matches_eager():
+def test_budget_above_the_unoptimised_peak_recomputes_nothing_and_matches_eager(tiny_gpt,
+                                                                                same_grads):
     model, args, kwargs = tiny_gpt()
-    expected = grads_of(model, model, *args, **kwargs)
     om = fxmem.optimize(model, "10GiB")
-    assert_same_grads(expected, grads_of(model, om, *args, **kwargs))
+    same_grads(model, om, *args, **kwargs)
     plan = om.plan
     assert plan.record.recomputed == () and plan.solution.num_recomputed == 0
     assert plan.predicted_peak == plan.unoptimized_peak
@@ -32,33 +30,30 @@ def test_budget_above_the_unoptimised_peak_recomputes_nothing_and_matches_eager(
     assert plan.options.safety_margin == 0.01  # the default, resolved for the model's device
 
 
-def test_default_margin_is_wider_only_where_the_model_is_unmeasured():
+def test_default_margin_is_wider_only_where_the_model_is_unmeasured(tiny_gpt):
     from fxmem.planning.options import default_margin
 
     assert default_margin("eager", "cpu") == default_margin("inductor", "cpu") == 0.01
     assert default_margin("eager", "cuda") == 0.01
     assert default_margin("inductor", "cuda") == 0.03  # Triton's buffers not yet measured
     model, args, kwargs = tiny_gpt()
-    om = fxmem.optimize(model, "10GiB", safety_margin=0.2)
-    om(*args, **kwargs)
-    assert om.plan.options.safety_margin == 0.2  # a margin given is kept
+    plan = fxmem.optimize(model, "10GiB", safety_margin=0.2).plan_for(*args, **kwargs)
+    assert plan.options.safety_margin == 0.2  # a margin given is kept
 
 
-def test_budget_sweep_holds_is_monotone_and_keeps_gradients_exact():
+def test_budget_sweep_holds_is_monotone_and_keeps_gradients_exact(tiny_gpt):
     model, args, kwargs = tiny_gpt(dropout=0.1)
     expected = grads_of(model, model, *args, **kwargs)
     with pytest.raises(fxmem.BudgetError) as info:
-        fxmem.optimize(model, 1024)(*args, **kwargs)
-    floor = info.value.floor
+        fxmem.optimize(model, 1024, time_limit=BOUNDS_TIME_LIMIT)(*args, **kwargs)
+    floor, top = info.value.floor, info.value.unoptimized
     assert floor and info.value.holders
-    unoptimised = fxmem.optimize(model, "10GiB")
-    unoptimised(*args, **kwargs)
-    top = unoptimised.plan.unoptimized_peak
+    assert top == fxmem.optimize(model, "10GiB").plan_for(*args, **kwargs).unoptimized_peak
     assert floor < top
     budgets = np.linspace(top, floor * 1.02, 6).astype(int)
     peaks = []
     for budget in budgets:
-        om = fxmem.optimize(model, int(budget))
+        om = fxmem.optimize(model, int(budget), time_limit=TIME_LIMIT)
         got = grads_of(model, om, *args, **kwargs)
         assert_same_grads(expected, got)  # dropout included: recomputed masks replay the RNG
         measured = measured_step_peak(model, om, args, kwargs)
@@ -69,35 +64,19 @@ def test_budget_sweep_holds_is_monotone_and_keeps_gradients_exact():
     assert peaks[-1] < 0.8 * peaks[0]
 
 
-def test_rng_is_left_as_eager_leaves_it():
+def test_rng_is_left_as_eager_leaves_it(tiny_gpt, budget_between):
     model, args, kwargs = tiny_gpt(dropout=0.2)
     grads_of(model, model, *args, **kwargs, seed=3)
     after_eager = torch.random.get_rng_state()
-    om = fxmem.optimize(model, _between(model, args, fraction=0.05))
+    budget = budget_between(model, args, fraction=0.05, time_limit=BOUNDS_TIME_LIMIT)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
     om(*args)  # plan
     grads_of(model, om, *args, **kwargs, seed=3)
     assert om.plan.record.replayed, "the plan should recompute some dropout"
     assert torch.equal(torch.random.get_rng_state(), after_eager)
 
 
-def _unoptimised(model, args, kwargs=None):
-    om = fxmem.optimize(model, "10GiB")
-    om(*args, **(kwargs or {}))
-    return om.plan.unoptimized_peak
-
-
-def _between(model, args, kwargs=None, fraction=0.5):
-    """A budget ``fraction`` of the way from the floor to the unoptimised peak."""
-    top = _unoptimised(model, args, kwargs)
-    try:
-        fxmem.optimize(model, 1024)(*args, **(kwargs or {}))
-        floor = 1024
-    except fxmem.BudgetError as err:
-        floor = err.floor
-    return int(floor + fraction * (top - floor))
-
-
-def test_batchnorm_model_matches_eager_including_running_statistics():
+def test_batchnorm_model_matches_eager_including_running_statistics(budget_between):
     torch.manual_seed(0)
     model = wide_resnet_28_2(num_classes=10)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -105,7 +84,8 @@ def test_batchnorm_model_matches_eager_including_running_statistics():
     expected = grads_of(model, model, x, y)
     eager_stats = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(state)
-    om = fxmem.optimize(model, _between(model, (x, y), fraction=0.3))
+    budget = budget_between(model, (x, y), fraction=0.3, time_limit=BOUNDS_TIME_LIMIT)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
     model.load_state_dict(state)  # planning ran the model once
     assert_same_grads(expected, grads_of(model, om, x, y))
     for k, v in model.state_dict().items():
@@ -113,7 +93,7 @@ def test_batchnorm_model_matches_eager_including_running_statistics():
     assert om.plan.solution.num_recomputed > 0
 
 
-def test_hugging_face_model_outputs_and_gradients():
+def test_hugging_face_model_outputs_and_gradients(budget_between, same_grads):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64,
@@ -121,29 +101,28 @@ def test_hugging_face_model_outputs_and_gradients():
     model = transformers.GPT2LMHeadModel(config).train()
     model.loss_type = "ForCausalLM"
     ids = torch.randint(0, 1000, (2, 64))
-    expected = grads_of(model, model, input_ids=ids, labels=ids)
-    om = fxmem.optimize(model, _between(model, (), {'input_ids': ids, 'labels': ids}, 0.3))
-    assert_same_grads(expected, grads_of(model, om, input_ids=ids, labels=ids))
+    kwargs = {"input_ids": ids, "labels": ids}
+    budget = budget_between(model, (), kwargs, fraction=0.3, time_limit=BOUNDS_TIME_LIMIT)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
+    same_grads(model, om, **kwargs)
     out = om(input_ids=ids, labels=ids)
     assert out.logits.shape == (2, 64, 1000) and not out.logits.requires_grad
     assert out.loss.requires_grad
 
 
-def test_optimizer_state_counts_against_the_budget():
+def test_optimizer_state_counts_against_the_budget(tiny_gpt):
     model, args, _ = tiny_gpt()
     opt = torch.optim.Adam(model.parameters())
-    without = fxmem.optimize(model, "10GiB")
-    without(*args)
-    with_adam = fxmem.optimize(model, "10GiB", optimizer=opt)
-    with_adam(*args)
+    without = fxmem.optimize(model, "10GiB").plan_for(*args)
+    with_adam = fxmem.optimize(model, "10GiB", optimizer=opt).plan_for(*args)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    extra = with_adam.plan.predicted_peak - without.plan.predicted_peak
+    extra = with_adam.predicted_peak - without.predicted_peak
     assert extra >= 2 * params  # exp_avg and exp_avg_sq, plus step temporaries
-    assert with_adam.plan.timeline.breakdown(len(with_adam.plan.timeline.labels) - 1)[
+    assert with_adam.timeline.breakdown(len(with_adam.timeline.labels) - 1)[
         "optimizer state"] >= 2 * params
 
 
-def test_bad_input_is_a_clear_error():
+def test_bad_input_is_a_clear_error(tiny_gpt):
     model, args, _ = tiny_gpt()
     with pytest.raises(ValueError, match="unknown levers"):
         fxmem.optimize(model, "1GiB", allow=("recompute", "teleport"))
@@ -164,7 +143,7 @@ def test_graph_break_is_a_capture_error():
         fxmem.optimize(DataDependent(), "1GiB")(torch.randn(3, 4))
 
 
-def test_inference_runs_the_model_unchanged():
+def test_inference_runs_the_model_unchanged(tiny_gpt):
     model, args, _ = tiny_gpt()
     om = fxmem.optimize(model, "1GiB")
     with torch.no_grad():
@@ -177,29 +156,29 @@ def test_inference_runs_the_model_unchanged():
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=random_net_spec(), width=st.sampled_from([16, 48]), fraction=st.floats(0.0, 1.0))
-def test_random_graphs_give_eager_gradients(spec, width, fraction):
+def test_random_graphs_give_eager_gradients(spec, width, fraction, budget_between, same_grads):
     torch.manual_seed(0)
     model = RandomNet(spec, width)
     x, y = torch.randn(64, width), torch.randint(0, 3, (64,))
-    expected = grads_of(model, model, x, y)
-    budget = _between(model, (x, y), fraction=fraction) + 1
-    om = fxmem.optimize(model, budget)
-    assert_same_grads(expected, grads_of(model, om, x, y))
+    budget = budget_between(model, (x, y), fraction=fraction,
+                            time_limit=BOUNDS_TIME_LIMIT) + 1
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
+    same_grads(model, om, x, y)
     assert om.plan.predicted_peak <= budget
 
 
-def test_profiled_costs_plan_too():
+def test_profiled_costs_plan_too(tiny_gpt, budget_between, same_grads):
     model, args, kwargs = tiny_gpt()
-    expected = grads_of(model, model, *args, **kwargs)
-    om = fxmem.optimize(model, _between(model, args, fraction=0.3), cost="profile")
-    assert_same_grads(expected, grads_of(model, om, *args, **kwargs))
+    budget = budget_between(model, args, fraction=0.3, time_limit=BOUNDS_TIME_LIMIT)
+    om = fxmem.optimize(model, budget, cost="profile", time_limit=TIME_LIMIT)
+    same_grads(model, om, *args, **kwargs)
     assert om.plan.solution.recompute_time > 0
     with pytest.raises(ValueError, match="cost must be"):
         fxmem.optimize(model, "1GiB", cost="guess")
 
 
 @pytest.mark.slow
-def test_inductor_random_recomputed_reproduces_the_forward():
+def test_inductor_random_recomputed_reproduces_the_forward(tiny_gpt):
     """With ``exact_random=False`` Inductor draws dropout with its own seeded generator (not
     eager's values); a plan that recomputes the masks must still give the gradients of the plan
     that saves them, under the same seed."""
@@ -208,11 +187,13 @@ def test_inductor_random_recomputed_reproduces_the_forward():
     saved = fxmem.optimize(model, "10GiB", lowering="inductor", exact_random=False)
     expected = grads_of(model, saved, *args, **kwargs)
     top = saved.plan.unoptimized_peak
-    with pytest.raises(fxmem.BudgetError) as info:
-        fxmem.optimize(model, 1024, lowering="inductor", exact_random=False)(*args, **kwargs)
-    budget = int(info.value.floor * 1.03)
+    floor, unoptimised = step_bounds(model, args, kwargs, lowering="inductor",
+                                     exact_random=False, time_limit=BOUNDS_TIME_LIMIT)
+    assert unoptimised == top
+    budget = int(floor * 1.03)
     assert budget < top
-    tight = fxmem.optimize(model, budget, lowering="inductor", exact_random=False)
+    tight = fxmem.optimize(model, budget, lowering="inductor", exact_random=False,
+                           time_limit=TIME_LIMIT)
     got = grads_of(model, tight, *args, **kwargs)
     assert tight.plan.solution.num_recomputed > 0
     recomputed = set(tight.plan.record.recomputed)
