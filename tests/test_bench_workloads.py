@@ -213,7 +213,9 @@ def test_estimate_of_fxmems_step_equals_the_plans_unoptimised_peak(name):
     w = WORKLOADS[name]()
     opt = torch.optim.Adam(w["model"].parameters(), lr=1e-4) if name == "wrn_28_2" else None
     est = fxmem.estimate(w["model"], *w["args"], optimizer=opt, lowering="eager", **w["kwargs"])
-    plan = fxmem.optimize(w["model"], int(0.7 * est.peak), optimizer=opt, lowering="eager",
+    # 0.9 of the peak: over every workload's floor (hf_gpt2's is 0.86 of it), so the plan
+    # recomputes, and its unoptimised peak is the one it started from
+    plan = fxmem.optimize(w["model"], int(0.9 * est.peak), optimizer=opt, lowering="eager",
                           time_limit=5).plan_for(*w["args"], **w["kwargs"])
     assert est.peak == plan.unoptimized_peak
     assert plan.predicted_peak <= plan.budget < est.peak
