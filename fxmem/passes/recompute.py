@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import operator
 from collections.abc import Iterable
 
 import torch

@@ -16,8 +16,6 @@ import dataclasses
 import logging
 import time
 
-import torch
-
 from fxmem.graph.torch_compat import pytree
 from fxmem.levers.microbatch.analysis import BatchAnalysis
 from fxmem.planning.options import PlanOptions, StepContext

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-import torch.fx
 
 from fxmem.graph.ops import op_name  # noqa: F401 (re-exported)
 from fxmem.graph.ops import schema_arguments as op_kwargs  # noqa: F401 (re-exported)

@@ -14,9 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import torch
-import torch.fx
-
 from fxmem.cost.model import compute_time, graph_costs, profile_costs, spec_for
 from fxmem.graph.capture import CapturedStep
 from fxmem.levers.base import Lever, register
@@ -93,7 +90,3 @@ class RecomputeLever(Lever):
         """The save decision a solution makes, in node names."""
         return SaveDecision(saved=tuple(saved_nodes(pmap, solution.decision.saved)),
                             buffers=tuple(step.buffer_names))
-
-
-def joint_graphs(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> StepGraphs:
-    return StepGraphs(num_fwd_outputs, joint=joint)
