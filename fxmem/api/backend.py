@@ -4,11 +4,12 @@ through TorchInductor (or run as FX code with ``lowering="eager"``).
 
     compiled = torch.compile(model, backend="fxmem", options={"budget": "2GiB"})
 
-``options``: ``budget`` (required; bytes or a string with a unit), ``allow``, ``strategy``,
-``lowering`` ("inductor" or "eager"), ``time_limit``, ``safety_margin``, ``optimizer`` (a
-``torch.optim.Optimizer`` whose state and step count against the budget), ``exact_random``
-(default True: Inductor draws random numbers with PyTorch's own generator, so dropout matches
-eager PyTorch exactly).
+``options``: ``budget`` (bytes or a string with a unit; without it, the environment variable
+``FXMEM_BUDGET``, e.g. ``FXMEM_BUDGET=2GiB``, for code that calls ``torch.compile`` itself),
+``allow``, ``strategy``, ``lowering`` ("inductor" or "eager"), ``time_limit``,
+``safety_margin``, ``optimizer`` (a ``torch.optim.Optimizer`` whose state and step count against
+the budget), ``exact_random`` (default True: Inductor draws random numbers with PyTorch's own
+generator, so dropout matches eager PyTorch exactly).
 
 With Inductor the partitioner is installed as ``torch._inductor.config.custom_partitioner_fn``;
 its ``uuid`` hashes fxmem's sources and the options (the budget included), so Inductor's cache
@@ -23,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxmem.budget import parse_budget
+from fxmem.budget import BudgetError, parse_budget
 from fxmem.graph import torch_compat
 from fxmem.passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_place
 from fxmem.api.graph_breaks import compiled_inside_eager_code, session_for, warn_unguaranteed
@@ -41,6 +43,7 @@ __all__ = ["fxmem_backend", "FxmemPartitioner", "make_backend", "PlanLog", "Plan
 
 log = logging.getLogger(__name__)
 
+BUDGET_ENV = "FXMEM_BUDGET"  # the budget of a torch.compile call given no options
 _OPTION_KEYS = {"budget", "allow", "strategy", "lowering", "time_limit", "safety_margin",
                 "optimizer", "exact_random", "cost"}
 
@@ -163,16 +166,39 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext =
     return backend
 
 
+def _resolve_budget(options: Mapping[str, Any]) -> int:
+    """The budget in bytes: ``options["budget"]``, else the environment variable
+    ``FXMEM_BUDGET`` (for code that calls ``torch.compile(model, backend="fxmem")`` itself),
+    read here once per compile so the planner never looks at the environment."""
+    if "budget" in options:
+        return parse_budget(options["budget"])
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if not raw:
+        raise ValueError('the fxmem backend needs a budget: options={"budget": "2GiB"}, or the '
+                         f'environment variable {BUDGET_ENV} (e.g. {BUDGET_ENV}=2GiB) for code '
+                         'that calls torch.compile(model, backend="fxmem") without options')
+    try:
+        budget = parse_budget(int(raw) if raw.isdigit() else raw)
+    except BudgetError as exc:
+        relative = (" A percentage is of a step's unoptimised peak, which only the command line"
+                    " (fxmem plan --budget 60%) measures first." if raw.endswith("%") else "")
+        raise BudgetError(f"environment variable {BUDGET_ENV}={raw!r} is not a budget: {exc} "
+                          f"(bytes, or a number with a unit: 512MiB, 2GB, 1.5GiB).{relative}"
+                          ) from None
+    log.info("fxmem backend: budget %d bytes from %s=%r", budget, BUDGET_ENV, raw)
+    return budget
+
+
 def options_from_mapping(options: Mapping[str, Any] | None
                          ) -> tuple[PlanOptions, StepContext, bool]:
     """PlanOptions, the optimizer's StepContext and exact_random from torch.compile's
-    ``options`` dict."""
+    ``options`` dict. Without a ``budget`` option the budget is the environment variable
+    ``FXMEM_BUDGET`` (e.g. ``2GiB``); with neither, a ValueError says so."""
     options = dict(options or {})
     unknown = set(options) - _OPTION_KEYS
     if unknown:
         raise ValueError(f"unknown fxmem options {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
-    if "budget" not in options:
-        raise ValueError('the fxmem backend needs a budget: options={"budget": "2GiB"}')
+    budget = _resolve_budget(options)
     allow = check_allow(options.get("allow", ("recompute",)))
     state = step = 0
     optimizer = options.get("optimizer")
@@ -180,7 +206,7 @@ def options_from_mapping(options: Mapping[str, Any] | None
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         state, step = optimizer_bytes(optimizer, params)
     plan_options = PlanOptions(
-        budget=parse_budget(options["budget"]), allow=allow,
+        budget=budget, allow=allow,
         strategy=options.get("strategy", "ilp"), time_limit=float(options.get("time_limit", 30.0)),
         safety_margin=None if options.get("safety_margin") is None
         else float(options["safety_margin"]),  # None: default_margin, once the device is known

@@ -30,6 +30,7 @@ from fxmem.graph.capture import _check_loss, _held_tensors, loss_from_output
 from fxmem.graph.compile_path import compiled_code_path
 from fxmem.errors import FxmemError, StepInputError
 from fxmem.api.backend import PlanLog, PlanReady, make_backend
+from fxmem.api.proxy import ModelProxy
 from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
 from fxmem.planning.options import PlanOptions, StepContext, check_allow
@@ -121,23 +122,47 @@ class _Compiled:
     run_micro: Callable | None = None  # the microbatch loop around fn
 
 
-class OptimizedModule(torch.nn.Module):
-    """Wraps a model; plans on the first call for each input signature. ``plan`` is the latest."""
+class OptimizedModule(ModelProxy):
+    """Wraps a model; plans on the first call for each input signature. ``plan`` is the latest.
+
+    It stands for the model (:class:`fxmem.api.proxy.ModelProxy`): ``forward``'s signature,
+    ``named_parameters()``, ``state_dict()`` keys (no prefix; the same Parameter objects) and
+    unknown attributes (``config``, ``save_pretrained``...) are the model's; ``module`` is the
+    model. ``optimizer`` may be set after construction (the Hugging Face Trainer makes its
+    optimizer late): the plans made so far are dropped, and the next call plans again."""
 
     def __init__(self, model, options: PlanOptions, *, optimizer=None, loss_fn=None,
                  microbatches: int | None = None,
                  microbatch_coupling: str = "refuse", batch_dims=None, exact_random: bool = True):
-        super().__init__()
+        super().__init__(model)
         self._exact_random = exact_random
         self._microbatches = microbatches
         self._coupling = microbatch_coupling
         self._batch_dims = batch_dims
-        self.module = model
         self._options = options
         self._optimizer = optimizer
         self._loss_fn = loss_fn
         self._compiled: dict[Any, _Compiled] = {}
         self._last: _Compiled | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose state and step count against the budget."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is self._optimizer:
+            return
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        if self._compiled:
+            log.info("fxmem: a new optimizer; the %d plan(s) made are dropped",
+                     len(self._compiled))
+        self._optimizer = optimizer
+        self._compiled.clear()
+        self._last = None
 
     @property
     def plan(self) -> Plan:
