@@ -61,7 +61,8 @@ def peak_vs_k(name: str, ks) -> list[dict]:
         torch._dynamo.reset()
         w = WORKLOADS[name]()
         model, args, kwargs = w["model"], w["args"], w["kwargs"]
-        om = fxmem.optimize(model, "1TiB", allow=("microbatch",), microbatches=k)
+        om = fxmem.optimize(model, "1TiB", allow=("microbatch",), microbatches=k,
+                            microbatch_coupling="per-microbatch", lowering="eager")
         fxmem.loss_from_output(om(*args, **kwargs)).backward()  # plans and compiles
         plan = om.plan
         peak = measured_peak(model, om, args, kwargs)
@@ -82,13 +83,14 @@ def budgets(name: str, fractions) -> list[dict]:
         w = WORKLOADS[name]()
         model, args, kwargs = w["model"], w["args"], w["kwargs"]
         if whole is None:
-            probe = fxmem.optimize(model, "1TiB")
+            probe = fxmem.optimize(model, "1TiB", lowering="eager")
             fxmem.loss_from_output(probe(*args, **kwargs)).backward()
             whole = probe.plan.unoptimized_peak
             model.zero_grad(set_to_none=True)
             torch._dynamo.reset()
         budget = int(f * whole)
-        om = fxmem.optimize(model, budget, allow=("recompute", "microbatch"))
+        om = fxmem.optimize(model, budget, allow=("recompute", "microbatch"), lowering="eager",
+                            microbatch_coupling="per-microbatch")  # dropout drawn per microbatch
         try:
             fxmem.loss_from_output(om(*args, **kwargs)).backward()
         except fxmem.BudgetError as exc:

@@ -43,6 +43,14 @@ class BudgetError(FxmemError, ValueError):
         self.holders = dict(holders or {})
         self.unoptimized = unoptimized
 
+    def with_hint(self, hint: str | None) -> "BudgetError":
+        """The same error with ``hint`` (what else was tried, or how to fit) added to its
+        message."""
+        if not hint:
+            return self
+        return BudgetError(f"{self}\n{hint}", floor=self.floor, holders=self.holders,
+                           unoptimized=self.unoptimized)
+
 
 def parse_budget(budget: int | float | str) -> int:
     """Return a budget in bytes.

@@ -8,6 +8,11 @@ import torch
 import fxmem
 
 
+#: What these tests plan with unless they test a default or a lowering: recomputation alone, its
+#: graphs run as FX code (fxmem.optimize's defaults add microbatching and compile with Inductor).
+EAGER_RECOMPUTE = {"lowering": "eager", "allow": ("recompute",)}
+
+
 def grads_of(model, call, *args, seed=1, **kwargs):
     """Loss and gradients of one step; the RNG is seeded so dropout masks are reproducible."""
     for p in model.parameters():

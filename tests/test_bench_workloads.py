@@ -8,7 +8,8 @@ import torch
 
 from bench.workloads import WORKLOADS
 from fxmem import Workload
-from tests.helpers import assert_same_grads, grads_of, measured_grads, step_bounds
+from tests.helpers import (EAGER_RECOMPUTE, assert_same_grads, grads_of, measured_grads,
+                           step_bounds)
 
 # seconds per solve. At 30 (fxmem's default) the floor search alone takes minutes on a 2-core
 # machine; the plans' checks (exact gradients, measured peak under the budget) hold at any limit
@@ -45,9 +46,10 @@ def test_optimize_bench_workload_exact_gradients_within_budget(name):
     model, args, kwargs = w["model"], w["args"], w["kwargs"]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     expected = grads_of(model, model, *args, **kwargs)
-    floor, top = step_bounds(model, args, kwargs, time_limit=BOUNDS_TIME_LIMIT)  # runs nothing
+    floor, top = step_bounds(model, args, kwargs, time_limit=BOUNDS_TIME_LIMIT,
+                             **EAGER_RECOMPUTE)  # runs nothing
     budget = (floor + top) // 2
-    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
     # plan, and run the backward once (its graph is set up on its first call); BatchNorm's
     # statistics move: restore them
     fxmem.loss_from_output(om(*args, **kwargs)).backward()
@@ -154,7 +156,7 @@ def test_bench_workload_microbatched_equals_the_whole_batch(name, k, without_dro
     import fxmem
 
     model, args, kwargs, expected = without_dropout(name)
-    om = fxmem.optimize(model, "64GiB", microbatches=k)
+    om = fxmem.optimize(model, "64GiB", microbatches=k, lowering="eager")
     got = grads_of(model, om, *args, **kwargs)
     assert len(om.plan.microbatch.sizes) == k
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
@@ -185,7 +187,8 @@ def test_inductor_plan_near_its_floor_holds_the_budget(over_floor, wrn_inductor_
 
     model, args, kwargs, floor = wrn_inductor_floor
     budget = int(floor * over_floor)
-    om = fxmem.optimize(model, budget, lowering="inductor", time_limit=TIME_LIMIT)
+    om = fxmem.optimize(model, budget, lowering="inductor", time_limit=TIME_LIMIT,
+                        allow=("recompute",))
 
     def step():
         out = om(*args, **kwargs)
@@ -216,6 +219,6 @@ def test_estimate_of_fxmems_step_equals_the_plans_unoptimised_peak(name):
     # 0.9 of the peak: over every workload's floor (hf_gpt2's is 0.86 of it), so the plan
     # recomputes, and its unoptimised peak is the one it started from
     plan = fxmem.optimize(w["model"], int(0.9 * est.peak), optimizer=opt, lowering="eager",
-                          time_limit=5).plan_for(*w["args"], **w["kwargs"])
+                          time_limit=5, allow=("recompute",)).plan_for(*w["args"], **w["kwargs"])
     assert est.peak == plan.unoptimized_peak
     assert plan.predicted_peak <= plan.budget < est.peak

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxmem
-from tests.helpers import assert_same_grads, grads_of, measured_step_peak
+from tests.helpers import EAGER_RECOMPUTE, assert_same_grads, grads_of, measured_step_peak
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,7 +113,7 @@ def case(request):
     model, kwargs = _build(name)
     eager = grads_of(model, model, **kwargs)
     with pytest.raises(fxmem.BudgetError) as info:
-        fxmem.optimize(model, 1, time_limit=TIME_LIMIT)(**kwargs)
+        fxmem.optimize(model, 1, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)(**kwargs)
     return Case(name, model, kwargs, eager, info.value.unoptimized, info.value.floor, info.value)
 
 
@@ -127,7 +127,7 @@ def test_budgets_hold_and_gradients_are_eager(case, where):
     """Budgets at 1.05x the floor and a third and two thirds of the way from it to the peak."""
     low = int(1.05 * case.floor)
     budget = int(low + where * (case.top - low))
-    om = fxmem.optimize(case.model, budget, time_limit=TIME_LIMIT)
+    om = fxmem.optimize(case.model, budget, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
     assert_same_grads(case.eager, grads_of(case.model, om, **case.kwargs))
     measured = measured_step_peak(case.model, om, (), case.kwargs)
     print(f"{case.name}: floor {case.floor} top {case.top} budget {budget} "
@@ -157,7 +157,8 @@ def test_microbatches_give_the_whole_batch_gradients(name):
     dispatch is checked the same way in tests/levers/microbatch/test_batch_rules.py."""
     model, kwargs = _build(name, dropout=0.0, batch=3)
     expected = grads_of(model, model, **kwargs)
-    om = fxmem.optimize(model, "10GiB", allow=("recompute", "microbatch"), microbatches=2)
+    om = fxmem.optimize(model, "10GiB", allow=("recompute", "microbatch"), microbatches=2,
+                        lowering="eager")
     assert_same_grads(expected, grads_of(model, om, **kwargs))
     assert om.plan.microbatch.sizes == (2, 1)
 

@@ -76,17 +76,23 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
 
     def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None, *,
                  context: StepContext = StepContext(), stop_after_plan: bool = False,
-                 session=None, note: str | None = None):
+                 session=None, note: str | None = None, hint: str | None = None):
         self.options, self.plans, self.n_static, self.context = options, plans, n_static, context
         self.stop_after_plan, self.session, self.note = stop_after_plan, session, note
+        self.hint = hint  # added to a BudgetError's message (what else was tried)
 
     def __call__(self, joint, joint_inputs, **kwargs):
         static = set(kwargs.get("static_lifetime_input_indices") or ())
         if self.n_static is not None:
             static |= set(range(self.n_static))
-        plan = plan_joint(joint, num_fwd_outputs=kwargs["num_fwd_outputs"],
-                          static_input_indices=static, options=self.options,
-                          context=self.context)
+        try:
+            plan = plan_joint(joint, num_fwd_outputs=kwargs["num_fwd_outputs"],
+                              static_input_indices=static, options=self.options,
+                              context=self.context)
+        except BudgetError as exc:
+            if not self.hint:
+                raise
+            raise exc.with_hint(self.hint) from None
         if self.note:
             plan.notes = (*plan.notes, self.note)
         if self.session is not None:
@@ -129,10 +135,12 @@ class PlanReady(Exception):
 
 
 def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext = StepContext(),
-                 exact_random: bool = True, stop_after_plan: bool = False):
+                 exact_random: bool = True, stop_after_plan: bool = False,
+                 hint: str | None = None):
     """A TorchDynamo backend that plans every graph it is given with ``options`` (whose
     ``lowering`` says how the graphs run: the memory model follows it) and ``context``;
-    ``stop_after_plan``: raise :class:`PlanReady` with the plan instead of compiling it."""
+    ``stop_after_plan``: raise :class:`PlanReady` with the plan instead of compiling it;
+    ``hint``: added to a BudgetError's message."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         session, last = session_for(gm)
@@ -149,7 +157,7 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext =
                 during_backward=context.during_backward + others.during_backward)
         partitioner = FxmemPartitioner(options, plans, context=held,
                                        stop_after_plan=stop_after_plan, session=session,
-                                       note=note)
+                                       note=note, hint=hint)
         if options.lowering == "eager":
             aot_autograd = torch_compat.AOT_AUTOGRAD()
             return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                         "step's unoptimised peak (plan.unoptimized_peak): 60%%")
     q.add_argument("--strategy", default="ilp", choices=["ilp", "greedy", "checkpoint-blocks",
                                                           "save-all"])
-    q.add_argument("--lowering", default="eager", choices=["eager", "inductor"])
+    q.add_argument("--lowering", default="inductor", choices=["eager", "inductor"],
+                   help="how the plan's graphs run: Inductor's kernels (default) or FX code")
     q.add_argument("--plot", metavar="PNG", help="also run the unoptimised step and write its "
                    "memory and the plan's, predicted and measured, to this PNG")
     q.add_argument("--json", metavar="FILE", help="write the numbers as JSON")

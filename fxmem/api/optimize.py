@@ -7,8 +7,8 @@
 The first call for each input signature (shapes, dtypes, devices, non-tensor arguments) captures
 the step with TorchDynamo (as one graph: a graph break is a :class:`CaptureError` naming it) and
 AOTAutograd, whose partitioner is fxmem's planner: the forward and backward graphs it returns save
-what the solver chose and recompute the rest. ``lowering="eager"`` runs those graphs as FX code
-(the memory model's own semantics); ``lowering="inductor"`` compiles them with TorchInductor.
+what the solver chose and recompute the rest. By default TorchInductor compiles those graphs;
+``lowering="eager"`` runs them as FX code (the memory model's own semantics, for debugging).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from fxmem.api.backend import PlanLog, PlanReady, make_backend
 from fxmem.api.proxy import ModelProxy
 from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
-from fxmem.planning.options import PlanOptions, StepContext, check_allow
+from fxmem.planning.options import EXACT_LEVERS, PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes
 
 __all__ = ["optimize", "floor", "OptimizedModule"]
@@ -220,8 +220,11 @@ class OptimizedModule(ModelProxy):
         tensors = [leaves[i] for i in slots]
         compiled = self._compile(leaves, spec, slots, tensors, stop_after_plan=True)
         try:
-            with torch.enable_grad():
-                compiled.fn(*tensors)
+            with torch.enable_grad():  # a microbatched step plans its first microbatch's graph
+                if compiled.run_micro is not None:
+                    compiled.run_micro(tensors)
+                else:
+                    compiled.fn(*tensors)
         except torch_compat.DYNAMO_BACKEND_COMPILER_FAILED() as exc:
             inner = getattr(exc, "inner_exception", None)
             if isinstance(inner, PlanReady):
@@ -270,7 +273,8 @@ class OptimizedModule(ModelProxy):
                 context = micro.context
         plans = PlanLog()
         backend = make_backend(options, plans, context=context, exact_random=self._exact_random,
-                               stop_after_plan=stop_after_plan)
+                               stop_after_plan=stop_after_plan,
+                               hint=lever.hint if lever is not None else None)
         fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
         run_micro = lever.runtime(fn, micro) if lever is not None else None
         return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro, run_micro=run_micro)
@@ -309,9 +313,9 @@ def optimize(
     *,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
-    allow: Iterable[str] = ("recompute",),
+    allow: Iterable[str] = EXACT_LEVERS,
     strategy: str = "ilp",
-    lowering: str = "eager",
+    lowering: str = "inductor",
     time_limit: float = 30.0,
     safety_margin: float | None = None,
     cost: str = "roofline",
@@ -322,9 +326,12 @@ def optimize(
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
-    ``allow`` names the levers a plan may use (exact ones by default). ``strategy`` picks the
-    solver ("ilp", "greedy", "checkpoint-blocks", "save-all"); ``lowering`` runs the rewritten
-    graphs as FX code ("eager") or compiles them with TorchInductor ("inductor").
+    ``allow`` names the levers a plan may use; by default the exact ones, recompute and
+    microbatch (a step whose forward mixes samples, such as BatchNorm in training, is run whole
+    unless ``microbatch_coupling`` allows it; a BudgetError then says whether a split would have
+    fitted). ``strategy`` picks the solver ("ilp", "greedy", "checkpoint-blocks", "save-all");
+    ``lowering`` compiles the rewritten graphs with TorchInductor ("inductor", the default) or
+    runs them as FX code ("eager": the memory model's own semantics, for debugging).
     ``cost="profile"`` times the graph's ops on the device instead of the roofline estimate.
     With ``"microbatch"`` in ``allow`` the plan may split the batch into k microbatches whose
     gradients accumulate (k chosen with recomputation, the fastest predicted pair under the
@@ -369,8 +376,8 @@ def floor(
     *args,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
-    allow: Iterable[str] = ("recompute",),
-    lowering: str = "eager",
+    allow: Iterable[str] = EXACT_LEVERS,
+    lowering: str = "inductor",
     time_limit: float = 30.0,
     safety_margin: float | None = None,
     **kwargs,

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxmem
+from tests.helpers import EAGER_RECOMPUTE
 from fxmem.api.backend import LAST_PLANS, FxmemPartitioner, PlanLog, options_from_mapping
 from fxmem.planning.planner import PlanOptions
 
@@ -48,7 +49,8 @@ def test_cache_key_changes_with_the_budget_and_not_otherwise():
 
 def _budget(model, args, fraction=0.85):
     """``fraction`` of fxmem.optimize's unoptimised peak (eager lowering; planned, not run)."""
-    return int(fraction * fxmem.optimize(model, "10GiB").plan_for(*args).unoptimized_peak)
+    plan = fxmem.optimize(model, "10GiB", **EAGER_RECOMPUTE).plan_for(*args)
+    return int(fraction * plan.unoptimized_peak)
 
 
 def test_backend_with_eager_lowering_matches_eager_gradients(gpt, same_grads):

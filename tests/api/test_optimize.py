@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 import fxmem
 from fxmem.examples import wide_resnet_28_2
 from tests.graphs_for_tests import DataDependent, RandomNet, random_net_spec
-from tests.helpers import assert_same_grads, grads_of, measured_step_peak, step_bounds
+from tests.helpers import (EAGER_RECOMPUTE, assert_same_grads, grads_of, measured_step_peak,
+                           step_bounds)
 
 TIME_LIMIT = 5  # seconds per solve (fxmem's default, 30, is for real models)
 # the floor search (three smallest-peak solves, each to its time limit) at 2 s a solve: on these
@@ -20,7 +21,7 @@ BOUNDS_TIME_LIMIT = 2
 def test_budget_above_the_unoptimised_peak_recomputes_nothing_and_matches_eager(tiny_gpt,
                                                                                 same_grads):
     model, args, kwargs = tiny_gpt()
-    om = fxmem.optimize(model, "10GiB")
+    om = fxmem.optimize(model, "10GiB", **EAGER_RECOMPUTE)
     same_grads(model, om, *args, **kwargs)
     plan = om.plan
     assert plan.record.recomputed == () and plan.solution.num_recomputed == 0
@@ -37,7 +38,8 @@ def test_default_margin_is_wider_only_where_the_model_is_unmeasured(tiny_gpt):
     assert default_margin("eager", "cuda") == 0.01
     assert default_margin("inductor", "cuda") == 0.03  # Triton's buffers not yet measured
     model, args, kwargs = tiny_gpt()
-    plan = fxmem.optimize(model, "10GiB", safety_margin=0.2).plan_for(*args, **kwargs)
+    plan = fxmem.optimize(model, "10GiB", safety_margin=0.2,
+                          **EAGER_RECOMPUTE).plan_for(*args, **kwargs)
     assert plan.options.safety_margin == 0.2  # a margin given is kept
 
 
@@ -45,15 +47,17 @@ def test_budget_sweep_holds_is_monotone_and_keeps_gradients_exact(tiny_gpt):
     model, args, kwargs = tiny_gpt(dropout=0.1)
     expected = grads_of(model, model, *args, **kwargs)
     with pytest.raises(fxmem.BudgetError) as info:
-        fxmem.optimize(model, 1024, time_limit=BOUNDS_TIME_LIMIT)(*args, **kwargs)
+        fxmem.optimize(model, 1024, time_limit=BOUNDS_TIME_LIMIT,
+                       **EAGER_RECOMPUTE)(*args, **kwargs)
     floor, top = info.value.floor, info.value.unoptimized
     assert floor and info.value.holders
-    assert top == fxmem.optimize(model, "10GiB").plan_for(*args, **kwargs).unoptimized_peak
+    plan = fxmem.optimize(model, "10GiB", **EAGER_RECOMPUTE).plan_for(*args, **kwargs)
+    assert top == plan.unoptimized_peak
     assert floor < top
     budgets = np.linspace(top, floor * 1.02, 6).astype(int)
     peaks = []
     for budget in budgets:
-        om = fxmem.optimize(model, int(budget), time_limit=TIME_LIMIT)
+        om = fxmem.optimize(model, int(budget), time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
         got = grads_of(model, om, *args, **kwargs)
         assert_same_grads(expected, got)  # dropout included: recomputed masks replay the RNG
         measured = measured_step_peak(model, om, args, kwargs)
@@ -68,8 +72,9 @@ def test_rng_is_left_as_eager_leaves_it(tiny_gpt, budget_between):
     model, args, kwargs = tiny_gpt(dropout=0.2)
     grads_of(model, model, *args, **kwargs, seed=3)
     after_eager = torch.random.get_rng_state()
-    budget = budget_between(model, args, fraction=0.05, time_limit=BOUNDS_TIME_LIMIT)
-    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
+    budget = budget_between(model, args, fraction=0.05, time_limit=BOUNDS_TIME_LIMIT,
+                            **EAGER_RECOMPUTE)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
     om(*args)  # plan
     grads_of(model, om, *args, **kwargs, seed=3)
     assert om.plan.record.replayed, "the plan should recompute some dropout"
@@ -84,8 +89,9 @@ def test_batchnorm_model_matches_eager_including_running_statistics(budget_betwe
     expected = grads_of(model, model, x, y)
     eager_stats = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(state)
-    budget = budget_between(model, (x, y), fraction=0.3, time_limit=BOUNDS_TIME_LIMIT)
-    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
+    budget = budget_between(model, (x, y), fraction=0.3, time_limit=BOUNDS_TIME_LIMIT,
+                            **EAGER_RECOMPUTE)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
     model.load_state_dict(state)  # planning ran the model once
     assert_same_grads(expected, grads_of(model, om, x, y))
     for k, v in model.state_dict().items():
@@ -102,8 +108,9 @@ def test_hugging_face_model_outputs_and_gradients(budget_between, same_grads):
     model.loss_type = "ForCausalLM"
     ids = torch.randint(0, 1000, (2, 64))
     kwargs = {"input_ids": ids, "labels": ids}
-    budget = budget_between(model, (), kwargs, fraction=0.3, time_limit=BOUNDS_TIME_LIMIT)
-    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
+    budget = budget_between(model, (), kwargs, fraction=0.3, time_limit=BOUNDS_TIME_LIMIT,
+                            **EAGER_RECOMPUTE)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
     same_grads(model, om, **kwargs)
     out = om(input_ids=ids, labels=ids)
     assert out.logits.shape == (2, 64, 1000) and not out.logits.requires_grad
@@ -113,8 +120,8 @@ def test_hugging_face_model_outputs_and_gradients(budget_between, same_grads):
 def test_optimizer_state_counts_against_the_budget(tiny_gpt):
     model, args, _ = tiny_gpt()
     opt = torch.optim.Adam(model.parameters())
-    without = fxmem.optimize(model, "10GiB").plan_for(*args)
-    with_adam = fxmem.optimize(model, "10GiB", optimizer=opt).plan_for(*args)
+    without = fxmem.optimize(model, "10GiB", **EAGER_RECOMPUTE).plan_for(*args)
+    with_adam = fxmem.optimize(model, "10GiB", optimizer=opt, **EAGER_RECOMPUTE).plan_for(*args)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     extra = with_adam.predicted_peak - without.predicted_peak
     assert extra >= 2 * params  # exp_avg and exp_avg_sq, plus step temporaries
@@ -125,27 +132,27 @@ def test_optimizer_state_counts_against_the_budget(tiny_gpt):
 def test_bad_input_is_a_clear_error(tiny_gpt):
     model, args, _ = tiny_gpt()
     with pytest.raises(ValueError, match="unknown levers"):
-        fxmem.optimize(model, "1GiB", allow=("recompute", "teleport"))
+        fxmem.optimize(model, "1GiB", allow=("recompute", "teleport"), lowering="eager")
     with pytest.raises(ValueError, match="lowering"):
-        fxmem.optimize(model, "1GiB", lowering="tpu")
+        fxmem.optimize(model, "1GiB", lowering="tpu", allow=("recompute",))
     with pytest.raises(fxmem.BudgetError, match="unknown unit"):
-        fxmem.optimize(model, "1 parsec")
+        fxmem.optimize(model, "1 parsec", **EAGER_RECOMPUTE)
     with pytest.raises(ValueError, match="strategy"):
-        fxmem.optimize(model, "1GiB", strategy="magic")
+        fxmem.optimize(model, "1GiB", strategy="magic", **EAGER_RECOMPUTE)
     with pytest.raises(TypeError, match="exact_random must be a bool"):
-        fxmem.optimize(model, "1GiB", exact_random="yes")
+        fxmem.optimize(model, "1GiB", exact_random="yes", **EAGER_RECOMPUTE)
     with pytest.raises(fxmem.StepInputError, match="is on meta"):
-        fxmem.optimize(model, "1GiB")(args[0].to("meta"), args[1].to("meta"))
+        fxmem.optimize(model, "1GiB", **EAGER_RECOMPUTE)(args[0].to("meta"), args[1].to("meta"))
 
 
 def test_graph_break_is_a_capture_error():
     with pytest.raises(fxmem.CaptureError, match="one graph"):
-        fxmem.optimize(DataDependent(), "1GiB")(torch.randn(3, 4))
+        fxmem.optimize(DataDependent(), "1GiB", **EAGER_RECOMPUTE)(torch.randn(3, 4))
 
 
 def test_inference_runs_the_model_unchanged(tiny_gpt):
     model, args, _ = tiny_gpt()
-    om = fxmem.optimize(model, "1GiB")
+    om = fxmem.optimize(model, "1GiB", **EAGER_RECOMPUTE)
     with torch.no_grad():
         torch.manual_seed(0)
         expected = model(*args)
@@ -161,20 +168,22 @@ def test_random_graphs_give_eager_gradients(spec, width, fraction, budget_betwee
     model = RandomNet(spec, width)
     x, y = torch.randn(64, width), torch.randint(0, 3, (64,))
     budget = budget_between(model, (x, y), fraction=fraction,
-                            time_limit=BOUNDS_TIME_LIMIT) + 1
-    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT)
+                            time_limit=BOUNDS_TIME_LIMIT,
+                            **EAGER_RECOMPUTE) + 1
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
     same_grads(model, om, x, y)
     assert om.plan.predicted_peak <= budget
 
 
 def test_profiled_costs_plan_too(tiny_gpt, budget_between, same_grads):
     model, args, kwargs = tiny_gpt()
-    budget = budget_between(model, args, fraction=0.3, time_limit=BOUNDS_TIME_LIMIT)
-    om = fxmem.optimize(model, budget, cost="profile", time_limit=TIME_LIMIT)
+    budget = budget_between(model, args, fraction=0.3, time_limit=BOUNDS_TIME_LIMIT,
+                            **EAGER_RECOMPUTE)
+    om = fxmem.optimize(model, budget, cost="profile", time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
     same_grads(model, om, *args, **kwargs)
     assert om.plan.solution.recompute_time > 0
     with pytest.raises(ValueError, match="cost must be"):
-        fxmem.optimize(model, "1GiB", cost="guess")
+        fxmem.optimize(model, "1GiB", cost="guess", **EAGER_RECOMPUTE)
 
 
 @pytest.mark.slow
@@ -188,16 +197,18 @@ def test_inductor_random_recomputed_reproduces_the_forward(tiny_gpt):
     that saves them, under the same seed."""
     model, args, kwargs = tiny_gpt(dropout=0.2, n_layer=1)  # each plan is an Inductor compile
     eager = grads_of(model, model, *args, **kwargs)
-    saved = fxmem.optimize(model, "10GiB", lowering="inductor", exact_random=False)
+    saved = fxmem.optimize(model, "10GiB", lowering="inductor", exact_random=False,
+                           allow=("recompute",))
     expected = grads_of(model, saved, *args, **kwargs)
     top = saved.plan.unoptimized_peak
     floor, unoptimised = step_bounds(model, args, kwargs, lowering="inductor",
-                                     exact_random=False, time_limit=BOUNDS_TIME_LIMIT)
+                                     exact_random=False, time_limit=BOUNDS_TIME_LIMIT,
+                                     allow=("recompute",))
     assert unoptimised == top
     budget = int(floor * 1.03)
     assert budget < top
     tight = fxmem.optimize(model, budget, lowering="inductor", exact_random=False,
-                           time_limit=TIME_LIMIT)
+                           time_limit=TIME_LIMIT, allow=("recompute",))
     got = grads_of(model, tight, *args, **kwargs)
     assert tight.plan.solution.num_recomputed > 0
     recomputed = set(tight.plan.record.recomputed)

@@ -105,7 +105,7 @@ def test_attention_with_a_mask_is_recomputed_exactly():
     """SDPA with dropout_p 0 is a plain op: recomputed, not replayed, its mask read in the
     backward (planning used to crash replaying it with the mask as an FX node)."""
     import fxmem
-    from tests.helpers import assert_same_grads, grads_of
+    from tests.helpers import EAGER_RECOMPUTE, assert_same_grads, grads_of
 
     torch.manual_seed(0)
     model = MaskedAttention()
@@ -113,8 +113,8 @@ def test_attention_with_a_mask_is_recomputed_exactly():
     mask = torch.ones(64, 64, dtype=torch.bool).tril().expand(4, 1, 64, 64)
     expected = grads_of(model, model, x, mask)
     with pytest.raises(fxmem.BudgetError) as info:
-        fxmem.optimize(model, 1, time_limit=5)(x, mask)
-    om = fxmem.optimize(model, int(1.05 * info.value.floor), time_limit=5)
+        fxmem.optimize(model, 1, time_limit=5, **EAGER_RECOMPUTE)(x, mask)
+    om = fxmem.optimize(model, int(1.05 * info.value.floor), time_limit=5, **EAGER_RECOMPUTE)
     assert_same_grads(expected, grads_of(model, om, x, mask))
     joint = {n.name: n for n in om.plan.graphs["joint"].graph.nodes}
     recomputed = [str(joint[r].target) for r in om.plan.record.recomputed if r in joint]

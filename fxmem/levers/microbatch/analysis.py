@@ -27,6 +27,7 @@ from fxmem.graph.torch_compat import pytree
 from fxmem.levers.microbatch.ops import LOSS_OPS, NLL_OPS, Problem, op_kwargs, op_name
 from fxmem.levers.microbatch.propagation import Propagation
 from fxmem.graph.capture import CapturedStep, Role
+from fxmem.passes.rng_replay import is_random
 from fxmem.errors import StepInputError
 
 __all__ = ["BatchAnalysis", "Coupling", "analyze_batch"]
@@ -38,8 +39,10 @@ log = logging.getLogger(__name__)
 class Coupling:
     """A forward op that mixes samples. ``kind``: "batch_norm" (BatchNorm in training mode),
     "batch_reduction" (a reduction, contraction or normalisation over the batch), "batch_mixing"
-    (samples combined otherwise: reordered, sliced, reshaped apart) or "unsupported_op" (an op
-    the rules do not know, fed a batched value: the analysis is conservative)."""
+    (samples combined otherwise: reordered, sliced, reshaped apart), "random" (a random draw, such
+    as dropout's: microbatches draw other values than the whole batch, so the step is no longer
+    eager's under the same seed) or "unsupported_op" (an op the rules do not know, fed a batched
+    value: the analysis is conservative)."""
 
     node: str
     kind: str
@@ -330,6 +333,11 @@ def analyze_batch(step: CapturedStep,
             prop.problems.setdefault(nodes[h], Problem(
                 "batch_mixing", f"the held output interleaves samples along dim {s.dim}: "
                 "microbatches' outputs cannot be concatenated"))
+    for n in step.gm.graph.nodes:
+        if is_random(n):
+            prop.problems.setdefault(n, Problem(
+                "random", "draws random numbers (dropout): each microbatch would draw its own, of "
+                "the same distribution but not the whole batch's values under the same seed"))
     coupling = tuple(Coupling(n.name, p.kind, str(getattr(n.target, "overloadpacket", n.target)),
                               _source(n), p.detail, p.momentum) for n, p in prop.problems.items())
     if reason is None and coupling:

@@ -23,7 +23,7 @@ from fxmem.graph.capture import capture_step
 from fxmem.cost.model import graph_costs, spec_for
 from fxmem.levers.microbatch.runtime import accumulated_gradient_bytes, split_sizes
 from fxmem.levers.recompute.problem import build_problem
-from fxmem.solver import greedy, save_all, solve_ilp
+from fxmem.solver import greedy, min_peak, save_all, solve_ilp
 from fxmem.memory.simulation import Category
 
 __all__ = ["MicrobatchOption", "MicrobatchChoice", "choose_microbatches", "extra_resident"]
@@ -41,6 +41,7 @@ class MicrobatchOption:
     predicted_peak: int  # bytes, with what microbatching holds throughout
     step_seconds: float  # k microbatch steps, recomputation included
     recompute_seconds: float
+    floor: int | None = None  # the model's smallest peak at this k (when no k fits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,10 @@ class MicrobatchChoice:
     sizes: tuple[int, ...]
     options: tuple[MicrobatchOption, ...]
     seconds: float  # spent choosing
+
+    @property
+    def feasible(self) -> bool:
+        return any(o.feasible and o.k == self.k for o in self.options)
 
     def summary(self) -> str:
         rows = [f"k={o.k}: {'fits' if o.feasible else 'over budget'}, predicted peak "
@@ -72,6 +77,18 @@ def extra_resident(tensors, held_bytes: int, sizes, dims, params) -> dict[str, i
             Category.OUTPUTS: int(held_bytes)}
 
 
+def _with_floors(results, problems, options: PlanOptions, recompute: bool):
+    """``results`` with each k's predicted floor: the smallest peak recomputation reaches, or
+    saving everything without it."""
+    out = []
+    for option, problem in zip(results, problems):
+        floor = (min_peak(problem, time_limit=options.time_limit, gap=0.01) if recompute
+                 else save_all(problem)).peak
+        out.append(dataclasses.replace(option, floor=int(floor)))
+        log.info("microbatch k=%d: predicted floor %d", option.k, floor)
+    return out
+
+
 def _part(leaves, slots, dims, start: int, n: int):
     out = list(leaves)
     for slot, d in zip(slots, dims):
@@ -83,13 +100,17 @@ def _part(leaves, slots, dims, start: int, n: int):
 def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis,
                         options: PlanOptions, context: StepContext = StepContext(),
                         loss_fn=None, held_bytes: int = 0, candidates=None,
-                        whole=None) -> MicrobatchChoice:
+                        whole=None, find_floor: bool = True) -> MicrobatchChoice:
     """The k (and microbatch sizes) with the least predicted step time whose predicted peak fits
     the budget less its margin; k = 1 if none does (the backend then names the floor). Each k is
     priced on the model the plan then uses: the same lowering, solver time limit and context
     (optimizer state and step) as ``options`` and ``context``. Without ``"recompute"`` in
     ``options.allow``, microbatching alone (every k saves everything). ``whole``: the step
-    already captured at the whole batch (k = 1), not captured again."""
+    already captured at the whole batch (k = 1), not captured again.
+
+    When no k fits (and ``find_floor``), the choice is the k with the smallest predicted floor (the linear model's
+    smallest peak with recomputation): the backend then plans that k and its BudgetError names
+    the smallest budget any allowed lever reaches, not only the whole batch's."""
     t0 = time.perf_counter()
     batch = analysis.batch_size
     dims = analysis.flat_batch_dims
@@ -98,6 +119,7 @@ def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis,
     target = options.limit_for(whole.device if whole is not None else "cpu")
     ks = candidates or [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= batch]
     results: list[MicrobatchOption] = []
+    problems = []
     spec_ = None
     for k in ks:
         sizes = tuple(split_sizes(batch, k))
@@ -113,6 +135,7 @@ def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis,
         problem = build_problem(step, costs, constant=held.constant,
                                 epilogue=held.epilogue_points, replay_random=True,
                                 lowering=options.lowering).problem
+        problems.append(problem)
         base = save_all(problem)
         if base.peak <= target or not recompute:
             sol = base
@@ -130,6 +153,12 @@ def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis,
         if feasible and sol.recompute_time == 0:
             break  # a larger k only adds per-op overhead
     fits = [o for o in results if o.feasible]
-    best = min(fits, key=lambda o: o.step_seconds) if fits else results[0]
+    if fits:
+        best = min(fits, key=lambda o: o.step_seconds)
+    elif not find_floor or len(results) == 1:
+        best = results[0]
+    else:
+        results = _with_floors(results, problems, options, recompute)
+        best = min(results, key=lambda o: (o.floor, o.k))
     return MicrobatchChoice(best.k, best.sizes, tuple(results), time.perf_counter() - t0)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fxmem.errors import MicrobatchError
 from fxmem.graph.capture import capture_step
 from fxmem.graph.torch_compat import pytree
 from fxmem.levers.base import Lever, register
@@ -64,6 +65,7 @@ class MicrobatchLever(Lever):
         self.model, self.options, self.loss_fn = model, options, loss_fn
         self.batch_dims, self.microbatches = batch_dims, microbatches
         self.allow_coupling = coupling == "per-microbatch"
+        self.hint: str | None = None  # why a step over the budget was not split (decide)
 
     def analyse(self, leaves, spec) -> tuple[Any, BatchAnalysis]:
         """The whole batch's captured step and its batch analysis."""
@@ -73,25 +75,33 @@ class MicrobatchLever(Lever):
 
     def decide(self, leaves, spec, slots, context: StepContext) -> MicrobatchDecision | None:
         """The split to run (None: the whole batch at once), chosen with recomputation under the
-        budget; ``context`` is what the step holds beyond its graph (the optimizer)."""
+        budget; ``context`` is what the step holds beyond its graph (the optimizer). A step that
+        cannot be split exactly (its forward mixes samples, or its loss is no mean or sum over
+        the batch) is run whole unless the user forced ``microbatches``; :attr:`hint` then says,
+        for a BudgetError, whether and how microbatching would have fitted."""
         whole, analysis = self.analyse(leaves, spec)
         nodes = {n.name: n for n in whole.gm.graph.nodes}
         held_bytes = sum(nodes[h].meta["val"].untyped_storage().nbytes()
                          for h in whole.held_outputs)
+        self.hint = None
         choice = None
         if self.microbatches:
             sizes = tuple(split_sizes(analysis.batch_size, self.microbatches))
         else:
+            choose = functools.partial(
+                choose_microbatches, self.model, leaves, spec, slots, analysis=analysis,
+                options=self.options, context=context, loss_fn=self.loss_fn,
+                held_bytes=held_bytes, whole=whole)
             usable = analysis.reduction is not None and (
                 not analysis.coupling or self.allow_coupling)
-            choice = choose_microbatches(
-                self.model, leaves, spec, slots, analysis=analysis, options=self.options,
-                context=context, loss_fn=self.loss_fn, held_bytes=held_bytes,
-                candidates=None if usable else [1], whole=whole)
-            if not usable and not choice.options[0].feasible:
-                check_microbatchable(analysis, allow_coupling=self.allow_coupling)  # says why not
+            choice = choose(candidates=None if usable else [1])
+            if not usable and not choice.feasible:
+                self.hint = self._skipped(analysis, choose)
             sizes = choice.sizes
             log.info("%s", choice.summary())
+            if not choice.feasible and len(sizes) > 1:
+                self.hint = (f"planned with {len(sizes)} microbatches of {sizes[0]} samples, the "
+                             "split with the smallest floor")
         if len(sizes) == 1:
             return None
         check_microbatchable(analysis, allow_coupling=self.allow_coupling)
@@ -102,6 +112,23 @@ class MicrobatchLever(Lever):
         return MicrobatchDecision(analysis, sizes, self.allow_coupling, buffers,
                                   microbatch_report(analysis, sizes), choice,
                                   context=context.plus(extra))
+
+    def _skipped(self, analysis: BatchAnalysis, choose) -> str:
+        """Why microbatching was skipped, for a step that does not fit whole; with whether a
+        split would have fitted, when the loss could be split."""
+        try:
+            check_microbatchable(analysis, allow_coupling=self.allow_coupling)
+        except MicrobatchError as exc:
+            reason = str(exc)
+        ks = [k for k in (2, 4, 8, 16, 32, 64, 128, 256) if k <= analysis.batch_size]
+        if analysis.reduction is None or not ks:
+            return "microbatching was not tried: " + reason
+        # the smallest microbatches hold the least: if they do not fit, no split does
+        smallest = choose(candidates=ks[-1:], find_floor=False).options[0]
+        verdict = (f"splitting the batch (into {smallest.k} microbatches) would fit this budget, "
+                   "but was skipped: " if smallest.feasible else
+                   "microbatching (which would not fit either) was skipped: ")
+        return verdict + reason
 
     def runtime(self, fn, decision: MicrobatchDecision | None):
         """``fn`` (the compiled step on one microbatch's tensors) run over the microbatches:

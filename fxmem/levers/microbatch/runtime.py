@@ -92,10 +92,11 @@ def check_microbatchable(analysis: BatchAnalysis, *, allow_coupling: bool = Fals
     if analysis.coupling and not allow_coupling:
         raise MicrobatchError("\n".join([
             "cannot split this step into microbatches exactly: its forward mixes samples across "
-            "the batch:", *_coupling_lines(analysis),
+            "the batch or draws random numbers:", *_coupling_lines(analysis),
             "Each microbatch would compute these over its own samples only (for BatchNorm: "
             "per-microbatch statistics, as Sohoni et al. 2019 do; running statistics are still "
-            "updated once per step). To accept that, pass allow=(\"recompute\", \"microbatch\") "
+            "updated once per step; for dropout: masks of the same distribution drawn per "
+            "microbatch, not the whole batch's). To accept that, pass allow=(\"recompute\", \"microbatch\") "
             f"and {MICROBATCH_COUPLING_OPTION}=\"per-microbatch\" to fxmem.optimize; otherwise "
             "use a batch-independent layer (GroupNorm, LayerNorm) or another lever."]))
 
@@ -116,8 +117,12 @@ def microbatch_report(analysis: BatchAnalysis, sizes: Sequence[int]) -> Microbat
                      f"running statistics are updated once per step with momentum "
                      f"{', '.join(momenta)}, from the size-weighted mean of the microbatches' "
                      "statistics")
+    drawn = [c for c in analysis.coupling if c.kind == "random"]
+    if drawn:
+        notes.append(f"random ops ({len(drawn)}, e.g. dropout) draw per microbatch: the same "
+                     "distribution, not the whole batch's values under the same seed")
     for c in analysis.coupling:
-        if c.kind != "batch_norm":
+        if c.kind not in ("batch_norm", "random"):
             notes.append(f"runs per microbatch, unlike the whole batch: {c}")
     return MicrobatchReport(tuple(sizes), str(analysis.reduction), tuple(notes))
 

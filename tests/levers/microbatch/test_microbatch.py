@@ -13,6 +13,7 @@ from fxmem.levers.microbatch.analysis import analyze_batch
 from fxmem.graph.capture import capture_step
 from fxmem.errors import MicrobatchError, StepInputError
 from fxmem.levers.microbatch.runtime import (MICROBATCH_COUPLING_OPTION, accumulated_gradient_bytes,
+                              check_microbatchable,
                               microbatch_report, run_microbatched, split_sizes)
 from fxmem.examples import WideResNet
 from tests.helpers import make_tiny_gpt
@@ -104,7 +105,7 @@ def regression_data(batch=7):
 # ---------------------------------------------------------------------------- analysis
 
 def test_gpt_analysis_finds_batch_dims_and_no_coupling():
-    model, idx, targets = small_gpt(batch=8, seq=8, dropout=0.1)  # batch == seq: no confusion
+    model, idx, targets = small_gpt(batch=8, seq=8, dropout=0.0)  # batch == seq: no confusion
     analysis = analyze_batch(capture_step(model, (idx, targets)))
     assert analysis.batch_size == 8
     assert dict(analysis.batch_dims) == {"args[0]": 0, "args[1]": 0}
@@ -112,6 +113,20 @@ def test_gpt_analysis_finds_batch_dims_and_no_coupling():
     assert analysis.coupling == () and analysis.reason is None and analysis.exact
     assert analysis.output_batch_dims == ()
     assert float(analysis.weight_fn([idx[:3], targets[:3]])) == 3 * 8
+
+
+def test_dropout_makes_microbatching_inexact_and_says_so():
+    """Microbatches would draw other dropout masks than the whole batch under the same seed:
+    not exact, so not done by default; accepted with microbatch_coupling="per-microbatch"."""
+    model, idx, targets = small_gpt(batch=8, seq=8, dropout=0.1)
+    analysis = analyze_batch(capture_step(model, (idx, targets)))
+    assert not analysis.exact and analysis.coupling
+    assert {c.kind for c in analysis.coupling} == {"random"}
+    with pytest.raises(MicrobatchError, match="draws random numbers"):
+        check_microbatchable(analysis)
+    check_microbatchable(analysis, allow_coupling=True)
+    notes = microbatch_report(analysis, (4, 4)).notes
+    assert any("draw per microbatch" in n for n in notes)
 
 
 def test_hf_gpt2_mean_over_targets_weight_counts_shifted_targets():
@@ -180,6 +195,7 @@ class Mixer(nn.Module):
     (lambda h: torch.cat([h, h.roll(1, 0)], 1), "batch_mixing"),
     (lambda h: h - h.std(0), "batch_reduction"),
     (lambda h: torch.cdist(h, h), "unsupported_op"),  # unknown to the rules: refused
+    (lambda h: h + torch.zeros_like(h).bernoulli_(0.5), "random"),  # other draws per microbatch
 ])
 def test_forwards_that_mix_samples_are_caught(mix, kind):
     analysis = analyze_batch(capture_step(Mixer(mix), (torch.randn(6, 6),)))
@@ -189,7 +205,7 @@ def test_forwards_that_mix_samples_are_caught(mix, kind):
 @pytest.mark.parametrize("mix", [
     lambda h: h[torch.arange(h.shape[0]), h.argmax(1)],  # a per-sample gather
     lambda h: h.reshape(-1, 2, 3).transpose(1, 2).flatten(0, 1),  # samples stay whole
-    lambda h: h.softmax(-1) * torch.ones(h.shape[0], 1) + torch.zeros_like(h).bernoulli_(0.5),
+    lambda h: h.softmax(-1) * torch.ones(h.shape[0], 1) + torch.zeros_like(h),
 ])
 def test_forwards_that_keep_samples_apart_are_exact(mix):
     analysis = analyze_batch(capture_step(Mixer(mix), (torch.randn(6, 6),)))
