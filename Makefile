@@ -16,13 +16,14 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fxmem plan fxmem.examples:demo_workload --budget 60% --plot demo_plan.png
+	$(BIN)/fxmem plan fxmem.examples:demo_workload --budget 70% --plot demo_plan.png
 
+# one worker per CPU; a module's tests stay on one worker (module-scoped fixtures plan once)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadscope -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/estimate_accuracy.py

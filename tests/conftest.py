@@ -1,5 +1,6 @@
 """Shared pytest configuration."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,15 @@ from pathlib import Path
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+
+# Under pytest-xdist (``make test`` runs one worker per CPU), each worker's torch gets its share of
+# the CPUs: oversubscribed threads would slow the solver, whose limits are wall-clock seconds.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    import torch
+
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 # ---------------------------------------------------------------- shared fixtures

@@ -74,9 +74,16 @@ class MicrobatchReport:
 
 
 def _coupling_lines(analysis: BatchAnalysis, limit: int = 10) -> list[str]:
-    lines = [f"  - {c}" for c in analysis.coupling[:limit]]
-    if len(analysis.coupling) > limit:
-        lines.append(f"  - ... and {len(analysis.coupling) - limit} more")
+    """One line per op that mixes samples; the random draws in one line (where they are)."""
+    mixing = [c for c in analysis.coupling if c.kind != "random"]
+    lines = [f"  - {c}" for c in mixing[:limit]]
+    if len(mixing) > limit:
+        lines.append(f"  - ... and {len(mixing) - limit} more")
+    drawn = [c for c in analysis.coupling if c.kind == "random"]
+    if drawn:
+        where = sorted({c.source.split(" (")[0] for c in drawn if c.source})
+        at = f" at {', '.join(where[:6])}{', ...' if len(where) > 6 else ''}" if where else ""
+        lines.append(f"  - {len(drawn)} random ops (dropout){at}: {drawn[0].detail}")
     return lines
 
 
