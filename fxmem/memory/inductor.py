@@ -8,6 +8,7 @@ never materialises the (tokens x vocabulary) log-softmax. What it does materiali
 - graph outputs (what the forward saves for the backward, the gradients);
 - inputs of extern kernels and fallbacks (``mm``, convolutions, attention, random-op wrappers);
 - outputs of reductions and of extern kernels;
+- but not the inputs of a concatenation, computed into its output (``ConcatKernel``);
 - a loop body read by more than one consumer when inlining it twice would be costly (Inductor's
   ``should_realize_on_reuse``: on CPU any body with ``exp``/``log``/``sigmoid``/``tanh``; more
   than ``realize_reads_threshold`` buffer reads or ``realize_opcount_threshold`` ops), or one
@@ -15,7 +16,11 @@ never materialises the (tokens x vocabulary) log-softmax. What it does materiali
   ``torch._inductor.config`` each time a graph is modelled, so a ``config.patch`` applies.
 
 Inductor also writes a pointwise kernel's output into an input buffer that dies there (in-place
-buffer reuse), which the memory model's take-over rule expresses.
+buffer reuse), which the memory model's take-over rule expresses -- only for an input the kernel
+reads at the index it writes, in its dtype (``SchedulerNode.can_inplace``,
+``can_match_buffer_size``; :func:`same_index_reads`): a transposing copy, such as the contiguous
+clone of attention's permuted ``bmm`` output, gets a buffer of its own while its input is still
+allocated.
 
 With convolutions, Inductor's layout optimisation (``GraphLowering.decide_layout_opt``; always on
 the CPU with oneDNN) runs them channels-last: a graph input that a convolution reads in another
@@ -61,11 +66,12 @@ import torch.fx
 
 from fxmem.errors import TorchCompatError
 from fxmem.graph import torch_compat
-from fxmem.graph.ops import aliases_input, base_name
+from fxmem.graph.ops import aliases_input, base_name, is_pointwise, is_view, tensors
 from fxmem.memory.simulation import StepStorages
 
 __all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
-           "pool_buffers", "kernel_groups", "free_after_kernel_groups", "contiguous_values"]
+           "pool_buffers", "kernel_groups", "free_after_kernel_groups", "contiguous_values",
+           "same_index_reads"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,12 @@ _INLINABLE = {"gather", "index", "embedding", "constant_pad_nd", "clone", "_to_c
               "select_scatter", "slice_scatter", "convert_element_type", "where", "fill",
               "zeros", "ones", "lift_fresh_copy", "copy", "alias_copy", "expand_copy",
               "permute_copy", "view_copy"}
+# inlinable ops whose element i is their input's element i (as a pointwise op's)
+_SAME_INDEX = {"clone", "_to_copy", "convert_element_type", "lift_fresh_copy", "alias_copy"}
+# ops Inductor lowers as a copy of their first argument that it then writes into (a scatter)
+_COPY_THEN_SCATTER = {"index_put", "_unsafe_index_put", "_unsafe_masked_index_put_accumulate",
+                      "scatter", "scatter_add", "scatter_reduce", "index_add", "index_copy",
+                      "index_fill"}
 
 
 class Lowered(str, enum.Enum):
@@ -157,7 +169,8 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, 
         must_realise = (
             node.name in outputs
             or any(u.op != "call_function" or u.target is operator.getitem
-                   or kinds.get(u.name) in (Lowered.EXTERN, Lowered.KERNEL) for u in users)
+                   or kinds.get(u.name) in (Lowered.EXTERN, Lowered.KERNEL)
+                   and not _computes_into_output(u, device) for u in users)
             or len(body.reads) > limits.max_reads
             or (len(set(users)) > 1 and ((device.type == "cpu" and body.heavy)
                                          or len(body.reads) > limits.reuse_reads
@@ -169,19 +182,34 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, 
     return kinds
 
 
+def _computes_into_output(node: torch.fx.Node, device: torch.device) -> bool:
+    """``node`` is a concatenation, which Inductor's ``ConcatKernel`` makes by computing each
+    input's loop body straight into its slice of the output (``realize_into``, a
+    ``NonOwningLayout``): an input inlinable elsewhere gets no buffer of its own. (On the CPU a
+    concatenation of int8/uint8 tensors is a fallback, whose inputs are realised.)"""
+    if node.target is not torch.ops.aten.cat.default:
+        return False
+    dtypes = {t.dtype for t in tensors(node.meta.get("val"))}
+    return not (device.type == "cpu" and dtypes <= {torch.int8, torch.uint8})
+
+
 def lower_storages(storages: StepStorages, kinds: Sequence[Lowered], *,
-                   unexpanded: frozenset[int] = frozenset(), from_op: int = 0) -> StepStorages:
+                   unexpanded: frozenset[int] = frozenset(), from_op: int = 0,
+                   inplace: Sequence[frozenset[int]] | None = None) -> StepStorages:
     """``storages`` as Inductor runs them, given each op's lowering (``kinds[i]`` for op ``i``).
 
     An inlined op creates nothing: readers of its storage read its inputs instead (transitively),
     so they live until the last consumer. A realised loop body may take over an input buffer of
-    its size that dies there (Inductor's in-place buffer reuse).
+    its size that dies there (Inductor's in-place buffer reuse): one of ``inplace[i]``, the
+    storages op ``i`` reads at the index it writes (:func:`same_index_reads`); any input of its
+    size when ``inplace`` is not given.
 
     ``unexpanded``: inlined storages that ops from ``from_op`` on read as themselves (each still
     created by its op, with 0 bytes) -- the values a recompute problem may choose to realise.
     """
-    if len(kinds) != len(storages.op_names):
-        raise ValueError("kinds needs one entry per op")
+    if len(kinds) != len(storages.op_names) or (inplace is not None
+                                                 and len(inplace) != len(kinds)):
+        raise ValueError("kinds (and inplace) need one entry per op")
     expand: dict[int, tuple[int, ...]] = {}  # inlined storage -> storages its body reads
     reads: list[tuple[int, ...]] = []
     creates: list[tuple[int, ...]] = []
@@ -204,9 +232,98 @@ def lower_storages(storages: StepStorages, kinds: Sequence[Lowered], *,
         if kind is Lowered.KERNEL:
             for s in creates[i]:
                 accumulates[s] = tuple(accumulates.get(s, ())) + tuple(
-                    r for r in reads[i] if r not in storages.resident)
+                    r for r in reads[i] if r not in storages.resident
+                    and (inplace is None or r in inplace[i]))
     return dataclasses.replace(storages, creates=tuple(creates), reads=tuple(reads),
                                nbytes=tuple(nbytes), accumulates=accumulates)
+
+
+def _layout(val) -> tuple | None:
+    """How a tensor value lies in its storage: shape, strides (0 where the size is 1), offset and
+    dtype; ``None`` for anything else (a tuple, a symbolic shape)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    shape, strides, offset = tuple(val.shape), tuple(val.stride()), val.storage_offset()
+    if not all(isinstance(x, int) for x in (*shape, *strides, offset)):
+        return None
+    return shape, tuple(0 if n == 1 else st for n, st in zip(shape, strides)), offset, val.dtype
+
+
+def _through_view(reads: set, base, view) -> set:
+    """What a view of ``base`` (layouts) reads, from what ``base`` reads: a source laid out as
+    ``base`` is (same strides) is read through the view at the view's strides, its offset
+    shifted as the view shifts it; any other source's index is not the view's."""
+    if base is None or view is None:
+        return set()
+    return {(m, (view[0], view[1], lay[2] - base[2] + view[2], view[3]))
+            for m, lay in reads if lay[:2] == base[:2]}
+
+
+def same_index_reads(gm: torch.fx.GraphModule,
+                     kinds: dict[str, Lowered]) -> dict[str, frozenset[str]]:
+    """For each realised loop body of ``gm`` (``kinds``: :func:`lowering_kinds`), the values it
+    reads at the index it writes, in its dtype -- the dying inputs whose buffer Inductor may write
+    it into (``SchedulerNode.can_inplace``: the read's index equals the write's;
+    ``can_match_buffer_size``: the same dtype). The index is followed from the realised values
+    (placeholders, kernel, reduction and extern outputs) through views (by their fake tensors'
+    strides and offsets) and through same-shape operands of pointwise and copying bodies; a
+    broadcast operand, a gather, a permuted or sliced read is at another index."""
+    reads: dict[str, set] = {}  # node -> {(value, layout of the value's storage as read)}
+    found: dict[str, frozenset[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "get_attr", "call_function"):
+            continue
+        layout = _layout(node.meta.get("val"))
+        own = {(node.name, layout)} if layout is not None else set()
+        kind = kinds.get(node.name)
+        parent = _first_node(node)
+        if node.op == "call_function" and node.target is operator.getitem:
+            base = _first_node(parent) if parent is not None and is_view(parent) else None
+            reads[node.name] = own if base is None else _through_view(
+                reads.get(base.name, set()), _layout(base.meta.get("val")), layout)
+        elif kind is Lowered.VIEW:
+            reads[node.name] = set() if parent is None else _through_view(
+                reads.get(parent.name, set()), _layout(parent.meta.get("val")), layout)
+        elif kind in (Lowered.INLINED, Lowered.KERNEL):
+            body = _body_reads(node, reads, layout)
+            if kind is Lowered.KERNEL:
+                found[node.name] = frozenset(m for m, lay in body if lay == layout)
+            reads[node.name] = own | (body if kind is Lowered.INLINED else set())
+        else:  # placeholders, reductions, extern kernels: buffers of their own
+            reads[node.name] = own
+    return found
+
+
+def _body_reads(node: torch.fx.Node, reads: dict[str, set], layout) -> set:
+    """What a loop body reads at its own index (see :func:`same_index_reads`): a view op (one
+    whose fake tensor is no view of its input's, a kernel to :func:`lowering_kinds`) reads
+    through itself; a pointwise or copying op, its same-shape operands; a copy it then scatters
+    into, its first argument."""
+    if layout is None:
+        return set()
+    name = base_name(node.target)
+    if is_view(node):
+        parent = _first_node(node)
+        return set() if parent is None else _through_view(
+            reads.get(parent.name, set()), _layout(parent.meta.get("val")), layout)
+    if is_pointwise(node) or name in _SAME_INDEX:
+        operands = node.all_input_nodes
+    elif name in _COPY_THEN_SCATTER:
+        operands = [n for n in node.args[:1] if isinstance(n, torch.fx.Node)]
+    else:
+        return set()
+    body = set()
+    for inp in operands:
+        val = inp.meta.get("val")
+        if isinstance(val, torch.Tensor) and tuple(val.shape) == layout[0]:
+            body |= reads.get(inp.name, set())
+    return body
+
+
+def _first_node(node: torch.fx.Node) -> torch.fx.Node | None:
+    """A node's first argument when it is a node (the input a view op's outputs view)."""
+    arg = node.args[0] if node.args else None
+    return arg if isinstance(arg, torch.fx.Node) else None
 
 
 def optimizes_layout(gm: torch.fx.GraphModule) -> bool:

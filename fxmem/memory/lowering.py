@@ -9,7 +9,8 @@ plan's forward and backward graphs alike.
    backward (:func:`fxmem.memory.inductor.channels_last_copies`);
 2. values Inductor inlines into their consumers cost nothing and their readers read their inputs
    (:func:`~fxmem.memory.inductor.lower_storages`; ``unexpanded`` values, from op ``from_op`` on,
-   are read as themselves: the recompute problem's optional candidates);
+   are read as themselves: the recompute problem's optional candidates); a realised loop body
+   writes into a dying input only if it reads it at the index it writes (:func:`inplace_storages`);
 3. a gradient a kernel computes in place of a value Inductor keeps contiguous is copied
    channels-last for the convolution's backward;
 4. Inductor's buffer pool (:func:`~fxmem.memory.inductor.pool_buffers`);
@@ -31,11 +32,12 @@ from fxmem.memory.inductor import (
     lower_storages,
     lowering_kinds,
     pool_buffers,
+    same_index_reads,
 )
 from fxmem.memory.simulation import Category, StepStorages
 from fxmem.memory.storages import StorageTable
 
-__all__ = ["lower_table", "op_kinds", "COPIES_OP"]
+__all__ = ["lower_table", "op_kinds", "inplace_storages", "COPIES_OP"]
 
 COPIES_OP = "channels_last_copies"  # the op that makes the channels-last copies
 # extern kernels Inductor calls with an ``out=`` buffer it allocated (so one its pool can supply)
@@ -50,6 +52,16 @@ def op_kinds(table: StorageTable) -> list[Lowered]:
             for node, g in zip(table.op_nodes, table.op_graph)]
 
 
+def inplace_storages(table: StorageTable) -> list[frozenset[int]]:
+    """For each op of the table, the storages its kernel reads at the index it writes: the ones
+    Inductor may write its output into when they die there
+    (:func:`fxmem.memory.inductor.same_index_reads`); none for an op a lowering added."""
+    found = [same_index_reads(gm, lowering_kinds(gm, table.device)) for gm in table.graphs]
+    return [frozenset() if node is None else frozenset(
+        s for name in found[g].get(node.name, ()) for s in table.graph_storages[g].get(name, ()))
+        for node, g in zip(table.op_nodes, table.op_graph)]
+
+
 def lower_table(table: StorageTable, *, layout_optimized: bool,
                 unexpanded: frozenset[int] = frozenset(), from_op: int = 0) -> StorageTable:
     """``table`` as Inductor runs its graphs (see the module's docstring). ``layout_optimized``:
@@ -60,7 +72,8 @@ def lower_table(table: StorageTable, *, layout_optimized: bool,
         table = _with_layout_copies(table, reuse_key)
         from_op += table.op_nodes[0] is None
     kinds = op_kinds(table)
-    storages = lower_storages(table.storages, kinds, unexpanded=unexpanded, from_op=from_op)
+    storages = lower_storages(table.storages, kinds, unexpanded=unexpanded, from_op=from_op,
+                              inplace=inplace_storages(table))
     if layout_optimized:
         storages = _channels_last_gradients(table, storages, kinds, reuse_key)
     writes_out = [node is None or node.target in _OUT_EXTERNS for node in table.op_nodes]
