@@ -59,7 +59,7 @@ def test_plan_runs_the_step_under_the_budget(factory_module, capsys):
 
 
 def test_demo_plans_under_a_relative_budget_measures_and_plots(tmp_path, monkeypatch, capsys):
-    """`make demo`'s path (`fxmem plan ... --budget 60% --plot`) on a smaller demo GPT + Adam:
+    """`make demo`'s path (`fxmem plan ... --budget 70% --plot`) on a smaller demo GPT + Adam:
     the unoptimised step and the planned one run and are measured, the summary's numbers agree
     with the JSON, the measured peak is within the budget, and the before/after PNG is written."""
     (tmp_path / "small_demo.py").write_text(textwrap.dedent("""

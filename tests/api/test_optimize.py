@@ -187,10 +187,6 @@ def test_profiled_costs_plan_too(tiny_gpt, budget_between, same_grads):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known regression since ed033fd (one lowering model for the solver and the check): at 1.03x "
-    "the floor with exact_random=False the measured peak is 31992 B (1.9%) over the prediction "
-    "on this one-block GPT; gradients match. Named in the closing note of 2026-12-03"))
 def test_inductor_random_recomputed_reproduces_the_forward(tiny_gpt):
     """With ``exact_random=False`` Inductor draws dropout with its own seeded generator (not
     eager's values); a plan that recomputes the masks must still give the gradients of the plan
