@@ -142,13 +142,17 @@ def test_budgets_hold_and_gradients_are_eager(case, where):
 @pytest.mark.parametrize("name", list(ZOO))
 def test_batch_analysis_keeps_samples_apart(name):
     """The caches' empty concatenations, T5's shifted labels written into a zeros tensor, the
-    experts' sort-gather-scatter: none of them mixes samples."""
+    experts' sort-gather-scatter: none of them mixes samples. With dropout the only coupling is
+    the random draws (a microbatch would draw other masks)."""
     from fxmem.levers.microbatch.analysis import analyze_batch
 
-    model, kwargs = _build(name)
+    model, kwargs = _build(name, dropout=0.0)
     analysis = analyze_batch(fxmem.capture_step(model, (), kwargs))
     assert analysis.exact, analysis.reason
     assert analysis.reduction == "mean_over_targets"
+    model, kwargs = _build(name, dropout=0.1)
+    analysis = analyze_batch(fxmem.capture_step(model, (), kwargs))
+    assert {c.kind for c in analysis.coupling} <= {"random"}, analysis.reason
 
 
 @pytest.mark.parametrize("name", ["llama-cache", "bert"])
