@@ -1,4 +1,5 @@
-"""The ``fxmem`` command line: ``fxmem estimate MODULE:FACTORY`` and ``fxmem plan ...``."""
+"""The ``fxmem`` command line: ``fxmem estimate MODULE:FACTORY``, ``fxmem plan ...`` and
+``fxmem inspect ...``."""
 
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def _run_planned(workload, budget: int, ns: argparse.Namespace):
     import fxmem
 
     model = fxmem.optimize(workload.model, budget, optimizer=workload.optimizer,
-                           loss_fn=workload.loss_fn, strategy=ns.strategy, lowering=ns.lowering)
+                           loss_fn=workload.loss_fn, strategy=ns.strategy, lowering=ns.lowering,
+                           allow=_allow(ns))
 
     def step():
         out = model(*workload.args, **workload.kwargs)
@@ -101,20 +103,35 @@ def _run_planned(workload, budget: int, ns: argparse.Namespace):
     return model.plan, measured
 
 
-def _plan(ns: argparse.Namespace) -> int:
-    import time
+def _allow(ns: argparse.Namespace) -> tuple[str, ...]:
+    """The levers ``--allow`` names (default: the exact ones)."""
+    from fxmem.planning.options import EXACT_LEVERS
 
+    return EXACT_LEVERS if ns.allow is None else ns.allow
+
+
+def _levers(text: str) -> tuple[str, ...]:
+    """``--allow recompute,microbatch`` as a tuple of known lever names."""
+    from fxmem.planning.options import check_allow
+
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    try:
+        check_allow(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
+
+
+def _budget_and_before(ns: argparse.Namespace, workload, *, run_before: bool):
+    """The budget in bytes (a percentage resolved against the unoptimised peak), its fraction
+    (None for an absolute budget), the unoptimised peak, and -- with ``run_before`` -- the
+    unoptimised step's plan and measurement (fxmem's step with nothing recomputed)."""
     import fxmem
 
-    from fxmem.budget import format_bytes
-    from fxmem.api.workload import load_workload
-
-    t0 = time.perf_counter()
     fraction = _relative_budget(ns.budget)
     budget = None if fraction is not None else fxmem.parse_budget(ns.budget)
-    workload = load_workload(ns.factory)
-    before = measured_before = None
-    if ns.plot:  # the unoptimised step (fxmem's, nothing recomputed), run and measured
+    before = measured_before = unoptimized = None
+    if run_before:
         before, measured_before = _run_planned(workload, _NO_LIMIT, ns)
         unoptimized = before.unoptimized_peak
     elif fraction is not None:  # its prediction only
@@ -123,6 +140,41 @@ def _plan(ns: argparse.Namespace) -> int:
                                      **workload.kwargs).peak
     if fraction is not None:
         budget = int(fraction * unoptimized)
+    return budget, fraction, unoptimized, before, measured_before
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    from fxmem.api.inspection import format_inspection, write_inspection
+    from fxmem.api.workload import load_workload
+
+    workload = load_workload(ns.factory)
+    budget, _, _, before, measured_before = _budget_and_before(
+        ns, workload, run_before=not ns.no_measure)
+    if ns.no_measure:
+        import fxmem
+
+        module = fxmem.optimize(workload.model, budget, optimizer=workload.optimizer,
+                                loss_fn=workload.loss_fn, strategy=ns.strategy,
+                                lowering=ns.lowering, allow=_allow(ns))
+        plan, measured = module.plan_for(*workload.args, **workload.kwargs), None
+    else:
+        plan, measured = _run_planned(workload, budget, ns)
+    inspection = write_inspection(plan, ns.out, before=before, measured_before=measured_before,
+                                  measured=measured, title=f"{workload.name} ({ns.lowering})")
+    print(format_inspection(inspection))
+    return 0 if measured is None or measured.peak <= plan.budget else 1
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    import time
+
+    from fxmem.budget import format_bytes
+    from fxmem.api.workload import load_workload
+
+    t0 = time.perf_counter()
+    workload = load_workload(ns.factory)
+    budget, fraction, unoptimized, before, measured_before = _budget_and_before(
+        ns, workload, run_before=bool(ns.plot))
     plan, measured = _run_planned(workload, budget, ns)
     within = measured.peak <= plan.budget
     print(f"fxmem plan: {workload.name} on {measured.device}, lowering {ns.lowering}")
@@ -172,6 +224,20 @@ def _plan(ns: argparse.Namespace) -> int:
     return 0 if within else 1
 
 
+def _planning_arguments(q: argparse.ArgumentParser) -> None:
+    """The arguments ``plan`` and ``inspect`` share: the workload, the budget and the options."""
+    q.add_argument("factory", help="MODULE:FACTORY returning the model and its inputs (and optimizer)")
+    q.add_argument("--budget", required=True,
+                   help="bytes, or with a unit: 512MiB, 2GB, 1.5GiB; or a percentage of the "
+                        "step's unoptimised peak (plan.unoptimized_peak): 60%%")
+    q.add_argument("--allow", metavar="LEVERS", type=_levers, help="comma-separated levers the plan may use "
+                   "(default: the exact ones, recompute,microbatch)")
+    q.add_argument("--strategy", default="ilp", choices=["ilp", "greedy", "checkpoint-blocks",
+                                                          "save-all"])
+    q.add_argument("--lowering", default="inductor", choices=["eager", "inductor"],
+                   help="how the plan's graphs run: Inductor's kernels (default) or FX code")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxmem", description="Fit a training step into a memory budget.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -182,22 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", metavar="PNG", help="write predicted vs measured memory to this PNG")
     p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
     q = sub.add_parser("plan", help="plan a training step under a budget, run it, measure it")
-    q.add_argument("factory", help="MODULE:FACTORY returning the model and its inputs (and optimizer)")
-    q.add_argument("--budget", required=True,
-                   help="bytes, or with a unit: 512MiB, 2GB, 1.5GiB; or a percentage of the "
-                        "step's unoptimised peak (plan.unoptimized_peak): 60%%")
-    q.add_argument("--strategy", default="ilp", choices=["ilp", "greedy", "checkpoint-blocks",
-                                                          "save-all"])
-    q.add_argument("--lowering", default="inductor", choices=["eager", "inductor"],
-                   help="how the plan's graphs run: Inductor's kernels (default) or FX code")
+    _planning_arguments(q)
     q.add_argument("--plot", metavar="PNG", help="also run the unoptimised step and write its "
                    "memory and the plan's, predicted and measured, to this PNG")
     q.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
     q.add_argument("--show-graphs", action="store_true", help="print the rewritten graphs")
+    r = sub.add_parser("inspect", help="write a plan's graphs, passes and memory to a folder")
+    _planning_arguments(r)
+    r.add_argument("--out", required=True, metavar="DIR", help="the folder to write to")
+    r.add_argument("--no-measure", action="store_true",
+                   help="plan only (no step run, no memory plot)")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING)
     try:
-        return _plan(ns) if ns.command == "plan" else _estimate(ns)
+        return {"plan": _plan, "inspect": _inspect, "estimate": _estimate}[ns.command](ns)
     except FxmemError as exc:
         print(f"fxmem: error: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ from fxmem.api.backend import PlanLog, PlanReady, make_backend
 from fxmem.api.proxy import ModelProxy
 from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
+from fxmem.levers.precision import ComputeCasts, PrecisionLever, casting, exact_first, run_with_casts
 from fxmem.planning.options import EXACT_LEVERS, PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes
 
@@ -43,12 +44,15 @@ log = logging.getLogger(__name__)
 
 
 class _StepModule(torch.nn.Module):
-    """The model and its loss as one module with flat tensor inputs: (loss, *held outputs)."""
+    """The model and its loss as one module with flat tensor inputs: (loss, *held outputs).
+    ``casts``: the precision lever's compute casts (the step then runs under torch.autocast), or
+    None (the model's own dtypes)."""
 
-    def __init__(self, model, loss_fn, leaves, spec, slots):
+    def __init__(self, model, loss_fn, leaves, spec, slots, casts: ComputeCasts | None = None):
         super().__init__()
         self.model = model
         self.loss_fn, self.leaves, self.spec, self.slots = loss_fn, leaves, spec, slots
+        self.casts = casts
 
     def _output(self, tensors):
         leaves = list(self.leaves)
@@ -63,8 +67,14 @@ class _StepModule(torch.nn.Module):
         return output, loss_from_output(output)
 
     def forward(self, *tensors):
+        if self.casts is not None:  # the precision lever: the joint graph holds autocast's casts
+            return run_with_casts(self.casts, self._flat, tensors)
         output, loss = self._output(tensors)
         # other outputs are returned detached: the caller holds them, the backward ignores them
+        return (loss, *(h.detach() for h in _held_tensors(output, loss)))
+
+    def _flat(self, tensors):
+        output, loss = self._output(tensors)
         return (loss, *(h.detach() for h in _held_tensors(output, loss)))
 
     def output_layout(self, tensors):
@@ -192,10 +202,11 @@ class OptimizedModule(ModelProxy):
             self._compiled[key] = compiled
         self._last = compiled
         try:
-            if compiled.run_micro is not None:
-                loss, held = compiled.run_micro(tensors)
-                return _rebuild(compiled.layout, loss, held)
-            outputs = compiled.fn(*tensors)
+            with torch_compat.ignoring_logging():  # a warning in forward is no graph break
+                if compiled.run_micro is not None:
+                    loss, held = compiled.run_micro(tensors)
+                    return _rebuild(compiled.layout, loss, held)
+                outputs = compiled.fn(*tensors)
         except torch_compat.DYNAMO_BACKEND_COMPILER_FAILED() as exc:
             del self._compiled[key]
             inner = getattr(exc, "inner_exception", None)
@@ -220,7 +231,8 @@ class OptimizedModule(ModelProxy):
         tensors = [leaves[i] for i in slots]
         compiled = self._compile(leaves, spec, slots, tensors, stop_after_plan=True)
         try:
-            with torch.enable_grad():  # a microbatched step plans its first microbatch's graph
+            with torch.enable_grad(), torch_compat.ignoring_logging():
+                # a microbatched step plans its first microbatch's graph
                 if compiled.run_micro is not None:
                     compiled.run_micro(tensors)
                 else:

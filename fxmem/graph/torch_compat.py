@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import types
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ from fxmem.errors import TorchCompatError
 
 __all__ = ["INTERNALS", "Internal", "TORCH_REQUIREMENT", "TorchCompatError", "InductorThresholds",
            "inductor_thresholds", "is_op_overload", "kineto_events", "nodes_prefer_channels_last",
-           "pytree", "storage_key"]
+           "pytree", "storage_key", "ignoring_logging"]
 
 TORCH_REQUIREMENT = "torch>=2.11"  # as pyproject.toml declares
 
@@ -130,6 +131,8 @@ DYNAMO_BACKEND_COMPILER_FAILED = _internal(
     "unwrapping fxmem's own errors raised inside torch.compile")
 AOT_AUTOGRAD = _internal("aot_autograd", "torch._dynamo.backends.common", "aot_autograd",
                          "the eager lowering of the fxmem backend")
+DYNAMO_CONFIG = _internal("dynamo.config", "torch._dynamo", "config",
+                          "letting one-graph capture drop the model's logging calls")
 FUNCTORCH_CONFIG = _internal("functorch.config", "torch._functorch", "config",
                              "turning off AOTAutograd's cache (the plan must be made)")
 EXTRACT_FWD_BWD_MODULES = _internal(
@@ -286,3 +289,16 @@ def kineto_events(prof: Any) -> list:
         raise missing("torch.profiler.profile().profiler.kineto_results",
                       "reading the profiler's allocation events", exc) from exc
     return list(results.events())
+
+
+def ignoring_logging():
+    """A context in which TorchDynamo drops calls to ``logging.Logger`` methods instead of
+    breaking the graph at them (as ``torch.export`` does): Hugging Face models log warnings
+    (``logger.warning_once``) from inside ``forward`` on their first call, and fxmem.optimize
+    captures the step as one graph. The methods are read when the context opens, so methods
+    libraries add to ``Logger`` (transformers' ``warning_once``) are included. Messages logged
+    from the compiled graph are not emitted."""
+    methods = {value for name, value in vars(logging.Logger).items()
+               if callable(value) and not name.startswith("_")}
+    config = DYNAMO_CONFIG()
+    return config.patch(ignore_logging_functions=set(config.ignore_logging_functions) | methods)

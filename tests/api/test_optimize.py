@@ -1,5 +1,7 @@
 """fxmem.optimize end to end (eager lowering): exact gradients, budgets that hold, clear errors."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +217,28 @@ def test_inductor_random_recomputed_reproduces_the_forward(tiny_gpt):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(expected[0], eager[0])  # Inductor's masks, not eager's
     assert measured_step_peak(model, tight, args, kwargs) <= budget
+
+
+_CHATTY_LOG = logging.getLogger("fxmem.tests.chatty")
+
+
+class _Chatty(torch.nn.Module):
+    """Logs from inside forward, as Hugging Face models do on their first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        _CHATTY_LOG.warning("first call")
+        return self.lin(x).square().mean()
+
+
+def test_logging_in_forward_is_no_graph_break():
+    """fxmem captures the step as one graph; a logger call in forward (transformers'
+    ``warning_once`` on a fresh model's first call) is dropped from it, not a CaptureError."""
+    torch.manual_seed(0)
+    model, x = _Chatty(), torch.randn(4, 8)
+    expected = grads_of(model, model, x)
+    om = fxmem.optimize(model, "1GiB", **EAGER_RECOMPUTE)
+    assert_same_grads(expected, grads_of(model, om, x))
