@@ -25,7 +25,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,12 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
 
     def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None, *,
                  context: StepContext = StepContext(), stop_after_plan: bool = False,
-                 session=None, note: str | None = None, hint: str | None = None):
+                 session=None, note: str | None = None, hint: str | None = None,
+                 annotate: Callable[[Plan], None] | None = None):
         self.options, self.plans, self.n_static, self.context = options, plans, n_static, context
         self.stop_after_plan, self.session, self.note = stop_after_plan, session, note
         self.hint = hint  # added to a BudgetError's message (what else was tried)
+        self.annotate = annotate  # what a lever applied at capture adds to the plan (precision)
 
     def __call__(self, joint, joint_inputs, **kwargs):
         static = set(kwargs.get("static_lifetime_input_indices") or ())
@@ -95,6 +97,8 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
             raise exc.with_hint(self.hint) from None
         if self.note:
             plan.notes = (*plan.notes, self.note)
+        if self.annotate is not None:
+            self.annotate(plan)
         if self.session is not None:
             self.session.add(plan)
         self.plans.plans.append(plan)
@@ -136,11 +140,12 @@ class PlanReady(Exception):
 
 def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext = StepContext(),
                  exact_random: bool = True, stop_after_plan: bool = False,
-                 hint: str | None = None):
+                 hint: str | None = None, annotate: Callable[[Plan], None] | None = None):
     """A TorchDynamo backend that plans every graph it is given with ``options`` (whose
     ``lowering`` says how the graphs run: the memory model follows it) and ``context``;
     ``stop_after_plan``: raise :class:`PlanReady` with the plan instead of compiling it;
-    ``hint``: added to a BudgetError's message."""
+    ``hint``: added to a BudgetError's message; ``annotate(plan)``: what a lever applied when the
+    step was captured adds to each plan (the precision lever's record)."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         session, last = session_for(gm)
@@ -157,7 +162,7 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext =
                 during_backward=context.during_backward + others.during_backward)
         partitioner = FxmemPartitioner(options, plans, context=held,
                                        stop_after_plan=stop_after_plan, session=session,
-                                       note=note, hint=hint)
+                                       note=note, hint=hint, annotate=annotate)
         if options.lowering == "eager":
             aot_autograd = torch_compat.AOT_AUTOGRAD()
             return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,

@@ -26,7 +26,7 @@ import torch.fx
 from fxmem.graph import torch_compat
 from fxmem.graph.torch_compat import pytree
 from fxmem.budget import BudgetError, parse_budget
-from fxmem.graph.capture import _check_loss, _held_tensors, loss_from_output
+from fxmem.graph.capture import _check_loss, _held_tensors, _model_device, loss_from_output
 from fxmem.graph.compile_path import compiled_code_path
 from fxmem.errors import FxmemError, StepInputError
 from fxmem.api.backend import PlanLog, PlanReady, make_backend
@@ -197,9 +197,19 @@ class OptimizedModule(ModelProxy):
         tensors = [leaves[i] for i in slots]
         key = _signature(leaves, spec, slots)
         compiled = self._compiled.get(key)
-        if compiled is None:
-            compiled = self._compile(leaves, spec, slots, tensors)
+        if compiled is not None:
+            return self._run(key, compiled, leaves, spec, tensors)
+
+        def attempt(casts: ComputeCasts | None):  # planned on the first call of a signature
+            compiled = self._compile(leaves, spec, slots, tensors, casts=casts)
             self._compiled[key] = compiled
+            return self._run(key, compiled, leaves, spec, tensors)
+
+        # the exact levers first; bf16 compute casts only if they cannot meet the budget
+        return exact_first(attempt, self._options.allow, _model_device(self.module))
+
+    def _run(self, key, compiled: _Compiled, leaves, spec, tensors):
+        """The step run through ``compiled`` (planned and compiled on its first run)."""
         self._last = compiled
         try:
             with torch_compat.ignoring_logging():  # a warning in forward is no graph break
@@ -208,14 +218,14 @@ class OptimizedModule(ModelProxy):
                     return _rebuild(compiled.layout, loss, held)
                 outputs = compiled.fn(*tensors)
         except torch_compat.DYNAMO_BACKEND_COMPILER_FAILED() as exc:
-            del self._compiled[key]
+            self._compiled.pop(key, None)
             inner = getattr(exc, "inner_exception", None)
             if isinstance(inner, FxmemError):  # BudgetError and friends, not wrapped
                 raise inner.with_traceback(None) from None
             raise
         except torch_compat.DYNAMO_UNSUPPORTED() as exc:
-            del self._compiled[key]
-            from fxmem.graph.capture import _capture_failure, _model_device
+            self._compiled.pop(key, None)
+            from fxmem.graph.capture import _capture_failure
 
             args_, kwargs_ = pytree.tree_unflatten(leaves, spec)
             raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn,
@@ -229,7 +239,14 @@ class OptimizedModule(ModelProxy):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         slots = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         tensors = [leaves[i] for i in slots]
-        compiled = self._compile(leaves, spec, slots, tensors, stop_after_plan=True)
+
+        def attempt(casts: ComputeCasts | None) -> Plan:
+            return self._plan_once(leaves, spec, slots, tensors, casts)
+
+        return exact_first(attempt, self._options.allow, _model_device(self.module))
+
+    def _plan_once(self, leaves, spec, slots, tensors, casts: ComputeCasts | None) -> Plan:
+        compiled = self._compile(leaves, spec, slots, tensors, stop_after_plan=True, casts=casts)
         try:
             with torch.enable_grad(), torch_compat.ignoring_logging():
                 # a microbatched step plans its first microbatch's graph
@@ -249,16 +266,14 @@ class OptimizedModule(ModelProxy):
             raise
         raise RuntimeError("the step compiled without being planned")  # fxmem's bug
 
-    def _compile(self, leaves, spec, slots, tensors, *, stop_after_plan: bool = False
-                 ) -> _Compiled:
-        from fxmem.graph.capture import _model_device
-
+    def _compile(self, leaves, spec, slots, tensors, *, stop_after_plan: bool = False,
+                 casts: ComputeCasts | None = None) -> _Compiled:
         device = _model_device(self.module)
         for t in tensors:
             if t.device != device:
                 raise StepInputError(f"an input is on {t.device} but the model is on {device}")
         constants = [None if isinstance(x, torch.Tensor) else x for x in leaves]
-        step = _StepModule(self.module, self._loss_fn, constants, spec, slots)
+        step = _StepModule(self.module, self._loss_fn, constants, spec, slots, casts=casts)
         try:
             layout = step.output_layout(tensors)
         except FxmemError:
@@ -280,13 +295,15 @@ class OptimizedModule(ModelProxy):
             lever = MicrobatchLever(self.module, options, loss_fn=self._loss_fn,
                                     batch_dims=self._batch_dims, coupling=self._coupling,
                                     microbatches=self._microbatches)
-            micro = lever.decide(leaves, spec, slots, context)
+            with casting(casts):  # k priced on the step as it will run
+                micro = lever.decide(leaves, spec, slots, context)
             if micro is not None:
                 context = micro.context
         plans = PlanLog()
         backend = make_backend(options, plans, context=context, exact_random=self._exact_random,
                                stop_after_plan=stop_after_plan,
-                               hint=lever.hint if lever is not None else None)
+                               hint=lever.hint if lever is not None else None,
+                               annotate=PrecisionLever(casts).annotate if casts else None)
         fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
         run_micro = lever.runtime(fn, micro) if lever is not None else None
         return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro, run_micro=run_micro)

@@ -1,0 +1,62 @@
+"""Exact levers first; bf16 compute only when they cannot meet the budget.
+
+``fxmem.optimize`` plans a step with the exact levers it is allowed (recompute, microbatch). Only
+when that raises :class:`~fxmem.budget.BudgetError` and ``"precision"`` is allowed does it plan
+again with the compute casts (and the exact levers on top). When neither fits, the error's
+``floor`` is the lower of the two floors: the smallest budget any allowed combination meets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from fxmem.budget import BudgetError, format_bytes
+from fxmem.levers.precision.casts import ComputeCasts, casts_for
+
+__all__ = ["exact_first", "combined_error", "PRECISION"]
+
+log = logging.getLogger(__name__)
+
+PRECISION = "precision"
+T = TypeVar("T")
+
+
+def exact_first(attempt: Callable[[ComputeCasts | None], T], allow, device: torch.device | str,
+                dtype: torch.dtype = torch.bfloat16) -> T:
+    """``attempt(None)`` (the exact levers); if it raises BudgetError and ``allow`` holds
+    ``"precision"``, ``attempt(casts)`` with bf16 compute casts on ``device``. A BudgetError of
+    both has the lower floor (:func:`combined_error`)."""
+    try:
+        return attempt(None)
+    except BudgetError as exact:
+        if PRECISION not in allow:
+            raise
+        reason = ("Planned with them because the exact levers alone need "
+                  + (f"{format_bytes(exact.floor)} ({exact.floor} bytes)"
+                     if exact.floor is not None else "more than the budget"))
+        casts = casts_for(device, dtype, reason)
+        log.info("fxmem: the exact levers do not fit (%s); planning with %s compute casts",
+                 str(exact).splitlines()[0], casts.dtype_name)
+        try:
+            return attempt(casts)
+        except BudgetError as low:
+            raise combined_error(exact, low, casts) from None
+
+
+def combined_error(exact: BudgetError, low: BudgetError, casts: ComputeCasts) -> BudgetError:
+    """One BudgetError for a budget neither the exact levers nor bf16 compute meet: its floor
+    the lower of the two, its holders that floor's, ``unoptimized`` the exact step's."""
+    floors = [f for f in (exact.floor, low.floor) if f is not None]
+    floor = min(floors) if floors else None
+    holders = low.holders if floor is not None and floor == low.floor else exact.holders
+    message = (f"{low}\n(with {casts.dtype_name} compute casts, the precision lever; the exact "
+               "levers alone: "
+               + (f"smallest feasible budget {format_bytes(exact.floor)}, {exact.floor} bytes)"
+                  if exact.floor is not None else "no floor known)"))
+    return BudgetError(message, floor=floor, holders=holders,
+                       unoptimized=exact.unoptimized if exact.unoptimized is not None
+                       else low.unoptimized)
