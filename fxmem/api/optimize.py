@@ -212,7 +212,7 @@ class OptimizedModule(ModelProxy):
         """The step run through ``compiled`` (planned and compiled on its first run)."""
         self._last = compiled
         try:
-            with torch_compat.ignoring_logging():  # a warning in forward is no graph break
+            with torch_compat.one_graph_capture():  # a warning in forward is no graph break
                 if compiled.run_micro is not None:
                     loss, held = compiled.run_micro(tensors)
                     return _rebuild(compiled.layout, loss, held)
@@ -248,7 +248,7 @@ class OptimizedModule(ModelProxy):
     def _plan_once(self, leaves, spec, slots, tensors, casts: ComputeCasts | None) -> Plan:
         compiled = self._compile(leaves, spec, slots, tensors, stop_after_plan=True, casts=casts)
         try:
-            with torch.enable_grad(), torch_compat.ignoring_logging():
+            with torch.enable_grad(), torch_compat.one_graph_capture():
                 # a microbatched step plans its first microbatch's graph
                 if compiled.run_micro is not None:
                     compiled.run_micro(tensors)

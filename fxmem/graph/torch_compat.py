@@ -32,7 +32,7 @@ from fxmem.errors import TorchCompatError
 
 __all__ = ["INTERNALS", "Internal", "TORCH_REQUIREMENT", "TorchCompatError", "InductorThresholds",
            "inductor_thresholds", "is_op_overload", "kineto_events", "nodes_prefer_channels_last",
-           "pytree", "storage_key", "ignoring_logging"]
+           "pytree", "storage_key", "one_graph_capture"]
 
 TORCH_REQUIREMENT = "torch>=2.11"  # as pyproject.toml declares
 
@@ -291,14 +291,19 @@ def kineto_events(prof: Any) -> list:
     return list(results.events())
 
 
-def ignoring_logging():
-    """A context in which TorchDynamo drops calls to ``logging.Logger`` methods instead of
-    breaking the graph at them (as ``torch.export`` does): Hugging Face models log warnings
-    (``logger.warning_once``) from inside ``forward`` on their first call, and fxmem.optimize
-    captures the step as one graph. The methods are read when the context opens, so methods
-    libraries add to ``Logger`` (transformers' ``warning_once``) are included. Messages logged
-    from the compiled graph are not emitted."""
+def one_graph_capture():
+    """The TorchDynamo settings under which fxmem.optimize captures a step as one graph:
+
+    - calls to ``logging.Logger`` methods are dropped instead of breaking the graph (as
+      ``torch.export`` does): Hugging Face models log warnings (``logger.warning_once``) from
+      inside ``forward`` on their first call. The methods are read when the context opens, so
+      methods libraries add to ``Logger`` (transformers' ``warning_once``) are included;
+      messages logged from the compiled graph are not emitted.
+    - Dynamo's DDP optimizer is off: under ``DistributedDataParallel`` it would split the step
+      into one graph per gradient bucket, each compiled on its own; fxmem plans the step as one
+      (DDP's hooks still reduce the gradients, once the compiled backward has made them)."""
     methods = {value for name, value in vars(logging.Logger).items()
                if callable(value) and not name.startswith("_")}
     config = DYNAMO_CONFIG()
-    return config.patch(ignore_logging_functions=set(config.ignore_logging_functions) | methods)
+    return config.patch(ignore_logging_functions=set(config.ignore_logging_functions) | methods,
+                        optimize_ddp=False)
