@@ -154,6 +154,7 @@ class OptimizedModule(ModelProxy):
         self._loss_fn = loss_fn
         self._compiled: dict[Any, _Compiled] = {}
         self._last: _Compiled | None = None
+        self._beside: dict[str, int] = {}  # bytes held beside the step (DDP's buckets)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -173,6 +174,18 @@ class OptimizedModule(ModelProxy):
         self._optimizer = optimizer
         self._compiled.clear()
         self._last = None
+
+    def hold_beside(self, nbytes: Mapping[str, int]) -> None:
+        """Count ``nbytes`` (by category, e.g. ``{"communication buffers": n}``), which a wrapper
+        holds beside the step for as long as it lives (DDP's gradient buckets), against the
+        budget; the plans made so far are dropped."""
+        held = {str(k): int(v) for k, v in nbytes.items()}
+        if any(v < 0 for v in held.values()):
+            raise ValueError(f"held bytes must be non-negative, got {held}")
+        if held != self._beside:
+            self._beside = held
+            self._compiled.clear()
+            self._last = None
 
     @property
     def plan(self) -> Plan:
@@ -290,6 +303,7 @@ class OptimizedModule(ModelProxy):
         if self._optimizer is not None:
             grads = [p for p in self.module.parameters() if p.requires_grad]
             context = StepContext.of_optimizer(*optimizer_bytes(self._optimizer, grads))
+        context = context.plus(self._beside)
         micro = lever = None
         if "microbatch" in options.allow or self._microbatches:
             lever = MicrobatchLever(self.module, options, loss_fn=self._loss_fn,

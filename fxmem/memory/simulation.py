@@ -41,6 +41,7 @@ class Category(str, enum.Enum):
     SAVED = "saved activations"
     OUTPUTS = "outputs"
     TEMPORARIES = "temporaries"
+    COMMUNICATION = "communication buffers"  # held beside the step (DDP's gradient buckets)
 
     def __str__(self) -> str:
         return self.value
