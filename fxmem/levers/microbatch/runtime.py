@@ -148,18 +148,15 @@ class _MicrobatchedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, holder, loss, *params):
-        ctx.holder = holder
-        out = loss.clone()
-        ctx.save_for_backward(out)  # a second backward then raises PyTorch's own error
-        return out
+        ctx.holder = holder  # nothing saved: the caller may scale the loss in place (the HF
+        return loss.clone()  # Trainer does); a second backward is refused below
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.saved_tensors
         grads, ctx.holder.grads = ctx.holder.grads, None
         if grads is None:
             raise RuntimeError("a microbatched fxmem step delivers its gradients once: a second "
-                               "backward after retain_graph=True is not supported")
+                               "backward of its loss is not supported")
         if not bool((grad == 1).all()):  # loss * 0.5, GradScaler: scale in place
             for g in grads:
                 if g is not None:

@@ -367,7 +367,7 @@ def test_backward_semantics():
     loss.backward()
     for p, g in zip(params, grads):
         torch.testing.assert_close(p.grad, g)
-    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+    with pytest.raises(RuntimeError, match="delivers its gradients once"):
         loss.backward()
 
     loss = run()  # accumulates into existing .grad, like PyTorch
@@ -378,6 +378,13 @@ def test_backward_semantics():
     for p in params:
         p.grad = None
     (run() * 0.5).backward()
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, 0.5 * g)
+    for p in params:
+        p.grad = None
+    loss = run()
+    loss.mul_(0.5)  # scaled in place before its backward (the HF Trainer does)
+    loss.backward()
     for p, g in zip(params, grads):
         torch.testing.assert_close(p.grad, 0.5 * g)
     assert accumulated_gradient_bytes(params) == sum(p.numel() * 4 for p in params)
