@@ -101,3 +101,33 @@ def test_optimize_trainer_again_replaces_the_module_and_its_callback(tmp_path):
     assert trainer.model_wrapped is second is not first
     callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, FxmemCallback)]
     assert len(callbacks) == 1 and callbacks[0].module is second
+
+
+@pytest.mark.slow
+def test_trainer_with_fxmems_defaults_microbatches_a_llama(tmp_path):
+    """fxmem's defaults (recompute and microbatch) under the Trainer, at half the step's
+    unoptimised peak (its AdamW counted): the plan splits the batch, and the Trainer's in-place
+    scaling of the microbatched loss before its backward works."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    model = transformers.LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 256, (SEQ,), generator=g) for _ in range(16)]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH,
+                             report_to=[], save_strategy="no", disable_tqdm=True, max_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    batch = default_data_collator(data[:BATCH])
+    trainer.create_optimizer()
+    top = fxmem.optimize(model, "10GiB", lowering="eager", optimizer=trainer_optimizer(
+        trainer.optimizer)).plan_for(**batch).unoptimized_peak
+    budget = top // 2
+    module = optimize_trainer(trainer, budget, lowering="eager", time_limit=5)
+    result = trainer.train()
+    plan = module.plan
+    assert plan.microbatch is not None and len(plan.microbatch.sizes) > 1
+    assert plan.context.constant["optimizer state"] > 0  # the Trainer's AdamW
+    assert plan.predicted_peak <= budget
+    assert torch.isfinite(torch.tensor(result.training_loss))
