@@ -213,6 +213,11 @@ def options_from_mapping(options: Mapping[str, Any] | None
         raise ValueError(f"unknown fxmem options {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
     budget = _resolve_budget(options)
     allow = check_allow(options.get("allow", ("recompute",)))
+    if "precision" in allow:
+        raise ValueError(
+            "the precision lever is not built for the torch.compile backend yet: use "
+            "fxmem.optimize(model, budget, allow=(..., 'precision')), or run the forward under "
+            "torch.autocast in your own code (the backend then plans the casts it sees)")
     state = step = 0
     optimizer = options.get("optimizer")
     if optimizer is not None:

@@ -10,8 +10,9 @@
 
 A budget at or above the unoptimised peak recomputes nothing. A budget under the smallest peak
 any plan reaches raises :class:`BudgetError` naming that floor and what holds it. Microbatching
-reaches the planner as context (the bytes it holds beyond the microbatch's graph); precision and
-sparse levers are not built yet.
+reaches the planner as context (the bytes it holds beyond the microbatch's graph); the precision
+lever's compute casts reach it in the joint graph (the step is captured under autocast); the
+sparse lever is not built yet.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def plan_joint(
     """Plan ``joint`` (an AOTAutograd joint graph) under ``options.budget``, with what
     ``context`` holds beyond the graph."""
     t0 = time.perf_counter()
-    unapplied = set(options.allow) - {"recompute", "microbatch"}
+    unapplied = set(options.allow) - {"recompute", "microbatch", "precision"}  # precision: at
+    # capture (fxmem.optimize runs the step under autocast), so the joint graph holds its casts
     if unapplied:
         log.info("levers %s are not built yet; the plan does not use them", sorted(unapplied))
     step = step_from_joint(joint, num_fwd_outputs=num_fwd_outputs,

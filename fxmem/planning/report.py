@@ -131,9 +131,9 @@ def format_plan(plan) -> str:
         "levers used: " + (", ".join(
             (["recompute"] if sol.num_recomputed else [])
             + ([f"microbatch (k={len(plan.microbatch.sizes)})"]
-               if getattr(plan, "microbatch", None) is not None else [])) or "none")
-        + " (exact: gradients equal eager PyTorch's"
-        + (", unless BatchNorm runs per microbatch)" if getattr(plan, "microbatch", None) else ")"),
+               if getattr(plan, "microbatch", None) is not None else [])
+            + [f"precision ({r.details.dtype} compute)" for r in plan.provenance
+               if r.name == "precision"]) or "none") + _exactness(plan),
         "at the predicted peak:",
     ]
     if getattr(plan, "microbatch", None) is not None:
@@ -152,6 +152,14 @@ def format_plan(plan) -> str:
         lines.append("passes (plan.provenance has each graph before and after):")
         lines += [f"  {r.name}: {r.summary}" for r in plan.provenance]
     return "\n".join(lines)
+
+
+def _exactness(plan) -> str:
+    if any(r.name == "precision" for r in plan.provenance):
+        return " (lossy: low-precision compute, gradients within its tolerance of fp32's)"
+    return (" (exact: gradients equal eager PyTorch's"
+            + (", unless BatchNorm runs per microbatch)" if getattr(plan, "microbatch", None)
+               else ")"))
 
 
 def plot_plan(before, measured_before, plan, measured, path: str | Path = "plan.png",

@@ -77,7 +77,11 @@ class ComputeCasts:
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"compute casts run in one of {[str(d) for d in SUPPORTED_DTYPES]}, "
                              f"got {self.dtype}")
-        if not torch.amp.is_autocast_available(self.device_type):
+        try:
+            available = torch.amp.is_autocast_available(self.device_type)
+        except RuntimeError as exc:  # not a device type at all
+            raise ValueError(f"{self.device_type!r} is not a device type: {exc}") from None
+        if not available:
             raise ValueError(f"torch.autocast is not available on {self.device_type!r}: the "
                              "precision lever cannot cast this step's compute")
 

@@ -1,0 +1,1 @@
+"""tests/levers/precision"""
