@@ -34,7 +34,9 @@ import torch.fx
 
 from fxmem.budget import BudgetError, parse_budget
 from fxmem.graph import torch_compat
+from fxmem.passes.base import StepGraphs
 from fxmem.passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_place
+from fxmem.passes.microbatch_draws import DrawDecision, MicrobatchDraws
 from fxmem.api.graph_breaks import compiled_inside_eager_code, session_for, warn_unguaranteed
 from fxmem.planning.options import PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes, plan_joint
@@ -77,16 +79,22 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
     def __init__(self, options: PlanOptions, plans: PlanLog, n_static: int | None = None, *,
                  context: StepContext = StepContext(), stop_after_plan: bool = False,
                  session=None, note: str | None = None, hint: str | None = None,
-                 annotate: Callable[[Plan], None] | None = None):
+                 annotate: Callable[[Plan], None] | None = None,
+                 draws: DrawDecision | None = None):
         self.options, self.plans, self.n_static, self.context = options, plans, n_static, context
         self.stop_after_plan, self.session, self.note = stop_after_plan, session, note
         self.hint = hint  # added to a BudgetError's message (what else was tried)
         self.annotate = annotate  # what a lever applied at capture adds to the plan (precision)
+        self.draws = draws  # a microbatch's random ops read the whole batch's draws
 
     def __call__(self, joint, joint_inputs, **kwargs):
         static = set(kwargs.get("static_lifetime_input_indices") or ())
         if self.n_static is not None:
             static |= set(range(self.n_static))
+        drawn = None
+        if self.draws is not None:  # before planning: a read is exact and cheap to recompute
+            _, drawn = MicrobatchDraws()(StepGraphs(kwargs["num_fwd_outputs"], joint=joint),
+                                         self.draws)
         try:
             plan = plan_joint(joint, num_fwd_outputs=kwargs["num_fwd_outputs"],
                               static_input_indices=static, options=self.options,
@@ -95,6 +103,8 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
             if not self.hint:
                 raise
             raise exc.with_hint(self.hint) from None
+        if drawn is not None:
+            plan.provenance = (drawn, *plan.provenance)
         if self.note:
             plan.notes = (*plan.notes, self.note)
         if self.annotate is not None:
@@ -110,7 +120,7 @@ class FxmemPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
     def uuid(self) -> Any:
         opts = dataclasses.asdict(self.options)
         key = (repr(sorted((k, repr(v)) for k, v in opts.items())) + repr(self.n_static)
-               + self.context.key())
+               + self.context.key() + repr(self.draws))
         return hashlib.sha256((_source_hash() + key).encode()).hexdigest()
 
 
@@ -140,12 +150,15 @@ class PlanReady(Exception):
 
 def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext = StepContext(),
                  exact_random: bool = True, stop_after_plan: bool = False,
-                 hint: str | None = None, annotate: Callable[[Plan], None] | None = None):
+                 hint: str | None = None, annotate: Callable[[Plan], None] | None = None,
+                 draws: DrawDecision | None = None):
     """A TorchDynamo backend that plans every graph it is given with ``options`` (whose
     ``lowering`` says how the graphs run: the memory model follows it) and ``context``;
     ``stop_after_plan``: raise :class:`PlanReady` with the plan instead of compiling it;
     ``hint``: added to a BudgetError's message; ``annotate(plan)``: what a lever applied when the
-    step was captured adds to each plan (the precision lever's record)."""
+    step was captured adds to each plan (the precision lever's record); ``draws``: the graph is
+    a microbatch's, whose random ops read the whole batch's draws (the microbatch-draws pass
+    rewrites its joint graph before it is planned)."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         session, last = session_for(gm)
@@ -162,7 +175,7 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext =
                 during_backward=context.during_backward + others.during_backward)
         partitioner = FxmemPartitioner(options, plans, context=held,
                                        stop_after_plan=stop_after_plan, session=session,
-                                       note=note, hint=hint, annotate=annotate)
+                                       note=note, hint=hint, annotate=annotate, draws=draws)
         if options.lowering == "eager":
             aot_autograd = torch_compat.AOT_AUTOGRAD()
             return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,

@@ -308,7 +308,8 @@ class OptimizedModule(ModelProxy):
         if "microbatch" in options.allow or self._microbatches:
             lever = MicrobatchLever(self.module, options, loss_fn=self._loss_fn,
                                     batch_dims=self._batch_dims, coupling=self._coupling,
-                                    microbatches=self._microbatches)
+                                    microbatches=self._microbatches,
+                                    exact_random=self._exact_random)
             with casting(casts):  # k priced on the step as it will run
                 micro = lever.decide(leaves, spec, slots, context)
             if micro is not None:
@@ -317,7 +318,8 @@ class OptimizedModule(ModelProxy):
         backend = make_backend(options, plans, context=context, exact_random=self._exact_random,
                                stop_after_plan=stop_after_plan,
                                hint=lever.hint if lever is not None else None,
-                               annotate=PrecisionLever(casts).annotate if casts else None)
+                               annotate=PrecisionLever(casts).annotate if casts else None,
+                               draws=micro.draws if micro is not None else None)
         fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
         run_micro = lever.runtime(fn, micro) if lever is not None else None
         return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro, run_micro=run_micro)
@@ -391,7 +393,9 @@ def optimize(
     False lets Inductor fuse them into its kernels with its own seeded generator, as
     ``torch.compile`` does by default (a recomputed random op still reproduces the forward's
     values, but they differ from eager's; on a CPU not faster: Inductor's kernels holding random
-    ops are not vectorised).
+    ops are not vectorised). A step split into microbatches draws its random ops for the whole
+    batch once and each microbatch reads its slice, so dropout is split exactly (with
+    ``exact_random=True`` or ``lowering="eager"``; with False, dropout is a coupling).
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")

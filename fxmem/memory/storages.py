@@ -30,6 +30,7 @@ temporaries.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Callable, Sequence
 
@@ -75,7 +76,12 @@ def scratch_bytes(node: torch.fx.Node, device: torch.device, *, channels_last: b
     (CUDA fuses it), and oneDNN's ``convolution_backward`` copies the output gradient and the
     input into its own layouts -- unless they are ``channels_last`` (as Inductor's layout
     optimisation makes them), when it only reorders the weight. The RNG-replay wrappers run the
-    op they wrap."""
+    op they wrap. A microbatch's read of the whole batch's draws
+    (:mod:`fxmem.passes.microbatch_draws`) unpacks a mask's bits a byte a value, on any device
+    (counted for every read: a uniform or normal draw's, which copies, holds less)."""
+    if node.op == "call_function" and is_op_overload(node.target) \
+            and node.target._schema.name == "fxmem::microbatch_draw":
+        return -(-math.prod(node.args[1]) // 8) * 8  # its part's bits, a byte each (padded)
     if device.type != "cpu" or node.op != "call_function":
         return 0
     target, args = node.target, node.args

@@ -1,6 +1,7 @@
 """fxmem.optimize's defaults keep the design's promise (issue 17): the exact levers (recompute and
 microbatch) and Inductor lowering, with ``BudgetError.floor`` the smallest peak over every allowed
-lever, and a step that cannot be split exactly (dropout's draws, BatchNorm) run whole with a
+lever; dropout split exactly (the microbatches read the whole batch's masks), and a step that
+cannot be split exactly (BatchNorm; dropout with exact_random=False) run whole with a
 BudgetError that says whether a split would have fitted and how to allow it."""
 
 import inspect
@@ -77,19 +78,32 @@ def test_the_floor_with_microbatching_is_the_smallest_budget_that_plans():
         fxmem.optimize(model, int(floor * 0.95), **options).plan_for(**kwargs)
 
 
-def test_dropout_is_not_split_by_default_and_the_error_says_how():
-    """Microbatches would draw other dropout masks than the whole batch: not exact, so the
-    default runs the step whole, and the BudgetError says a split would fit and how to allow it;
-    allowed, it fits."""
-    model, kwargs = _bert()  # whole floor 33% of the peak, split floor 21%
+def test_dropout_is_split_by_default_exactly():
+    """The microbatches read the whole batch's dropout masks: exact, so the default splits the
+    step at a quarter of its peak (whole floor 33% of the peak)."""
+    model, kwargs = _bert()
     options = dict(lowering="eager", time_limit=2.0)
     eager = fxmem.optimize(model, "10GiB", **options).plan_for(**kwargs).unoptimized_peak
+    plan = fxmem.optimize(model, eager // 4, **options).plan_for(**kwargs)
+    assert len(plan.microbatch.sizes) > 1
+    assert any("read the whole batch's values" in n for n in plan.microbatch.notes)
+    assert plan.provenance[0].name == "microbatch-draws"
+
+
+@pytest.mark.slow
+def test_without_exact_random_dropout_is_not_split_by_default_and_the_error_says_how():
+    """With exact_random=False (Inductor's own generator) microbatches would draw other masks
+    than the whole batch: not exact, so the default runs the step whole, and the BudgetError says
+    a split would fit and how to allow it; allowed, it fits."""
+    model, kwargs = _bert()
+    options = dict(lowering="inductor", exact_random=False, time_limit=2.0)
+    eager = fxmem.optimize(model, "10GiB", lowering="eager").plan_for(**kwargs).unoptimized_peak
     budget = eager // 4
     with pytest.raises(fxmem.BudgetError) as err:
         fxmem.optimize(model, budget, **options).plan_for(**kwargs)
     message = str(err.value)
     assert "would fit this budget" in message and "dropout" in message
-    assert 'microbatch_coupling="per-microbatch"' in message
+    assert 'microbatch_coupling="per-microbatch"' in message and "exact_random=True" in message
     plan = fxmem.optimize(model, budget, microbatch_coupling="per-microbatch",
                           **options).plan_for(**kwargs)
     assert len(plan.microbatch.sizes) > 1

@@ -27,6 +27,8 @@ from fxmem.graph.torch_compat import pytree
 from fxmem.levers.microbatch.ops import LOSS_OPS, NLL_OPS, Problem, op_kwargs, op_name
 from fxmem.levers.microbatch.propagation import Propagation
 from fxmem.graph.capture import CapturedStep, Role
+from fxmem.levers.microbatch.draws import whole_draw
+from fxmem.passes.microbatch_draws import Draw
 from fxmem.passes.rng_replay import is_random
 from fxmem.errors import StepInputError
 
@@ -39,9 +41,9 @@ log = logging.getLogger(__name__)
 class Coupling:
     """A forward op that mixes samples. ``kind``: "batch_norm" (BatchNorm in training mode),
     "batch_reduction" (a reduction, contraction or normalisation over the batch), "batch_mixing"
-    (samples combined otherwise: reordered, sliced, reshaped apart), "random" (a random draw, such
-    as dropout's: microbatches draw other values than the whole batch, so the step is no longer
-    eager's under the same seed) or "unsupported_op" (an op the rules do not know, fed a batched
+    (samples combined otherwise: reordered, sliced, reshaped apart), "random" (a random draw the
+    microbatches cannot read from the whole batch's draws -- see ``BatchAnalysis.draws`` -- so
+    each would draw other values than the whole batch under the same seed) or "unsupported_op" (an op the rules do not know, fed a batched
     value: the analysis is conservative)."""
 
     node: str
@@ -72,6 +74,9 @@ class BatchAnalysis:
     weight_fn: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None
     reason: str | None  # why microbatching is not exact, None when it is
     mutated_buffers: tuple[str, ...] = ()  # buffers the forward updates in place (BatchNorm's)
+    # the forward's random ops in order, as whole-batch draws the microbatches read (None: one
+    # that is not, a coupling); () when there is none to read
+    draws: tuple[Draw | None, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -304,13 +309,35 @@ def _weights(step, prop, r, batch, dims, paths, additive):
     return mode, _SizeWeight(per, first, dims[paths[first]]), None
 
 
-def analyze_batch(step: CapturedStep,
-                  batch_dims: Mapping[str, int | None] | None = None) -> BatchAnalysis:
+def _random_draws(step, prop, exact_random: bool) -> tuple[Draw | None, ...]:
+    """The forward's random ops as whole-batch draws (None: not drawn so), in order; a random op
+    that is not one is a coupling of kind "random" (all of them without ``exact_random``)."""
+    draws = []
+    for n in step.gm.graph.nodes:
+        if not is_random(n) or n.name in step.backward_nodes:
+            continue
+        found = whole_draw(n, prop) if exact_random else (
+            "the microbatches' graphs draw with the compiler's own generator (exact_random=False)")
+        draws.append(found if isinstance(found, Draw) else None)
+        if not isinstance(found, Draw):
+            prop.problems.setdefault(n, Problem(
+                "random", f"draws random numbers: each microbatch would draw its own, of the same "
+                f"distribution but not the whole batch's values under the same seed ({found})"))
+    return tuple(draws) if any(draws) else ()
+
+
+def analyze_batch(step: CapturedStep, batch_dims: Mapping[str, int | None] | None = None, *,
+                  exact_random: bool = True) -> BatchAnalysis:
     """Find the batch dim of every input and value, the ops that mix samples and the loss's
     reduction over the batch. ``batch_dims`` ({input path: dim or None}) overrides the default:
     the batch size is dim 0 of the first input, and every input whose dim 0 has that size is
     batched along dim 0. Raises :class:`StepInputError` for an override that names an unknown
-    input, a dim out of range, or batched inputs of different sizes."""
+    input, a dim out of range, or batched inputs of different sizes.
+
+    Random ops (dropout) whose whole-batch values the microbatches can read
+    (:mod:`fxmem.levers.microbatch.draws`) are listed in ``draws``, not as couplings; with
+    ``exact_random=False`` (the compiled graphs draw with Inductor's own generator) every
+    random op is a coupling of kind "random"."""
     batch, dims = _input_dims(step, batch_dims)
     paths = tuple(step.input_names.values())
     node_of = {p: n for n, p in step.input_names.items()}
@@ -333,18 +360,14 @@ def analyze_batch(step: CapturedStep,
             prop.problems.setdefault(nodes[h], Problem(
                 "batch_mixing", f"the held output interleaves samples along dim {s.dim}: "
                 "microbatches' outputs cannot be concatenated"))
-    for n in step.gm.graph.nodes:
-        if is_random(n):
-            prop.problems.setdefault(n, Problem(
-                "random", "draws random numbers (dropout): each microbatch would draw its own, of "
-                "the same distribution but not the whole batch's values under the same seed"))
+    draws = _random_draws(step, prop, exact_random)
     coupling = tuple(Coupling(n.name, p.kind, str(getattr(n.target, "overloadpacket", n.target)),
                               _source(n), p.detail, p.momentum) for n, p in prop.problems.items())
     if reason is None and coupling:
         reason = "forward ops mix samples across the batch: " + "; ".join(map(str, coupling))
     analysis = BatchAnalysis(batch, MappingProxyType({p: dims[p] for p in paths}), paths,
                              reduction, coupling, tuple(held), weight_fn, reason,
-                             tuple(prop.mutated))
+                             tuple(prop.mutated), draws)
     log.debug("batch analysis: batch %d, dims %s, reduction %s, %d couplings", batch, dims,
               reduction, len(coupling))
     return analysis

@@ -22,6 +22,7 @@ from fxmem.planning.options import PlanOptions, StepContext
 from fxmem.graph.capture import capture_step
 from fxmem.cost.model import graph_costs, spec_for
 from fxmem.levers.microbatch.runtime import accumulated_gradient_bytes, split_sizes
+from fxmem.passes.microbatch_draws import cache_bytes
 from fxmem.levers.recompute.problem import build_problem
 from fxmem.solver import greedy, min_peak, save_all, solve_ilp
 from fxmem.memory.simulation import Category
@@ -62,11 +63,13 @@ class MicrobatchChoice:
         return f"chose k={self.k} ({list(self.sizes)}) of: " + "; ".join(rows)
 
 
-def extra_resident(tensors, held_bytes: int, sizes, dims, params) -> dict[str, int]:
+def extra_resident(tensors, held_bytes: int, sizes, dims, params,
+                   draw_bytes: int = 0) -> dict[str, int]:
     """Bytes a microbatched step holds beyond its microbatch graph's own: the gradient buffers,
-    the rest of the whole batch's inputs (the microbatches are views of them) and the buffer the
+    the rest of the whole batch's inputs (the microbatches are views of them), the buffer the
     held outputs are gathered into (the whole batch's; each microbatch's own output is the
-    graph's)."""
+    graph's) and the whole batch's random draws the microbatches read (``draw_bytes``, at most,
+    from the first microbatch: counted as saved activations held throughout)."""
     if len(sizes) == 1:
         return {}
     total, first = sum(sizes), sizes[0]
@@ -74,7 +77,7 @@ def extra_resident(tensors, held_bytes: int, sizes, dims, params) -> dict[str, i
                  for t, d in zip(tensors, dims) if d is not None)
     # held outputs: the whole batch's buffer they are gathered into, beside each microbatch's own
     return {Category.GRADIENTS: accumulated_gradient_bytes(params), Category.INPUTS: int(inputs),
-            Category.OUTPUTS: int(held_bytes)}
+            Category.OUTPUTS: int(held_bytes), Category.SAVED: int(draw_bytes)}
 
 
 def _with_floors(results, problems, options: PlanOptions, recompute: bool):
@@ -131,7 +134,7 @@ def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis,
         spec_ = spec_ or spec_for(step.device)
         costs = graph_costs(step.gm, spec_)
         held = context.plus(extra_resident([leaves[s] for s in slots], held_bytes, sizes, dims,
-                                           params))
+                                           params, cache_bytes(analysis.draws, sizes)))
         problem = build_problem(step, costs, constant=held.constant,
                                 epilogue=held.epilogue_points, replay_random=True,
                                 lowering=options.lowering).problem

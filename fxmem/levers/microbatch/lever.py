@@ -4,13 +4,17 @@
   and the loss's reduction (:func:`fxmem.levers.microbatch.analysis.analyze_batch`);
 - decide: k, jointly with recomputation -- the fastest predicted pair under the budget
   (:func:`fxmem.levers.microbatch.choice.choose_microbatches`), or the k the user forced;
-- apply: no graph rewrite (the compiled step is the microbatch's); what the microbatched step
-  holds beyond that graph -- gradient buffers, the rest of the batch's inputs and outputs -- is
-  added to the planner's :class:`~fxmem.planning.options.StepContext`;
+- apply: the compiled step is the microbatch's; its random ops (dropout) read the whole batch's
+  draws, made once per step (the microbatch-draws pass,
+  :mod:`fxmem.passes.microbatch_draws`, which the backend runs on each microbatch's joint
+  graph). What the microbatched step holds beyond that graph -- gradient buffers, the rest of
+  the batch's inputs and outputs, the whole batch's draws -- is added to the planner's
+  :class:`~fxmem.planning.options.StepContext`;
 - runtime: the loop around the compiled step (:func:`fxmem.levers.microbatch.runtime.run_microbatched`).
 
-Exact for models that keep samples apart; across BatchNorm in training only when the user allows
-per-microbatch statistics (then the report says the numerics changed).
+Exact for models that keep samples apart, dropout included (with ``exact_random``, or the eager
+lowering); across BatchNorm in training only when the user allows per-microbatch statistics (then
+the report says the numerics changed).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from fxmem.levers.microbatch.runtime import (
     run_microbatched,
     split_sizes,
 )
+from fxmem.passes.microbatch_draws import DrawDecision, cache_bytes
 from fxmem.planning.options import PlanOptions, StepContext
 
 __all__ = ["MicrobatchLever", "MicrobatchDecision"]
@@ -53,6 +58,7 @@ class MicrobatchDecision:
     report: MicrobatchReport
     choice: MicrobatchChoice | None = None  # None when k was given
     context: StepContext = StepContext()  # what the split step holds beyond its graph
+    draws: DrawDecision | None = None  # the microbatch-draws pass's decision (None: no draws)
 
 
 @register
@@ -61,8 +67,12 @@ class MicrobatchLever(Lever):
     exact = True  # for models that keep samples apart (see the module's docstring)
 
     def __init__(self, model: torch.nn.Module, options: PlanOptions, *, loss_fn=None,
-                 batch_dims=None, coupling: str = "refuse", microbatches: int | None = None):
+                 batch_dims=None, coupling: str = "refuse", microbatches: int | None = None,
+                 exact_random: bool = True):
         self.model, self.options, self.loss_fn = model, options, loss_fn
+        # the graphs draw as eager does (FX code; Inductor with fallback_random): their random
+        # ops can read the whole batch's draws
+        self.exact_random = exact_random or options.lowering == "eager"
         self.batch_dims, self.microbatches = batch_dims, microbatches
         self.allow_coupling = coupling == "per-microbatch"
         self.hint: str | None = None  # why a step over the budget was not split (decide)
@@ -71,7 +81,7 @@ class MicrobatchLever(Lever):
         """The whole batch's captured step and its batch analysis."""
         args, kwargs = pytree.tree_unflatten(leaves, spec)
         whole = capture_step(self.model, args, kwargs, loss_fn=self.loss_fn)
-        return whole, analyze_batch(whole, self.batch_dims)
+        return whole, analyze_batch(whole, self.batch_dims, exact_random=self.exact_random)
 
     def decide(self, leaves, spec, slots, context: StepContext) -> MicrobatchDecision | None:
         """The split to run (None: the whole batch at once), chosen with recomputation under the
@@ -107,11 +117,13 @@ class MicrobatchLever(Lever):
         check_microbatchable(analysis, allow_coupling=self.allow_coupling)
         params = [p for p in self.model.parameters() if p.requires_grad]
         extra = extra_resident([leaves[s] for s in slots], held_bytes, sizes,
-                               analysis.flat_batch_dims, params)
+                               analysis.flat_batch_dims, params,
+                               cache_bytes(analysis.draws, sizes))
         buffers = [self.model.get_buffer(name) for name in analysis.mutated_buffers]
+        draws = DrawDecision(analysis.draws, sizes) if analysis.draws else None
         return MicrobatchDecision(analysis, sizes, self.allow_coupling, buffers,
                                   microbatch_report(analysis, sizes), choice,
-                                  context=context.plus(extra))
+                                  context=context.plus(extra), draws=draws)
 
     def _skipped(self, analysis: BatchAnalysis, choose) -> str:
         """Why microbatching was skipped, for a step that does not fit whole; with whether a
@@ -138,4 +150,5 @@ class MicrobatchLever(Lever):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return functools.partial(run_microbatched, fn, analysis=decision.analysis,
                                  sizes=decision.sizes, params=params, buffers=decision.buffers,
-                                 allow_coupling=decision.allow_coupling)
+                                 allow_coupling=decision.allow_coupling,
+                                 draw_random=decision.draws is not None)

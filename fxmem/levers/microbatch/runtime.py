@@ -16,6 +16,7 @@ before the next one runs: the peak is one microbatch's activations plus the grad
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ import torch
 
 from fxmem.levers.microbatch.analysis import BatchAnalysis
 from fxmem.errors import MicrobatchError
+from fxmem.passes.microbatch_draws import DrawStep, cache_bytes, drawing
 
 __all__ = ["MICROBATCH_COUPLING_OPTION", "COUPLING_CHOICES", "MicrobatchReport",
            "accumulated_gradient_bytes", "check_microbatchable", "microbatch_report",
@@ -97,9 +99,13 @@ def check_microbatchable(analysis: BatchAnalysis, *, allow_coupling: bool = Fals
                               "F.cross_entropy(..., reduction='mean')), or do not allow the "
                               "'microbatch' lever")
     if analysis.coupling and not allow_coupling:
+        random = any(c.kind == "random" for c in analysis.coupling)
         raise MicrobatchError("\n".join([
             "cannot split this step into microbatches exactly: its forward mixes samples across "
             "the batch or draws random numbers:", *_coupling_lines(analysis),
+            *(["With exact_random=True (the default), microbatches read the whole batch's "
+                "draws of the random ops fxmem can draw once (dropout, bernoulli(p), rand_like, "
+                "randn_like) instead."] if random else []),
             "Each microbatch would compute these over its own samples only (for BatchNorm: "
             "per-microbatch statistics, as Sohoni et al. 2019 do; running statistics are still "
             "updated once per step; for dropout: masks of the same distribution drawn per "
@@ -124,9 +130,15 @@ def microbatch_report(analysis: BatchAnalysis, sizes: Sequence[int]) -> Microbat
                      f"running statistics are updated once per step with momentum "
                      f"{', '.join(momenta)}, from the size-weighted mean of the microbatches' "
                      "statistics")
+    read = [d for d in analysis.draws if d is not None]
+    if read and k > 1:
+        notes.append(f"random ops ({len(read)}, e.g. dropout) read the whole batch's values, "
+                     "drawn once for the step in eager's order: the same values as the whole "
+                     "batch under the same seed; kept, each microbatch's until it ends "
+                     f"({cache_bytes(analysis.draws, sizes) / 2**20:.2f} MiB at most)")
     drawn = [c for c in analysis.coupling if c.kind == "random"]
     if drawn:
-        notes.append(f"random ops ({len(drawn)}, e.g. dropout) draw per microbatch: the same "
+        notes.append(f"random ops ({len(drawn)}) draw per microbatch: the same "
                      "distribution, not the whole batch's values under the same seed")
     for c in analysis.coupling:
         if c.kind not in ("batch_norm", "random"):
@@ -183,6 +195,7 @@ def run_microbatched(
     buffers: Sequence[torch.Tensor] = (),
     allow_coupling: bool = False,
     batch_dims: Sequence[int | None] | None = None,
+    draw_random: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Run ``fn(*tensors) -> (loss, *held)`` on each microbatch and accumulate the gradients of
     ``params`` (those requiring grad). Returns ``(loss, held)``: the whole batch's loss, whose
@@ -195,11 +208,29 @@ def run_microbatched(
     (``analysis.mutated_buffers``, e.g. BatchNorm's): each microbatch starts from their values
     before the step; afterwards a float buffer holds the size-weighted mean of its values after
     each microbatch (one momentum step with the mean of the microbatches' statistics), an integer
-    one (``num_batches_tracked``) its value after one microbatch."""
+    one (``num_batches_tracked``) its value after one microbatch.
+
+    ``draw_random``: ``fn``'s random ops read the whole batch's draws (``analysis.draws``; the
+    microbatch-draws pass rewrote its graphs): the step's draw cache is active around the loop.
+    A step with such draws is refused without it (unless ``allow_coupling``): ``fn`` would draw
+    per microbatch."""
     check_microbatchable(analysis, allow_coupling=allow_coupling)
+    if analysis.draws and not draw_random and not allow_coupling:
+        raise MicrobatchError(
+            "this step draws random numbers (dropout): it is split exactly only when its random "
+            "ops read the whole batch's draws (fxmem.optimize's graphs do: draw_random=True), "
+            "else each microbatch would draw its own")
     tensors = list(tensors)
     dims = tuple(analysis.flat_batch_dims if batch_dims is None else batch_dims)
-    total = _checked_batch_size(tensors, dims, sizes)
+    _checked_batch_size(tensors, dims, sizes)
+    with drawing(analysis.draws, sizes) if draw_random and analysis.draws \
+            else contextlib.nullcontext() as draws:
+        return _run(fn, tensors, dims, analysis, sizes, params, buffers, draws)
+
+
+def _run(fn, tensors, dims, analysis, sizes, params, buffers, draws: DrawStep | None):
+    """The microbatch loop of :func:`run_microbatched` (``draws``: the step's draw cache)."""
+    total = sum(sizes)
     params = [p for p in params if p.requires_grad]
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     part = lambda j: [_narrow(t, d, starts[j], sizes[j]) for t, d in zip(tensors, dims)]
@@ -214,6 +245,8 @@ def run_microbatched(
         if j:
             _copy_into(buffers, snapshot)
         skip = scale == 0  # no weight (every target ignored): outputs only, no gradient
+        if draws is not None:
+            draws.at(j)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not skip):
             out = fn(*part(j))
         loss_j, outs = out[0], out[1:]

@@ -39,8 +39,8 @@ def test_split_sizes_errors(batch, k):
 # ---------------------------------------------------------------------------- models
 
 def small_gpt(batch=5, seq=8, dropout=0.0):
-    # dropout p=0 for the exactness tests: microbatches draw other dropout masks than the whole
-    # batch (the RNG is consumed in another order), so with p > 0 the losses differ by design
+    # dropout p=0 for the tests of run_microbatched on the eager model: its dropout draws per
+    # microbatch (fxmem.optimize's graphs read the whole batch's draws: test_exact_random.py)
     model, (idx, targets), _ = make_tiny_gpt(vocab=64, d_model=32, max_seq_len=16, seq=seq,
                                             batch=batch, dropout=dropout, targets="random")
     return model, idx, targets
@@ -115,13 +115,20 @@ def test_gpt_analysis_finds_batch_dims_and_no_coupling():
     assert float(analysis.weight_fn([idx[:3], targets[:3]])) == 3 * 8
 
 
-def test_dropout_makes_microbatching_inexact_and_says_so():
-    """Microbatches would draw other dropout masks than the whole batch under the same seed:
-    not exact, so not done by default; accepted with microbatch_coupling="per-microbatch"."""
+def test_dropout_reads_the_whole_batchs_draws_unless_exact_random_is_off():
+    """Dropout's masks are drawn once for the whole batch and read by the microbatches: exact,
+    and the report says so. Without exact_random (Inductor's own generator) microbatches would
+    draw other masks: not exact, so not done by default; accepted with
+    microbatch_coupling="per-microbatch"."""
     model, idx, targets = small_gpt(batch=8, seq=8, dropout=0.1)
-    analysis = analyze_batch(capture_step(model, (idx, targets)))
-    assert not analysis.exact and analysis.coupling
-    assert {c.kind for c in analysis.coupling} == {"random"}
+    step = capture_step(model, (idx, targets))
+    analysis = analyze_batch(step)
+    assert analysis.exact and analysis.coupling == () and len(analysis.draws) == 7
+    check_microbatchable(analysis)
+    notes = microbatch_report(analysis, (4, 4)).notes
+    assert any("read the whole batch's values" in n for n in notes)
+    analysis = analyze_batch(step, exact_random=False)
+    assert not analysis.exact and {c.kind for c in analysis.coupling} == {"random"}
     with pytest.raises(MicrobatchError, match="draws random numbers"):
         check_microbatchable(analysis)
     check_microbatchable(analysis, allow_coupling=True)
@@ -195,7 +202,8 @@ class Mixer(nn.Module):
     (lambda h: torch.cat([h, h.roll(1, 0)], 1), "batch_mixing"),
     (lambda h: h - h.std(0), "batch_reduction"),
     (lambda h: torch.cdist(h, h), "unsupported_op"),  # unknown to the rules: refused
-    (lambda h: h + torch.zeros_like(h).bernoulli_(0.5), "random"),  # other draws per microbatch
+    # draws from probabilities it is given: no whole-batch draw to read, other draws per microbatch
+    (lambda h: h + torch.bernoulli(torch.full_like(h, 0.5)), "random"),
 ])
 def test_forwards_that_mix_samples_are_caught(mix, kind):
     analysis = analyze_batch(capture_step(Mixer(mix), (torch.randn(6, 6),)))
@@ -206,6 +214,7 @@ def test_forwards_that_mix_samples_are_caught(mix, kind):
     lambda h: h[torch.arange(h.shape[0]), h.argmax(1)],  # a per-sample gather
     lambda h: h.reshape(-1, 2, 3).transpose(1, 2).flatten(0, 1),  # samples stay whole
     lambda h: h.softmax(-1) * torch.ones(h.shape[0], 1) + torch.zeros_like(h),
+    lambda h: h + torch.zeros_like(h).bernoulli_(0.5),  # the microbatches read the whole draw
 ])
 def test_forwards_that_keep_samples_apart_are_exact(mix):
     analysis = analyze_batch(capture_step(Mixer(mix), (torch.randn(6, 6),)))
