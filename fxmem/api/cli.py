@@ -122,6 +122,14 @@ def _levers(text: str) -> tuple[str, ...]:
     return names
 
 
+def _check_budget(text: str) -> None:
+    """A BudgetError for a budget that is neither a percentage nor bytes."""
+    if _relative_budget(text) is None:
+        from fxmem.budget import parse_budget
+
+        parse_budget(text)
+
+
 def _budget_and_before(ns: argparse.Namespace, workload, *, run_before: bool):
     """The budget in bytes (a percentage resolved against the unoptimised peak), its fraction
     (None for an absolute budget), the unoptimised peak, and -- with ``run_before`` -- the
@@ -147,6 +155,7 @@ def _inspect(ns: argparse.Namespace) -> int:
     from fxmem.api.inspection import format_inspection, write_inspection
     from fxmem.api.workload import load_workload
 
+    _check_budget(ns.budget)  # before the workload is built
     workload = load_workload(ns.factory)
     budget, _, _, before, measured_before = _budget_and_before(
         ns, workload, run_before=not ns.no_measure)
@@ -172,6 +181,7 @@ def _plan(ns: argparse.Namespace) -> int:
     from fxmem.api.workload import load_workload
 
     t0 = time.perf_counter()
+    _check_budget(ns.budget)  # before the workload is built
     workload = load_workload(ns.factory)
     budget, fraction, unoptimized, before, measured_before = _budget_and_before(
         ns, workload, run_before=bool(ns.plot))
