@@ -20,7 +20,9 @@ buffer reuse), which the memory model's take-over rule expresses -- only for an 
 reads at the index it writes, in its dtype (``SchedulerNode.can_inplace``,
 ``can_match_buffer_size``; :func:`same_index_reads`): a transposing copy, such as the contiguous
 clone of attention's permuted ``bmm`` output, gets a buffer of its own while its input is still
-allocated.
+allocated. Nor does a kernel write into the output of a scatter (an embedding's gradient,
+``index_put`` with accumulation): fused with it, the buffer is accessed at two indices, the
+scattered write and the read (``single_index_in_fused_node``); the model assumes they fuse.
 
 With convolutions, Inductor's layout optimisation (``GraphLowering.decide_layout_opt``; always on
 the CPU with oneDNN) runs them channels-last: a graph input that a convolution reads in another
@@ -288,6 +290,8 @@ def same_index_reads(gm: torch.fx.GraphModule,
             body = _body_reads(node, reads, layout)
             if kind is Lowered.KERNEL:
                 found[node.name] = frozenset(m for m, lay in body if lay == layout)
+            if base_name(node.target) in _COPY_THEN_SCATTER:
+                own = set()  # written at scattered indices: no consumer writes into it in place
             reads[node.name] = own | (body if kind is Lowered.INLINED else set())
         else:  # placeholders, reductions, extern kernels: buffers of their own
             reads[node.name] = own
