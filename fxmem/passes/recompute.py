@@ -96,7 +96,9 @@ def split_with_saved(
 
 def _save_copies_of(fw, bw, buffers: set[str], num_fwd_outputs: int) -> None:
     """Pass the backward a clone of each buffer it reads, taken before the forward's writes."""
-    read = {n.name for n in bw.graph.nodes if n.op == "placeholder" and n.name in buffers}
+    bw_placeholder = {n.name: n for n in bw.graph.nodes
+                      if n.op == "placeholder" and n.name in buffers}
+    read = set(bw_placeholder)
     if not read:
         return
     output = fw.graph.output_node()
@@ -110,6 +112,12 @@ def _save_copies_of(fw, bw, buffers: set[str], num_fwd_outputs: int) -> None:
             with val.fake_mode:
                 copy.meta["val"] = val.clone()
             outs[i] = copy
+            # the backward receives the copy: its placeholder is that value (the memory model
+            # matches a backward placeholder to a forward value by its fake tensor), so the copy
+            # is counted as saved until the backward is done with it
+            # (a new meta dict: the split may share one between the graphs' placeholders)
+            received = bw_placeholder[node.name]
+            received.meta = {**received.meta, "val": copy.meta["val"]}
     output.args = (tuple(outs),)
     fw.graph.lint()
     fw.recompile()
