@@ -13,6 +13,7 @@ from fxmem.memory.measure import MeasuredMemory, measure_memory, measure_peak
 from fxmem.api.optimize import OptimizedModule, floor, optimize
 from fxmem.planning.planner import Plan, PlanOptions
 from fxmem.api.workload import Workload, load_workload
+from fxmem.levers.sparse import SparsityReport, sparsify, to_dense
 
 __all__ = [
     "BudgetError",
@@ -26,6 +27,7 @@ __all__ = [
     "Plan",
     "PlanOptions",
     "Role",
+    "SparsityReport",
     "StepInputError",
     "Workload",
     "capture_step",
@@ -38,6 +40,8 @@ __all__ = [
     "measure_peak",
     "optimize",
     "parse_budget",
+    "sparsify",
+    "to_dense",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""The kernel per layer is chosen by measurement: the faster of transient dense and CSR."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxmem
+from fxmem.levers.sparse import SparseConv2d, choose_kernel, sparsify
+from fxmem.levers.sparse import kernels
+from fxmem.levers.sparse.sparsify import initial_indices
+from fxmem.levers.sparse.layers import SparseLinear
+
+
+@pytest.mark.parametrize("faster", ["dense", "csr"])
+def test_choose_kernel_keeps_the_measured_faster(monkeypatch, faster):
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8)
+    layer = SparseLinear.from_dense(dense, initial_indices(dense.weight, 20))
+    measured = {"dense": 2e-3, "csr": 1e-3} if faster == "csr" else {"dense": 1e-3, "csr": 2e-3}
+    seen = []
+
+    def fake(layer_, kernels_, shape, **kw):
+        seen.append((kernels_, shape))
+        return {k: measured[k] for k in kernels_}
+
+    monkeypatch.setattr(kernels, "time_kernels", fake)
+    assert choose_kernel(layer, (4, 16)) == faster
+    assert layer.kernel == faster and layer.kernel_times == measured
+    assert seen == [(("dense", "csr"), (4, 16))]
+    assert (layer.crow is not None) == (faster == "csr")
+
+
+def test_time_kernel_runs_both_kernels_and_restores_the_layer():
+    torch.manual_seed(0)
+    dense = nn.Linear(32, 16)
+    layer = SparseLinear.from_dense(dense, initial_indices(dense.weight, 50))
+    layer.set_kernel("csr")
+    times = kernels.time_kernels(layer, ("dense", "csr"), (8, 32), repeats=1, min_block_s=0.0)
+    assert set(times) == {"dense", "csr"} and min(times.values()) > 0
+    assert kernels.time_kernel(layer, "dense", (8, 32), repeats=1) > 0
+    assert layer.kernel == "csr" and layer.values.grad is None
+
+
+def test_sparsify_auto_measures_each_layer_on_the_input_it_sees(tiny_gpt):
+    model, args, _ = tiny_gpt(n_layer=1)
+    rng = torch.random.get_rng_state()
+    sparsify(model, 0.1, kernel="auto", example_inputs=args)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for name, layer in model.sparsity.layers.items():
+        assert set(layer.kernel_times) == {"dense", "csr"}
+        assert layer.kernel == min(layer.kernel_times, key=layer.kernel_times.get), name
+    rows = {r.name: r for r in model.sparsity.report().layers}
+    assert all(r.kernel_times for r in rows.values())
+    with pytest.raises(ValueError, match="example_inputs"):
+        sparsify(tiny_gpt()[0], 0.1, kernel="auto")
+
+
+def test_convolutions_have_the_transient_dense_kernel_only():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3)
+    layer = SparseConv2d.from_dense(conv, initial_indices(conv.weight, 30))
+    assert choose_kernel(layer, (2, 4, 6, 6)) == "dense"
+    assert set(layer.kernel_times) == {"dense"}
+    with pytest.raises(ValueError, match="linear layers"):
+        layer.set_kernel("csr")
+
+
+def test_sparsify_is_fxmems():
+    assert fxmem.sparsify is sparsify
+    assert callable(fxmem.to_dense)
