@@ -1,6 +1,7 @@
 """bf16 compute against fp32: a tiny GPT and a tiny Hugging Face GPT-2 (from a config), each
 planned with the precision lever (its graphs run as FX code), one step's loss, held outputs and
-gradients compared with eager fp32 PyTorch's.
+gradients compared with eager fp32 PyTorch's; and (slow) a tiny GPT with dropout planned under a
+budget only bf16 with recomputation and microbatching on top meets.
 
 Stated tolerances (bf16 keeps 8 bits of mantissa: one rounding is up to 2**-8 = 0.39% relative;
 the products accumulate in fp32): the loss within 1e-2 relative; each parameter's gradient
@@ -74,3 +75,25 @@ def test_a_tiny_hf_gpt2_in_bf16_is_within_bf16_tolerance_of_fp32():
     assert out.logits.dtype == torch.bfloat16  # as torch.autocast gives them
     torch.testing.assert_close(out.logits.float(), expected.logits.detach(), **LOGITS_TOL)
     torch.testing.assert_close(out.loss, expected.loss.detach(), rtol=LOSS_RTOL, atol=0)
+
+
+@pytest.mark.slow
+def test_bf16_with_recompute_and_microbatching_on_top_stays_within_tolerance():
+    """A budget under what the exact levers (recompute, microbatch) reach: bf16 compute with the
+    batch split and recomputation on top; dropout's masks drawn as eager's, so the gradients
+    differ from fp32's by bf16's rounding only."""
+    model, args, _ = make_tiny_gpt(dropout=0.1, batch=8, vocab=128, seq=128)
+    options = {"lowering": "eager", "time_limit": 2.0}
+    exact = fxmem.floor(model, *args, allow=("recompute", "microbatch"), **options)
+    low = fxmem.floor(model, *args, allow=("recompute", "microbatch", "precision"), **options)
+    assert low < exact
+    module = fxmem.optimize(model, (low + exact) // 2,
+                            allow=("recompute", "microbatch", "precision"), **options)
+    expected = grads_of(model, model, *args)
+    got = grads_of(model, module, *args)
+    plan = module.plan
+    assert plan.microbatch is not None and len(plan.microbatch.sizes) > 1
+    assert any(r.name == "precision" for r in plan.provenance)
+    torch.testing.assert_close(got[0], expected[0], rtol=LOSS_RTOL, atol=0)
+    errors = [_relative_error(g, e) for g, e in zip(got[1], expected[1])]
+    assert max(errors) < GRAD_NORM_RTOL, max(errors)
