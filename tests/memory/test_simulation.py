@@ -92,7 +92,7 @@ def test_value_used_only_by_backward_is_held_until_its_use():
     assert tl.peak_label == gb.name
     assert tl.breakdown() == {
         "parameters": K, "buffers": 0, "gradients": 0, "optimizer state": 0, "inputs": K,
-        "saved activations": K, "outputs": 4, "temporaries": K + 4,
+        "saved activations": K, "outputs": 4, "temporaries": K + 4, "communication buffers": 0,
     }
     storages = step_storages(step)
     b_storage = storages.creates[storages.op_names.index(b.name)][0]
