@@ -80,6 +80,15 @@ class SparseLayer(nn.Module):
     def density(self) -> float:
         return self.nnz / self.numel_dense
 
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (the layer's dense module, just built) with this layer's weight and bias."""
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        dense.weight.requires_grad_(self.values.requires_grad)
+        return dense
+
     def dense_weight(self) -> torch.Tensor:
         """The dense weight (a new tensor, without autograd history)."""
         with torch.no_grad():
@@ -163,12 +172,7 @@ class SparseLinear(SparseLayer):
         values = self.values
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=values.device, dtype=values.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        dense.weight.requires_grad_(values.requires_grad)
-        return dense
+        return self._filled(dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._probe is not None:
@@ -208,12 +212,7 @@ class SparseConv2d(SparseLayer):
                           stride=self.stride, padding=self.padding, dilation=self.dilation,
                           groups=self.groups, bias=self.bias is not None,
                           device=values.device, dtype=values.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        dense.weight.requires_grad_(values.requires_grad)
-        return dense
+        return self._filled(dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._probe is not None:
