@@ -28,16 +28,6 @@ from bench.workloads import gpt_decoder  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _measured_peak(step, model, roots, ddp) -> int:
-    import fxmem
-    from fxmem.distributed import bucket_bytes
-    from fxmem.memory.measure import live_tensor_bytes
-
-    device = next(model.parameters()).device
-    start = live_tensor_bytes(device, roots=roots) + bucket_bytes(ddp)
-    return fxmem.measure_memory(step, device=device, baseline=start).peak
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.5,
@@ -49,7 +39,7 @@ def main(argv=None) -> int:
     ns = parser.parse_args(argv)
     import fxmem
     from fxmem.budget import format_bytes
-    from fxmem.distributed import optimize_ddp
+    from fxmem.distributed import measure_rank_step, optimize_ddp
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
@@ -79,7 +69,7 @@ def main(argv=None) -> int:
         if step < 2:  # plans and compiles; DDP's first iterations
             train_step()
             continue
-        peak = _measured_peak(train_step, model, [model, opt, [idx, tgt]], ddp)
+        peak = measure_rank_step(train_step, ddp, [model, opt, [idx, tgt]]).peak
         rows.append((rank, step, budget, ddp.module.plan.predicted_peak, peak))
     print(f"rank {rank} of {world} ({backend}): budget {format_bytes(budget)}\n"
           f"{ddp.module.plan.report()}", flush=True)

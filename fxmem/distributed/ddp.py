@@ -30,7 +30,7 @@ import torch
 from fxmem.errors import StepInputError
 from fxmem.memory.simulation import Category
 
-__all__ = ["optimize_ddp", "bucket_bytes"]
+__all__ = ["optimize_ddp", "bucket_bytes", "measure_rank_step"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,20 @@ def bucket_bytes(ddp: torch.nn.parallel.DistributedDataParallel) -> int:
     """The bytes of ``ddp``'s gradient buckets, from its logging data."""
     sizes = str(ddp._get_ddp_logging_data().get("bucket_sizes", "") or "")
     return sum(int(s) for s in sizes.split(",") if s.strip())
+
+
+def measure_rank_step(step, ddp: torch.nn.parallel.DistributedDataParallel, roots, *,
+                      device: torch.device | str | None = None):
+    """:func:`fxmem.measure_memory` of ``step`` on this rank, counting as live at its start what
+    the rank holds: the storages of ``roots`` (the model, its inputs, the optimizer) and DDP's
+    gradient buckets (held by DDP's reducer, which no Python object reaches)."""
+    import fxmem
+    from fxmem.memory.measure import live_tensor_bytes
+
+    if device is None:
+        device = next(ddp.parameters()).device
+    start = live_tensor_bytes(device, roots=roots) + bucket_bytes(ddp)
+    return fxmem.measure_memory(step, device=device, baseline=start)
 
 
 def optimize_ddp(model: torch.nn.Module, budget: int | str, *,

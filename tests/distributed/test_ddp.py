@@ -29,8 +29,7 @@ def _rank_step(rank: int, world: int, init_file: str, results: str) -> None:
 
 def _sweep(rank: int, results: str) -> None:
     import fxmem
-    from fxmem.distributed import bucket_bytes, optimize_ddp
-    from fxmem.memory.measure import live_tensor_bytes
+    from fxmem.distributed import bucket_bytes, measure_rank_step, optimize_ddp
     from tests.helpers import grads_of, make_tiny_gpt
 
     base, (idx, tgt), _ = make_tiny_gpt(dropout=0.0, seed=0)  # the same weights on each rank
@@ -56,9 +55,7 @@ def _sweep(rank: int, results: str) -> None:
         def step():
             ddp(idx, tgt).backward()
 
-        baseline = live_tensor_bytes(torch.device("cpu"), roots=[model, [idx, tgt]])
-        measured = fxmem.measure_memory(step, device="cpu",
-                                        baseline=baseline + bucket_bytes(ddp)).peak
+        measured = measure_rank_step(step, ddp, [model, [idx, tgt]]).peak
         got = [p.grad.clone() for p in model.parameters()]
         plan = ddp.module.plan
         assert plan.context.constant.get("communication buffers") == bucket_bytes(ddp) > 0
