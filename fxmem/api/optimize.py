@@ -34,6 +34,7 @@ from fxmem.api.proxy import ModelProxy
 from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
 from fxmem.levers.precision import ComputeCasts, PrecisionLever, casting, exact_first, run_with_casts
+from fxmem.levers.precision.fallback import check_precision
 from fxmem.planning.options import EXACT_LEVERS, PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes
 
@@ -143,8 +144,10 @@ class OptimizedModule(ModelProxy):
 
     def __init__(self, model, options: PlanOptions, *, optimizer=None, loss_fn=None,
                  microbatches: int | None = None,
-                 microbatch_coupling: str = "refuse", batch_dims=None, exact_random: bool = True):
+                 microbatch_coupling: str = "refuse", batch_dims=None, exact_random: bool = True,
+                 precision: torch.dtype | None = None):
         super().__init__(model)
+        self._precision = precision  # a compute dtype forced by optimize(precision=...)
         self._exact_random = exact_random
         self._microbatches = microbatches
         self._coupling = microbatch_coupling
@@ -219,7 +222,8 @@ class OptimizedModule(ModelProxy):
             return self._run(key, compiled, leaves, spec, tensors)
 
         # the exact levers first; bf16 compute casts only if they cannot meet the budget
-        return exact_first(attempt, self._options.allow, _model_device(self.module))
+        return exact_first(attempt, self._options.allow, _model_device(self.module),
+                           forced=self._precision)
 
     def _run(self, key, compiled: _Compiled, leaves, spec, tensors):
         """The step run through ``compiled`` (planned and compiled on its first run)."""
@@ -256,7 +260,8 @@ class OptimizedModule(ModelProxy):
         def attempt(casts: ComputeCasts | None) -> Plan:
             return self._plan_once(leaves, spec, slots, tensors, casts)
 
-        return exact_first(attempt, self._options.allow, _model_device(self.module))
+        return exact_first(attempt, self._options.allow, _model_device(self.module),
+                           forced=self._precision)
 
     def _plan_once(self, leaves, spec, slots, tensors, casts: ComputeCasts | None) -> Plan:
         compiled = self._compile(leaves, spec, slots, tensors, stop_after_plan=True, casts=casts)
@@ -368,6 +373,7 @@ def optimize(
     microbatch_coupling: str = "refuse",
     batch_dims: Mapping[str, int | None] | None = None,
     exact_random: bool = True,
+    precision: str | None = None,
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
@@ -388,6 +394,9 @@ def optimize(
     few KiB to MiB at the peak. Default (:func:`fxmem.planning.options.default_margin`): 1%, and 3% for
     Inductor on a GPU, whose buffers fxmem models from Inductor's fusion, layout and buffer-pool
     rules (:mod:`fxmem.memory.inductor`) but has not measured against Triton's.
+    ``precision``: None (default) casts the step's compute to bf16 only when ``"precision"`` is
+    allowed and the exact levers cannot meet the budget; ``"bf16"`` casts it whatever the budget
+    (``"precision"`` must be allowed), the exact levers planning on top.
     ``exact_random`` (with ``lowering="inductor"``): True (default) draws random ops (dropout) as
     eager PyTorch does, so the step's values and gradients equal eager's under the same seed;
     False lets Inductor fuse them into its kernels with its own seeded generator, as
@@ -402,6 +411,7 @@ def optimize(
     if not isinstance(exact_random, bool):
         raise TypeError(f"exact_random must be a bool, got {type(exact_random).__name__}")
     allow = check_allow(allow)
+    forced_dtype = check_precision(precision, allow)
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
                           lowering=lowering, time_limit=time_limit,
                           safety_margin=safety_margin, cost=cost)
@@ -415,7 +425,8 @@ def optimize(
     options = dataclasses.replace(options, allow=allow)
     return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn,
                            microbatches=microbatches, microbatch_coupling=microbatch_coupling,
-                           batch_dims=batch_dims, exact_random=exact_random)
+                           batch_dims=batch_dims, exact_random=exact_random,
+                           precision=forced_dtype)
 
 
 def floor(
@@ -427,13 +438,15 @@ def floor(
     lowering: str = "inductor",
     time_limit: float = 30.0,
     safety_margin: float | None = None,
+    precision: str | None = None,
     **kwargs,
 ) -> int:
     """The smallest budget (bytes) fxmem can meet for ``model``'s step on these inputs with the
     levers in ``allow``: the :attr:`fxmem.BudgetError.floor` a 1-byte budget reports, found
     without generating kernels or running the step. ``kwargs`` are the model's."""
     module = optimize(model, 1, optimizer=optimizer, loss_fn=loss_fn, allow=allow,
-                      lowering=lowering, time_limit=time_limit, safety_margin=safety_margin)
+                      lowering=lowering, time_limit=time_limit, safety_margin=safety_margin,
+                      precision=precision)
     try:
         plan = module.plan_for(*args, **kwargs)
     except BudgetError as exc:

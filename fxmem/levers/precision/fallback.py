@@ -17,19 +17,40 @@ import torch
 from fxmem.budget import BudgetError, format_bytes
 from fxmem.levers.precision.casts import ComputeCasts, casts_for
 
-__all__ = ["exact_first", "combined_error", "PRECISION"]
+__all__ = ["exact_first", "combined_error", "PRECISION", "PRECISION_MODES", "check_precision"]
 
 log = logging.getLogger(__name__)
 
 PRECISION = "precision"
+# ``fxmem.optimize(precision=...)``: None lets the planner cast only when the exact levers cannot
+# meet the budget; a dtype name casts the step's compute whatever the budget
+PRECISION_MODES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 T = TypeVar("T")
 
 
+def check_precision(precision: str | None, allow) -> torch.dtype | None:
+    """The compute dtype ``precision`` forces (None: the planner's choice). Forcing needs
+    ``"precision"`` in ``allow``: it is the lossy lever, opt-in."""
+    if precision is None:
+        return None
+    if not isinstance(precision, str) or precision not in PRECISION_MODES:
+        raise ValueError(f"precision must be None (cast only where the budget needs it) or one "
+                         f"of {sorted(PRECISION_MODES)}, got {precision!r}")
+    if PRECISION not in allow:
+        raise ValueError(f"precision={precision!r} casts the step's compute, a lossy lever: "
+                         "allow it with allow=(..., 'precision')")
+    return PRECISION_MODES[precision]
+
+
 def exact_first(attempt: Callable[[ComputeCasts | None], T], allow, device: torch.device | str,
-                dtype: torch.dtype = torch.bfloat16) -> T:
+                dtype: torch.dtype = torch.bfloat16, *, forced: torch.dtype | None = None) -> T:
     """``attempt(None)`` (the exact levers); if it raises BudgetError and ``allow`` holds
     ``"precision"``, ``attempt(casts)`` with bf16 compute casts on ``device``. A BudgetError of
-    both has the lower floor (:func:`combined_error`)."""
+    both has the lower floor (:func:`combined_error`). ``forced``: cast the compute to that
+    dtype whatever the budget (``fxmem.optimize(precision=...)``), without the exact attempt."""
+    if forced is not None:
+        return attempt(casts_for(device, forced, "Forced by precision="
+                                 + str(forced).removeprefix("torch.")))
     try:
         return attempt(None)
     except BudgetError as exact:

@@ -168,3 +168,15 @@ def test_bad_input_is_a_clear_error():
         PrecisionLever("bf16")
     with pytest.raises(ValueError, match="not built for the torch.compile backend"):
         options_from_mapping({"budget": "1GiB", "allow": ("recompute", "precision")})
+
+
+def test_precision_bf16_casts_whatever_the_budget_and_is_opt_in():
+    model, args, _ = make_tiny_gpt()
+    plan = fxmem.optimize(model, "1GiB", allow=("recompute", "precision"), precision="bf16",
+                          lowering="eager", time_limit=5).plan_for(*args)
+    assert any(r.name == "precision" for r in plan.provenance)
+    assert "Forced by precision=bfloat16" in plan.report()
+    with pytest.raises(ValueError, match="allow it with allow"):
+        fxmem.optimize(model, "1GiB", precision="bf16")
+    with pytest.raises(ValueError, match="precision must be None"):
+        fxmem.optimize(model, "1GiB", allow=("recompute", "precision"), precision="int3")
