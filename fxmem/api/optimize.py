@@ -304,6 +304,8 @@ class OptimizedModule(ModelProxy):
         options = self._options
         if options.safety_margin is None:
             options = dataclasses.replace(options, safety_margin=options.margin_for(device))
+        if casts is not None:  # with the compute casts, saved values may be stored low too
+            options = dataclasses.replace(options, store_low=casts.dtype)
         context = StepContext()
         if self._optimizer is not None:
             grads = [p for p in self.module.parameters() if p.requires_grad]

@@ -63,6 +63,8 @@ class PlanOptions:
     cost: str = "roofline"
     max_rounds: int = 6
     device_spec: DeviceSpec | None = None
+    # with the precision lever: the dtype the solver may store saved fp32 values in (None: not)
+    store_low: torch.dtype | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "allow", check_allow(self.allow))
@@ -76,6 +78,9 @@ class PlanOptions:
             raise ValueError(f"lowering must be one of {LOWERINGS}, got {self.lowering!r}")
         if self.cost not in ("roofline", "profile"):
             raise ValueError(f"cost must be 'roofline' or 'profile', got {self.cost!r}")
+        if self.store_low is not None and self.store_low not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"store_low must be torch.bfloat16, torch.float16 or None, got "
+                             f"{self.store_low!r}")
         if self.time_limit <= 0:
             raise ValueError(f"time_limit must be positive seconds, got {self.time_limit!r}")
 

@@ -28,7 +28,9 @@ import torch.fx
 from fxmem.budget import BudgetError, format_bytes
 from fxmem.graph.joint import step_from_joint
 from fxmem.levers.recompute.fit import Realised, descend, fit, smallest_peak
-from fxmem.levers.recompute.lever import RecomputeLever
+from fxmem.levers.precision.stored import (PASS_NAME as STORED_LOW, offer_stored_low,
+                                           record_stored, unwind_unsaved)
+from fxmem.levers.recompute.lever import Applied, RecomputeLever
 from fxmem.memory.simulation import MemoryTimeline, simulate
 from fxmem.memory.storages import plan_storages
 from fxmem.passes.base import PassRecord, StepGraphs
@@ -89,16 +91,30 @@ def plan_joint(
     # capture (fxmem.optimize runs the step under autocast), so the joint graph holds its casts
     if unapplied:
         log.info("levers %s are not built yet; the plan does not use them", sorted(unapplied))
+    offered = ()
+    if options.store_low is not None:  # the precision lever: saved values may be stored low
+        before = {"joint": joint.code}
+        offered = offer_stored_low(joint, num_fwd_outputs, options.store_low)
     step = step_from_joint(joint, num_fwd_outputs=num_fwd_outputs,
                            static_input_indices=static_input_indices)
     if options.safety_margin is None:
         options = dataclasses.replace(options, safety_margin=options.margin_for(step.device))
     lever = RecomputeLever(options)
-    pmap = lever.analyse(step, context)
+    pmap = lever.analyse(step, context, stored_low=offered)
 
     def realise(solution: RecomputeSolution) -> Realised:
         applied = lever.apply(StepGraphs(num_fwd_outputs, joint=joint),
                               lever.decision(pmap, solution, step))
+        if offered:  # a value whose low copy is not saved is read as it is, not rounded
+            stored = unwind_unsaved(applied.graphs.backward, offered)
+            details = record_stored(stored, len(offered), options.store_low)
+            unwound = {s.low for s in offered} - {s.low for s in stored}
+            record = dataclasses.replace(applied.record, recomputed=tuple(
+                n for n in applied.record.recomputed if n not in unwound))
+            pass_record = PassRecord(STORED_LOW, details.summary(), details, before,
+                                     {"forward": applied.graphs.forward.code,
+                                      "backward": applied.graphs.backward.code})
+            applied = Applied(applied.graphs, (*applied.records, pass_record), record)
         storages = plan_storages(step, applied.graphs.forward, applied.graphs.backward,
                                  num_fwd_outputs=num_fwd_outputs, lowering=options.lowering)
         return Realised(solution, applied, simulate(

@@ -129,11 +129,14 @@ def format_plan(plan) -> str:
         f"recompute: {plan.record.summary()}; predicted extra time "
         f"{1e3 * sol.recompute_time:.2f} ms",
         "levers used: " + (", ".join(
-            (["recompute"] if sol.num_recomputed else [])
+            (["recompute"] if plan.record.recomputed else [])
             + ([f"microbatch (k={len(plan.microbatch.sizes)})"]
                if getattr(plan, "microbatch", None) is not None else [])
             + [f"precision ({r.details.dtype} compute)" for r in plan.provenance
-               if r.name == "precision"]) or "none") + _exactness(plan),
+               if r.name == "precision"]
+            + [f"stored low ({len(r.details.values)} saved values in {r.details.dtype})"
+               for r in plan.provenance if r.name == "stored-low" and r.details.values])
+         or "none") + _exactness(plan),
         "at the predicted peak:",
     ]
     if getattr(plan, "microbatch", None) is not None:

@@ -15,7 +15,7 @@ __all__ = ["save_all", "checkpoint_blocks", "greedy"]
 def save_all(problem: RecomputeProblem, budget: int | None = None) -> RecomputeSolution:
     """What eager autograd does: keep every value the backward reads."""
     t0 = time.perf_counter()
-    decision = problem.normalise(~problem.never_save)
+    decision = problem.normalise(problem.exact_saves)
     return solution_for(problem, decision, strategy="save-all", budget=budget,
                         solve_seconds=time.perf_counter() - t0, status="heuristic")
 
@@ -31,7 +31,7 @@ def checkpoint_blocks(problem: RecomputeProblem, budget: int | None = None) -> R
             if block[k] != block[j]:
                 leaves_block[k] = True
     saved = (block < 0) | leaves_block
-    decision = problem.normalise(saved & ~problem.never_save)
+    decision = problem.normalise(saved & problem.exact_saves)
     return solution_for(problem, decision, strategy="checkpoint-blocks", budget=budget,
                         solve_seconds=time.perf_counter() - t0, status="heuristic")
 
@@ -42,7 +42,7 @@ def greedy(problem: RecomputeProblem, budget: int, max_steps: int | None = None)
     lowers the memory there without raising the peak elsewhere (recomputing a value needs its
     inputs, and may bring them back early)."""
     t0 = time.perf_counter()
-    decision = problem.normalise(~problem.never_save)
+    decision = problem.normalise(problem.exact_saves)
     memory = problem.memory(decision)
     tried = np.zeros(problem.num_candidates, dtype=bool)  # given up in vain since the last step
     lo, hi = problem.fwd_end + 1, problem.need_end  # where a saved value is kept past its use

@@ -3,7 +3,7 @@
 Variables per candidate ``i``: ``save[i]`` (binary), ``need[i]`` and ``again[i]`` (continuous in
 [0, 1], integral whenever ``save`` is)::
 
-    minimise   sum_i cost[i] * again[i]
+    minimise   sum_i cost[i] * again[i] + sum_i save_cost[i] * save[i]
     subject to need[i] = 1                        if the backward reads i
                need[k] >= need[i] - save[i]       for every input k of i (recomputing needs inputs)
                pulled[i, s] >= need[m] - save[m] - save[i] - sum(save[interior])   (pulls)
@@ -97,7 +97,10 @@ class _Model:
             self.pulled[i] = [(s, w[s]) for s in starts]
         self.peak_var = None
         if objective == "time":  # in microseconds: CBC's absolute tolerances dwarf tiny objectives
-            self.lp += pulp.lpSum(1e6 * float(problem.cost[i]) * self.again[i] for i in range(n))
+            self.lp += pulp.lpSum(
+                [1e6 * float(problem.cost[i]) * self.again[i] for i in range(n)]
+                + [1e6 * float(problem.save_cost[i]) * self.save[i] for i in range(n)
+                   if problem.save_cost[i] > 0 and not isinstance(self.save[i], int)])
         else:  # minimise the peak
             self.peak_var = var("peak", 0, None)
             self.lp += self.peak_var

@@ -68,6 +68,12 @@ class RecomputeProblem:
     again_size: np.ndarray | None = None
     # bytes a recomputation allocates and frees at its first need beyond the value (default 0)
     transient: np.ndarray | None = None
+    # seconds saving the candidate costs (default 0): storing a value in fewer bits casts it
+    # down in the forward and back in the backward (fxmem.levers.precision.stored)
+    save_cost: np.ndarray | None = None
+    # bool (default False): saving the candidate changes numerics (a value stored in fewer bits);
+    # the baselines never save such a candidate, the ILP saves one only where it pays
+    lossy: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.names)
@@ -75,7 +81,11 @@ class RecomputeProblem:
             object.__setattr__(self, "again_size", np.asarray(self.size).copy())
         if self.transient is None:
             object.__setattr__(self, "transient", np.zeros(n, dtype=np.int64))
-        for field in ("size", "again_size", "transient", "cost", "fwd_end", "need_start", "need_end", "direct", "must_save",
+        if self.save_cost is None:
+            object.__setattr__(self, "save_cost", np.zeros(n, dtype=np.float64))
+        if self.lossy is None:
+            object.__setattr__(self, "lossy", np.zeros(n, dtype=bool))
+        for field in ("size", "again_size", "transient", "save_cost", "lossy", "cost", "fwd_end", "need_start", "need_end", "direct", "must_save",
                       "never_save", "block"):
             if len(getattr(self, field)) != n:
                 raise ValueError(f"{field} needs one entry per candidate ({n})")
@@ -84,6 +94,12 @@ class RecomputeProblem:
         clash = np.flatnonzero(self.must_save & self.never_save)
         if len(clash):
             raise ValueError(f"candidates both must_save and never_save: {clash[:5].tolist()}")
+
+    @property
+    def exact_saves(self) -> np.ndarray:
+        """What saving everything means: every candidate worth saving on its own whose saving
+        keeps numerics exact."""
+        return ~self.never_save & ~self.lossy
 
     @property
     def num_candidates(self) -> int:
@@ -162,7 +178,7 @@ class RecomputeProblem:
         return int(self.memory(decision).max())
 
     def recompute_time(self, decision: Decision) -> float:
-        return float(self.cost[decision.recomputed].sum())
+        return float(self.cost[decision.recomputed].sum() + self.save_cost[decision.saved].sum())
 
     def keep_interval(self, i: int) -> tuple[int, int]:
         return int(self.fwd_end[i]) + 1, int(self.need_end[i])

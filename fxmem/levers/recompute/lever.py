@@ -47,13 +47,18 @@ class RecomputeLever(Lever):
         self.options = options
         self.solves = 0  # solver calls made (the planner's rounds)
 
-    def analyse(self, step: CapturedStep, context: StepContext) -> ProblemMap:
+    def analyse(self, step: CapturedStep, context: StepContext, stored_low=()) -> ProblemMap:
         """The recompute problem of ``step`` (an AOTAutograd joint graph, labelled), with what
-        the context holds throughout and after the backward."""
+        the context holds throughout and after the backward. ``stored_low``: the values the
+        solver may store in fewer bits (:func:`fxmem.levers.precision.stored.offer_stored_low`),
+        whose low copies are candidates that cost their casts' time to save."""
+        from fxmem.levers.precision.stored import save_costs
+
         spec = self.options.device_spec or spec_for(step.device)
         costs = profile_costs(step.gm, step.device) if self.options.cost == "profile" \
             else graph_costs(step.gm, spec)
-        return build_problem(step, costs, constant=context.constant,
+        return build_problem(step, costs, save_cost=save_costs(stored_low, costs),
+                             constant=context.constant,
                              epilogue=context.epilogue_points,
                              backward_constant=context.backward_constant, replay_random=True,
                              lowering=self.options.lowering,

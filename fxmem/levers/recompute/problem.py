@@ -70,6 +70,7 @@ def build_problem(
     pull_window: int | None = None,
     lowering: str = "eager",
     fused_cost=None,
+    save_cost: Mapping[str, float] | None = None,
 ) -> ProblemMap:
     """The recompute problem of a captured (joint) step. ``costs`` maps node names to seconds.
 
@@ -86,6 +87,10 @@ def build_problem(
     saving it realises it in the forward and frees its inputs early (as eager autograd and the
     min-cut partitioner do). Saving all of them is the unoptimised step; not saving one costs no
     memory of its own (``again_size`` 0) but reads its inputs again.
+
+    ``save_cost``: seconds saving a named candidate costs (a value stored in fewer bits pays its
+    casts, :mod:`fxmem.levers.precision.stored`); recomputing such a candidate is free (the
+    backward then reads the value it was cast from).
     """
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
@@ -95,6 +100,8 @@ def build_problem(
     layout = lowering == "inductor" and optimizes_layout(step.gm)
     table = joint_table(step, lowering="eager", channels_last=layout)
     costs = dict(costs)
+    save_cost = dict(save_cost or {})
+    costs.update({name: 0.0 for name in save_cost})
     optional: dict[int, tuple[int, float]] = {}  # inlined value -> (bytes if realised, cost)
     input_reads = table.storages.reads  # what each op reads, for what recomputing it needs
     if lowering == "inductor":
@@ -129,6 +136,9 @@ def build_problem(
         backward_start=storages.backward_start,
         block=traits["block"],
         transient=traits["transient"],
+        save_cost=np.array([save_cost.get(c.creator[c.cands[k]], 0.0) for k in keep_idx],
+                           dtype=np.float64),
+        lossy=np.array([c.creator[c.cands[k]] in save_cost for k in keep_idx], dtype=bool),
         again_size=np.where(c.fused[keep_idx], 0, c.size[keep_idx]),
         pulls=tuple(
             Pull(remap[p.target], remap[p.by], p.start,

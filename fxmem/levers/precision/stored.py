@@ -1,0 +1,160 @@
+"""Saved activations stored in fewer bits: the solver's third choice beside saving and recomputing.
+
+With the precision lever in a plan, every large fp32 forward value the backward reads may also be
+*stored low*: kept for the backward as a bf16 copy made right after it, and restored to fp32
+where the backward first reads it. The choice is made per value by the recompute solver, with
+its bytes and its time, among the others:
+
+1. :func:`offer_stored_low` rewrites the joint graph once: after each such value ``v`` a cast
+   ``low = convert(v, bf16)`` (a forward node) and, before ``v``'s first backward reader, a cast
+   back ``restored = convert(low, fp32)``, which the backward reads in place of ``v``. The recompute
+   problem then has ``low`` as a candidate: saving it keeps half of ``v``'s bytes (the solver
+   pays the two casts' time, :data:`TIE_BREAK` more, as its save cost); not saving it means the
+   backward reads ``v`` itself (saved or recomputed), priced at no extra time.
+2. :func:`unwind_unsaved` carries that second reading out on each planned backward: where ``low``
+   is not received from the forward, the casts are removed and the backward reads ``v`` as the
+   exact plan would -- so a value is rounded only where the plan stores it low.
+
+Lossy (a stored-low value is rounded to bf16 before the backward reads it), so only with
+``"precision"`` allowed; a plan without the precision lever is not touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.fx
+
+from fxmem.budget import format_bytes
+from fxmem.graph.joint import forward_node_names
+from fxmem.graph.ops import is_view
+
+__all__ = ["StoredLow", "StoredLowRecord", "offer_stored_low", "unwind_unsaved", "record_stored",
+           "MIN_BYTES", "TIE_BREAK", "PASS_NAME"]
+
+log = logging.getLogger(__name__)
+
+PASS_NAME = "stored-low"
+MIN_BYTES = 64 * 1024  # smaller values save too little to be worth a rounding
+TIE_BREAK = 1e-7  # seconds added to storing a value low: at equal time, the exact choice wins
+_CONVERT = torch.ops.prims.convert_element_type.default
+_ELIGIBLE = (torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredLow:
+    """One value offered to be stored low: ``value`` (a forward node), ``low`` (its low copy, a
+    forward node the plan may save) and ``restored`` (the backward's copy in ``value``'s dtype);
+    ``nbytes``: ``value``'s bytes, ``low_nbytes``: the low copy's."""
+
+    value: str
+    low: str
+    restored: str
+    nbytes: int
+    low_nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredLowRecord:
+    """What a plan stores low: the values (forward node names), their bytes and the low copies'
+    bytes, of ``offered`` values the solver could have stored low."""
+
+    dtype: str
+    values: tuple[str, ...]
+    nbytes: int
+    low_nbytes: int
+    offered: int
+
+    def summary(self) -> str:
+        return (f"{len(self.values)} of {self.offered} large fp32 values saved for the backward "
+                f"are stored in {self.dtype} ({format_bytes(self.nbytes)} kept as "
+                f"{format_bytes(self.low_nbytes)}, {format_bytes(self.nbytes - self.low_nbytes)} "
+                "saved) and restored in the backward")
+
+
+def _tensor(node: torch.fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def offer_stored_low(joint: torch.fx.GraphModule, num_fwd_outputs: int, dtype: torch.dtype, *,
+                     min_bytes: int = MIN_BYTES) -> tuple[StoredLow, ...]:
+    """Add the cast pairs for every fp32 forward value of at least ``min_bytes`` that the backward
+    reads (not the step's outputs, not views: they are remade from their base) to ``joint``, in
+    place; returns them."""
+    graph = joint.graph
+    forward = forward_node_names(joint, num_fwd_outputs)
+    outputs = {n.name for n in graph.output_node().args[0][:num_fwd_outputs]
+               if isinstance(n, torch.fx.Node)}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    offered = []
+    for node in list(graph.nodes):
+        val = _tensor(node)
+        if (node.op != "call_function" or node.name not in forward or node.name in outputs
+                or val is None or val.dtype not in _ELIGIBLE or is_view(node)):
+            continue
+        nbytes = val.numel() * val.element_size()
+        readers = [u for u in node.users if u.name not in forward and u.op != "output"]
+        if nbytes < min_bytes or not readers:
+            continue
+        with graph.inserting_after(node):
+            low = graph.call_function(_CONVERT, (node, dtype))
+        with val.fake_mode:
+            low.meta["val"] = _CONVERT(val, dtype)
+        low.meta["partitioner_tag"] = "is_forward"
+        for key in ("nn_module_stack", "stack_trace", "seq_nr"):
+            if key in node.meta:
+                low.meta[key] = node.meta[key]
+        first = min(readers, key=lambda u: order[u])
+        with graph.inserting_before(first):
+            restored = graph.call_function(_CONVERT, (low, val.dtype))
+        with val.fake_mode:
+            restored.meta["val"] = _CONVERT(low.meta["val"], val.dtype)
+        for reader in readers:
+            reader.replace_input_with(node, restored)
+        offered.append(StoredLow(node.name, low.name, restored.name, nbytes,
+                                 low.meta["val"].numel() * low.meta["val"].element_size()))
+    graph.lint()
+    joint.recompile()
+    log.debug("stored-low: %d values offered, %s", len(offered),
+              format_bytes(sum(s.nbytes for s in offered)))
+    return tuple(offered)
+
+
+def save_costs(offered: tuple[StoredLow, ...], costs) -> dict[str, float]:
+    """The time storing each value low adds (its two casts), by low node name."""
+    return {s.low: float(costs.get(s.low, 0.0)) + float(costs.get(s.restored, 0.0)) + TIE_BREAK
+            for s in offered}
+
+
+def unwind_unsaved(backward: torch.fx.GraphModule, offered: tuple[StoredLow, ...]
+                   ) -> tuple[StoredLow, ...]:
+    """Remove, from a planned backward graph, the casts of every value whose low copy the forward
+    does not pass it: the backward reads the value itself. Returns the values stored low."""
+    nodes = {n.name: n for n in backward.graph.nodes}
+    stored = []
+    for s in offered:
+        low, restored = nodes.get(s.low), nodes.get(s.restored)
+        if low is not None and low.op == "placeholder":
+            stored.append(s)
+            continue
+        if restored is None or low is None:
+            continue  # the backward reads neither (an unused value)
+        value = low.args[0]
+        restored.replace_all_uses_with(value)
+        backward.graph.erase_node(restored)
+        if not low.users:
+            backward.graph.erase_node(low)
+    backward.graph.lint()
+    backward.recompile()
+    return tuple(stored)
+
+
+def record_stored(stored: tuple[StoredLow, ...], offered: int, dtype: torch.dtype
+                  ) -> StoredLowRecord:
+    return StoredLowRecord(dtype=str(dtype).removeprefix("torch."),
+                           values=tuple(s.value for s in stored),
+                           nbytes=sum(s.nbytes for s in stored),
+                           low_nbytes=sum(s.low_nbytes for s in stored), offered=offered)
