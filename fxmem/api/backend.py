@@ -231,6 +231,13 @@ def options_from_mapping(options: Mapping[str, Any] | None
             "the precision lever is not built for the torch.compile backend yet: use "
             "fxmem.optimize(model, budget, allow=(..., 'precision')), or run the forward under "
             "torch.autocast in your own code (the backend then plans the casts it sees)")
+    if "sparse" in allow:
+        raise ValueError(
+            "the sparse lever cannot run through the torch.compile backend: it replaces the "
+            "model's layers and their parameters, and a backend is handed a traced graph, not "
+            "the model: use fxmem.optimize(model, budget, allow=(..., 'sparse')), or sparsify "
+            "the model yourself before compiling it (model = fxmem.sparsify(model, density), "
+            "the optimizer built after; the backend then plans the sparse layers it sees)")
     state = step = 0
     optimizer = options.get("optimizer")
     if optimizer is not None:

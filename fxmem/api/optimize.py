@@ -35,6 +35,7 @@ from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
 from fxmem.levers.precision import ComputeCasts, PrecisionLever, casting, exact_first, run_with_casts
 from fxmem.levers.precision.fallback import check_precision
+from fxmem.levers.sparse.fallback import SparseFallback, check_sparse_density
 from fxmem.planning.options import EXACT_LEVERS, PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes
 
@@ -145,9 +146,10 @@ class OptimizedModule(ModelProxy):
     def __init__(self, model, options: PlanOptions, *, optimizer=None, loss_fn=None,
                  microbatches: int | None = None,
                  microbatch_coupling: str = "refuse", batch_dims=None, exact_random: bool = True,
-                 precision: torch.dtype | None = None):
+                 precision: torch.dtype | None = None, sparse_density: float | None = None):
         super().__init__(model)
         self._precision = precision  # a compute dtype forced by optimize(precision=...)
+        self._sparse = SparseFallback(sparse_density)  # the sparse lever: last, if allowed
         self._exact_random = exact_random
         self._microbatches = microbatches
         self._coupling = microbatch_coupling
@@ -221,9 +223,11 @@ class OptimizedModule(ModelProxy):
             self._compiled[key] = compiled
             return self._run(key, compiled, leaves, spec, tensors)
 
-        # the exact levers first; bf16 compute casts only if they cannot meet the budget
-        return exact_first(attempt, self._options.allow, _model_device(self.module),
-                           forced=self._precision)
+        # the exact levers first; bf16 compute casts only if they cannot meet the budget; sparse
+        # weights only if neither can (fxmem.levers.sparse.fallback)
+        return self._sparse.plan(self, lambda: exact_first(
+            attempt, self._options.allow, _model_device(self.module), forced=self._precision),
+            args, kwargs, runs=True)
 
     def _run(self, key, compiled: _Compiled, leaves, spec, tensors):
         """The step run through ``compiled`` (planned and compiled on its first run)."""
@@ -260,8 +264,9 @@ class OptimizedModule(ModelProxy):
         def attempt(casts: ComputeCasts | None) -> Plan:
             return self._plan_once(leaves, spec, slots, tensors, casts)
 
-        return exact_first(attempt, self._options.allow, _model_device(self.module),
-                           forced=self._precision)
+        return self._sparse.plan(self, lambda: exact_first(
+            attempt, self._options.allow, _model_device(self.module), forced=self._precision),
+            args, kwargs, runs=False)
 
     def _plan_once(self, leaves, spec, slots, tensors, casts: ComputeCasts | None) -> Plan:
         compiled = self._compile(leaves, spec, slots, tensors, stop_after_plan=True, casts=casts)
@@ -376,6 +381,7 @@ def optimize(
     batch_dims: Mapping[str, int | None] | None = None,
     exact_random: bool = True,
     precision: str | None = None,
+    sparse_density: float | None = None,
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
@@ -399,6 +405,11 @@ def optimize(
     ``precision``: None (default) casts the step's compute to bf16 only when ``"precision"`` is
     allowed and the exact levers cannot meet the budget; ``"bf16"`` casts it whatever the budget
     (``"precision"`` must be allowed), the exact levers planning on top.
+    With ``"sparse"`` in ``allow``, when the other allowed levers (exact, then precision) cannot
+    meet the budget, the model's Linear/Conv2d layers are sparsified in place at the least
+    sparsity whose plan fits (densities 0.5, 0.3, 0.2, 0.1, 0.05) and ``optimizer`` is pointed at
+    their values (:mod:`fxmem.levers.sparse.fallback`); a BudgetError leaves the model as it was.
+    ``sparse_density`` (in (0, 1), needs ``"sparse"`` allowed) forces that density.
     ``exact_random`` (with ``lowering="inductor"``): True (default) draws random ops (dropout) as
     eager PyTorch does, so the step's values and gradients equal eager's under the same seed;
     False lets Inductor fuse them into its kernels with its own seeded generator, as
@@ -414,6 +425,7 @@ def optimize(
         raise TypeError(f"exact_random must be a bool, got {type(exact_random).__name__}")
     allow = check_allow(allow)
     forced_dtype = check_precision(precision, allow)
+    forced_density = check_sparse_density(sparse_density, allow)
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
                           lowering=lowering, time_limit=time_limit,
                           safety_margin=safety_margin, cost=cost)
@@ -428,7 +440,7 @@ def optimize(
     return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn,
                            microbatches=microbatches, microbatch_coupling=microbatch_coupling,
                            batch_dims=batch_dims, exact_random=exact_random,
-                           precision=forced_dtype)
+                           precision=forced_dtype, sparse_density=forced_density)
 
 
 def floor(
@@ -441,14 +453,17 @@ def floor(
     time_limit: float = 30.0,
     safety_margin: float | None = None,
     precision: str | None = None,
+    sparse_density: float | None = None,
     **kwargs,
 ) -> int:
     """The smallest budget (bytes) fxmem can meet for ``model``'s step on these inputs with the
     levers in ``allow``: the :attr:`fxmem.BudgetError.floor` a 1-byte budget reports, found
-    without generating kernels or running the step. ``kwargs`` are the model's."""
+    without generating kernels or running the step. ``kwargs`` are the model's. With
+    ``"sparse"`` allowed, the lower of the other levers' floor and the model's at the sparsest
+    density tried (0.05); the model is left as it was."""
     module = optimize(model, 1, optimizer=optimizer, loss_fn=loss_fn, allow=allow,
                       lowering=lowering, time_limit=time_limit, safety_margin=safety_margin,
-                      precision=precision)
+                      precision=precision, sparse_density=sparse_density)
     try:
         plan = module.plan_for(*args, **kwargs)
     except BudgetError as exc:

@@ -12,7 +12,7 @@ A budget at or above the unoptimised peak recomputes nothing. A budget under the
 any plan reaches raises :class:`BudgetError` naming that floor and what holds it. Microbatching
 reaches the planner as context (the bytes it holds beyond the microbatch's graph); the precision
 lever's compute casts reach it in the joint graph (the step is captured under autocast); the
-sparse lever is not built yet.
+sparse lever's layers too (the model is sparsified before capture, :mod:`fxmem.levers.sparse`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.fx
 
 from fxmem.budget import BudgetError, format_bytes
 from fxmem.graph.joint import step_from_joint
+from fxmem.levers.base import NOT_BUILT
 from fxmem.levers.recompute.fit import Realised, descend, fit, smallest_peak
 from fxmem.levers.precision.stored import (PASS_NAME as STORED_LOW, offer_stored_low,
                                            record_stored, unwind_unsaved)
@@ -64,6 +65,7 @@ class Plan:
     solver_calls: int = 0
     provenance: tuple[PassRecord, ...] = ()
     microbatch: object | None = None  # fxmem.levers.microbatch.runtime.MicrobatchReport
+    sparsity: object | None = None  # fxmem.levers.sparse.SparsityReport, when the lever sparsified
     notes: tuple[str, ...] = ()  # what the plan assumed that the user should know
 
     @property
@@ -87,8 +89,8 @@ def plan_joint(
     """Plan ``joint`` (an AOTAutograd joint graph) under ``options.budget``, with what
     ``context`` holds beyond the graph."""
     t0 = time.perf_counter()
-    unapplied = set(options.allow) - {"recompute", "microbatch", "precision"}  # precision: at
-    # capture (fxmem.optimize runs the step under autocast), so the joint graph holds its casts
+    unapplied = set(options.allow) & set(NOT_BUILT)  # precision and sparse act at capture (the
+    # step under autocast, the model's layers sparsified), so the joint graph holds what they did
     if unapplied:
         log.info("levers %s are not built yet; the plan does not use them", sorted(unapplied))
     offered = ()

@@ -132,6 +132,8 @@ def format_plan(plan) -> str:
             (["recompute"] if plan.record.recomputed else [])
             + ([f"microbatch (k={len(plan.microbatch.sizes)})"]
                if getattr(plan, "microbatch", None) is not None else [])
+            + ([f"sparse (density {plan.sparsity.density:.3f})"]
+               if getattr(plan, "sparsity", None) is not None else [])
             + [f"precision ({r.details.dtype} compute)" for r in plan.provenance
                if r.name == "precision"]
             + [f"stored low ({len(r.details.values)} saved values in {r.details.dtype})"
@@ -154,10 +156,17 @@ def format_plan(plan) -> str:
     if plan.provenance:
         lines.append("passes (plan.provenance has each graph before and after):")
         lines += [f"  {r.name}: {r.summary}" for r in plan.provenance]
+    if getattr(plan, "sparsity", None) is not None:
+        lines.append("sparse layers (the sparse lever; plan.sparsity):")
+        lines += [f"  {line}" for line in str(plan.sparsity).splitlines()]
     return "\n".join(lines)
 
 
 def _exactness(plan) -> str:
+    if getattr(plan, "sparsity", None) is not None:
+        cast = any(r.name == "precision" for r in plan.provenance)
+        also = " and low-precision compute" if cast else ""
+        return f" (lossy: sparse weights{also}, the gradients are the sparse model's)"
     if any(r.name == "precision" for r in plan.provenance):
         return " (lossy: low-precision compute, gradients within its tolerance of fp32's)"
     return (" (exact: gradients equal eager PyTorch's"
