@@ -111,6 +111,9 @@ FAKE_TENSOR_MODE = _internal("FakeTensorMode", "torch._subclasses.fake_tensor", 
                              "running models on fake tensors")
 DETECT_FAKE_MODE = _internal("detect_fake_mode", "torch._guards", "detect_fake_mode",
                              "finding the fake mode of a graph's values")
+UNSET_FAKE_TEMPORARILY = _internal(
+    "unset_fake_temporarily", "torch._subclasses.fake_tensor", "unset_fake_temporarily",
+    "running an op on real tensors while planning inside a compile (measuring its scratch)")
 OP_OVERLOAD = _internal("OpOverload", "torch._ops", "OpOverload",
                         "telling ATen ops from other graph targets")
 _PYTREE_FUNCTIONS = ("tree_flatten", "tree_unflatten", "tree_leaves", "tree_map",
