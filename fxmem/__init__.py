@@ -14,6 +14,7 @@ from fxmem.api.optimize import OptimizedModule, floor, optimize
 from fxmem.planning.planner import Plan, PlanOptions
 from fxmem.api.workload import Workload, load_workload
 from fxmem.levers.sparse import SparsityReport, sparsify, to_dense
+from fxmem.levers.precision.optimizer_state import low_bit_optimizer
 
 __all__ = [
     "BudgetError",
@@ -36,6 +37,7 @@ __all__ = [
     "format_bytes",
     "load_workload",
     "loss_from_output",
+    "low_bit_optimizer",
     "measure_memory",
     "measure_peak",
     "optimize",

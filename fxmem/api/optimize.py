@@ -226,7 +226,8 @@ class OptimizedModule(ModelProxy):
         # the exact levers first; bf16 compute casts only if they cannot meet the budget; sparse
         # weights only if neither can (fxmem.levers.sparse.fallback)
         return self._sparse.plan(self, lambda: exact_first(
-            attempt, self._options.allow, _model_device(self.module), forced=self._precision),
+            attempt, self._options.allow, _model_device(self.module), forced=self._precision,
+            optimizer=self._optimizer),
             args, kwargs, runs=True)
 
     def _run(self, key, compiled: _Compiled, leaves, spec, tensors):
@@ -265,7 +266,8 @@ class OptimizedModule(ModelProxy):
             return self._plan_once(leaves, spec, slots, tensors, casts)
 
         return self._sparse.plan(self, lambda: exact_first(
-            attempt, self._options.allow, _model_device(self.module), forced=self._precision),
+            attempt, self._options.allow, _model_device(self.module), forced=self._precision,
+            optimizer=self._optimizer),
             args, kwargs, runs=False)
 
     def _plan_once(self, leaves, spec, slots, tensors, casts: ComputeCasts | None) -> Plan:

@@ -182,6 +182,11 @@ def live_tensor_bytes(device: torch.device | str = "cpu", roots: Iterable | None
         nonlocal total
         if isinstance(t, FakeTensor) or t.device.type != device.type or t.is_sparse:
             return
+        flatten = getattr(t, "__tensor_flatten__", None)
+        if flatten is not None:  # a wrapper subclass (torchao's quantised optimizer state,
+            for name in flatten()[0]:  # DTensor): its inner tensors hold the storages
+                add(getattr(t, name))
+            return
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr and ptr not in seen:
@@ -213,6 +218,8 @@ def live_tensor_bytes(device: torch.device | str = "cpu", roots: Iterable | None
         elif isinstance(x, torch.optim.Optimizer):
             for state in x.state.values():
                 walk(state)
+            for group in x.param_groups:  # Tensor hyper-parameters (torchao's lr), not params
+                walk([v for k, v in group.items() if k != "params"])
         elif isinstance(x, Mapping):
             for v in x.values():
                 walk(v)

@@ -18,6 +18,8 @@ What the mirror tracks is which temporaries each Python name keeps alive.  Two c
   where it takes the two largest groups as adjacent (an upper bound).
 
 Scalar wrapper tensors (a few bytes each, on the CPU) and allocator rounding are not modelled.
+Optimizers with low-bit state (torchao's, fxmem's bf16) are modelled in
+:mod:`fxmem.memory.low_bit_optimizer`.
 """
 
 from __future__ import annotations
@@ -202,7 +204,8 @@ def _optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, str]:
     names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
     raise NotImplementedError(
         f"optimizer_memory models only {names} (exactly these classes, not subclasses, whose step "
-        f"cannot be vouched for); got {cls.__module__}.{cls.__qualname__}"
+        f"cannot be vouched for), torchao's low-bit Adam/AdamW and fxmem's bf16-state optimizers "
+        f"(fxmem.low_bit_optimizer); got {cls.__module__}.{cls.__qualname__}"
     )
 
 
@@ -236,8 +239,13 @@ def optimizer_memory(
     default).  Raises ``NotImplementedError`` for other optimizers, sparse gradients, complex
     parameters and configurations that are not modelled.
     """
-    kind, label = _optimizer_kind(optimizer)
+    from fxmem.memory.low_bit_optimizer import low_bit_memory  # it builds on this module
+
     has_grad = has_grad if has_grad is not None else (lambda p: p.requires_grad)
+    low_bit = low_bit_memory(optimizer, has_grad, device)  # torchao's, fxmem's bf16 state
+    if low_bit is not None:
+        return low_bit
+    kind, label = _optimizer_kind(optimizer)
     all_params = [p for g in optimizer.param_groups for p in g["params"]]
     dev = _pick_device(all_params, device)
     names: list[str] = []

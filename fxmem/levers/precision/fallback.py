@@ -17,7 +17,8 @@ import torch
 from fxmem.budget import BudgetError, format_bytes
 from fxmem.levers.precision.casts import ComputeCasts, casts_for
 
-__all__ = ["exact_first", "combined_error", "PRECISION", "PRECISION_MODES", "check_precision"]
+__all__ = ["exact_first", "combined_error", "low_bit_state_hint", "PRECISION", "PRECISION_MODES",
+           "check_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,20 @@ def check_precision(precision: str | None, allow) -> torch.dtype | None:
 
 
 def exact_first(attempt: Callable[[ComputeCasts | None], T], allow, device: torch.device | str,
-                dtype: torch.dtype = torch.bfloat16, *, forced: torch.dtype | None = None) -> T:
+                dtype: torch.dtype = torch.bfloat16, *, forced: torch.dtype | None = None,
+                optimizer: torch.optim.Optimizer | None = None) -> T:
     """``attempt(None)`` (the exact levers); if it raises BudgetError and ``allow`` holds
     ``"precision"``, ``attempt(casts)`` with bf16 compute casts on ``device``. A BudgetError of
     both has the lower floor (:func:`combined_error`). ``forced``: cast the compute to that
-    dtype whatever the budget (``fxmem.optimize(precision=...)``), without the exact attempt."""
+    dtype whatever the budget (``fxmem.optimize(precision=...)``), without the exact attempt.
+    ``optimizer``: the user's; a BudgetError with the precision lever says how many bytes its
+    state would take in fewer bits (:func:`low_bit_state_hint`)."""
     if forced is not None:
-        return attempt(casts_for(device, forced, "Forced by precision="
-                                 + str(forced).removeprefix("torch.")))
+        try:
+            return attempt(casts_for(device, forced, "Forced by precision="
+                                     + str(forced).removeprefix("torch.")))
+        except BudgetError as err:
+            raise err.with_hint(low_bit_state_hint(optimizer)) from None
     try:
         return attempt(None)
     except BudgetError as exact:
@@ -65,7 +72,23 @@ def exact_first(attempt: Callable[[ComputeCasts | None], T], allow, device: torc
         try:
             return attempt(casts)
         except BudgetError as low:
-            raise combined_error(exact, low, casts) from None
+            raise combined_error(exact, low, casts).with_hint(
+                low_bit_state_hint(optimizer)) from None
+
+
+def low_bit_state_hint(optimizer) -> str | None:
+    """What :func:`fxmem.low_bit_optimizer` would save on ``optimizer``'s state, for a
+    BudgetError that the precision lever did not avoid (None: nothing to say). The user's loop
+    steps its own optimizer object, so fxmem says how rather than swapping it."""
+    if optimizer is None:
+        return None
+    from fxmem.levers.precision.optimizer_state import low_bit_hint
+
+    try:
+        return low_bit_hint(optimizer)
+    except (NotImplementedError, ValueError, TypeError) as exc:  # a hint never hides the error
+        log.debug("fxmem: no low-bit optimizer state hint: %s", exc)
+        return None
 
 
 def combined_error(exact: BudgetError, low: BudgetError, casts: ComputeCasts) -> BudgetError:
