@@ -5,7 +5,8 @@ backward) allocate, through PyTorch's allocator, per-thread blocks of the attent
 accumulators for reduced-precision inputs and contiguous copies -- sizes that follow the kernel's
 block sizes, the thread count and the dtype (on this build, for a (8, 8, 256, 64) fp32 step the
 backward holds 4.5 MB beyond its 12.6 MB of gradients; in bf16 the forward holds 4.5 MB beyond its
-output). Rather than copy those rules, :func:`measured_scratch` runs the op once on tensors of
+output). bf16 matrix products on the CPU (oneDNN) pack their operands in buffers of the same
+allocator (a (2048, 8192) x (8192, 512) product: 6.6 MB). Rather than copy those rules, :func:`measured_scratch` runs the op once on tensors of
 the node's shapes and dtypes and measures, with the allocator, what it holds beyond its outputs at
 its peak; the answer is cached per shape, dtype, arguments and thread count.
 """
@@ -27,7 +28,11 @@ log = logging.getLogger(__name__)
 MEASURED_OPS = frozenset({
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
 })
+# matrix products hold scratch only in reduced precision on the CPU (oneDNN packs its operands
+# through PyTorch's allocator; MKL's fp32 GEMM does not allocate there)
+_REDUCED_ONLY = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
 
 
 def _spec(x):
@@ -51,6 +56,9 @@ def measured_scratch(node: torch.fx.Node, device: torch.device) -> int:
     args = tuple(_spec(a) for a in node.args)
     kwargs = tuple(sorted((k, _spec(v)) for k, v in node.kwargs.items()))
     if any(a is None for a in args) or any(v is None for _, v in kwargs):
+        return 0
+    if node.target._schema.name in _REDUCED_ONLY and not any(
+            a[0] == "tensor" and a[3] in (torch.bfloat16, torch.float16) for a in args):
         return 0
     return _measure(node.target, args, kwargs, torch.get_num_threads())
 

@@ -108,7 +108,7 @@ def plan_joint(
         applied = lever.apply(StepGraphs(num_fwd_outputs, joint=joint),
                               lever.decision(pmap, solution, step))
         if offered:  # a value whose low copy is not saved is read as it is, not rounded
-            stored = unwind_unsaved(applied.graphs.backward, offered)
+            stored = unwind_unsaved(applied.graphs.forward, applied.graphs.backward, offered)
             details = record_stored(stored, len(offered), options.store_low)
             unwound = {s.low for s in offered} - {s.low for s in stored}
             record = dataclasses.replace(applied.record, recomputed=tuple(

@@ -29,7 +29,7 @@ import torch.fx
 
 from fxmem.budget import format_bytes
 from fxmem.graph.joint import forward_node_names
-from fxmem.graph.ops import is_view
+from fxmem.graph.ops import is_pointwise, is_view
 
 __all__ = ["StoredLow", "StoredLowRecord", "offer_stored_low", "unwind_unsaved", "record_stored",
            "MIN_BYTES", "TIE_BREAK", "PASS_NAME"]
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PASS_NAME = "stored-low"
 MIN_BYTES = 64 * 1024  # smaller values save too little to be worth a rounding
+NEAR = 16  # nodes: a pointwise value's forward readers this close get their own copy of it
 TIE_BREAK = 1e-7  # seconds added to storing a value low: at equal time, the exact choice wins
 _CONVERT = torch.ops.prims.convert_element_type.default
 _ELIGIBLE = (torch.float32, torch.float64)
@@ -54,6 +55,7 @@ class StoredLow:
     restored: str
     nbytes: int
     low_nbytes: int
+    copies: tuple[str, ...] = ()  # forward copies of ``value`` for its other readers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +116,40 @@ def offer_stored_low(joint: torch.fx.GraphModule, num_fwd_outputs: int, dtype: t
             restored.meta["val"] = _CONVERT(low.meta["val"], val.dtype)
         for reader in readers:
             reader.replace_input_with(node, restored)
+        copies = _one_copy_per_reader(graph, node, low, order)
         offered.append(StoredLow(node.name, low.name, restored.name, nbytes,
-                                 low.meta["val"].numel() * low.meta["val"].element_size()))
+                                 low.meta["val"].numel() * low.meta["val"].element_size(),
+                                 copies))
     graph.lint()
     joint.recompile()
     log.debug("stored-low: %d values offered, %s", len(offered),
               format_bytes(sum(s.nbytes for s in offered)))
     return tuple(offered)
+
+
+def _one_copy_per_reader(graph: torch.fx.Graph, node: torch.fx.Node, low: torch.fx.Node,
+                         order) -> tuple[str, ...]:
+    """Give each other forward reader of a pointwise ``node`` close to it its own copy of it, so
+    that Inductor, which realises a pointwise value read twice (on a CPU, when its loop body is
+    heavy: a log-softmax's output), can compute it inside each reader instead: the low copy is
+    then made straight from ``node``'s inputs, without ``node``'s full-precision buffer beside
+    it (a cross-entropy's log-probabilities are never held in fp32). Exact: each copy computes
+    the same values."""
+    others = [u for u in node.users if u is not low]
+    if (not is_pointwise(node) or not others
+            or any(u.op != "call_function" or order.get(u, 0) - order[node] > NEAR for u in others)):
+        return ()
+    copies = []
+    for user in others:
+        with graph.inserting_before(user):
+            copy = graph.node_copy(node)
+        val = node.meta["val"]
+        with val.fake_mode:  # its own storage (the memory model tells storages by their tensors)
+            copy.meta = {**node.meta, "val": torch.empty_strided(
+                val.shape, val.stride(), dtype=val.dtype, device=val.device)}
+        user.replace_input_with(node, copy)
+        copies.append(copy.name)
+    return tuple(copies)
 
 
 def save_costs(offered: tuple[StoredLow, ...], costs) -> dict[str, float]:
@@ -129,10 +158,11 @@ def save_costs(offered: tuple[StoredLow, ...], costs) -> dict[str, float]:
             for s in offered}
 
 
-def unwind_unsaved(backward: torch.fx.GraphModule, offered: tuple[StoredLow, ...]
-                   ) -> tuple[StoredLow, ...]:
-    """Remove, from a planned backward graph, the casts of every value whose low copy the forward
-    does not pass it: the backward reads the value itself. Returns the values stored low."""
+def unwind_unsaved(forward: torch.fx.GraphModule, backward: torch.fx.GraphModule,
+                   offered: tuple[StoredLow, ...]) -> tuple[StoredLow, ...]:
+    """Remove, from a plan's graphs, the casts of every value whose low copy the forward does
+    not pass the backward -- the backward reads the value itself -- and the value's copies for
+    its other forward readers. Returns the values stored low."""
     nodes = {n.name: n for n in backward.graph.nodes}
     stored = []
     for s in offered:
@@ -140,6 +170,8 @@ def unwind_unsaved(backward: torch.fx.GraphModule, offered: tuple[StoredLow, ...
         if low is not None and low.op == "placeholder":
             stored.append(s)
             continue
+        _merge_copies(forward, s)
+        _merge_copies(backward, s)
         if restored is None or low is None:
             continue  # the backward reads neither (an unused value)
         value = low.args[0]
@@ -147,9 +179,25 @@ def unwind_unsaved(backward: torch.fx.GraphModule, offered: tuple[StoredLow, ...
         backward.graph.erase_node(restored)
         if not low.users:
             backward.graph.erase_node(low)
-    backward.graph.lint()
-    backward.recompile()
+    for gm in (forward, backward):
+        gm.graph.lint()
+        gm.recompile()
     return tuple(stored)
+
+
+def _merge_copies(gm: torch.fx.GraphModule, s: StoredLow) -> None:
+    """Readers of ``s``'s copies in ``gm`` read the value itself (where ``gm`` has it)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    value = nodes.get(s.value)
+    if value is None:
+        return
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for name in s.copies:
+        copy = nodes.get(name)
+        if copy is None or order[copy] < order[value]:
+            continue
+        copy.replace_all_uses_with(value)
+        gm.graph.erase_node(copy)
 
 
 def record_stored(stored: tuple[StoredLow, ...], offered: int, dtype: torch.dtype
