@@ -134,9 +134,10 @@ def _one_copy_per_reader(graph: torch.fx.Graph, node: torch.fx.Node, low: torch.
     heavy: a log-softmax's output), can compute it inside each reader instead: the low copy is
     then made straight from ``node``'s inputs, without ``node``'s full-precision buffer beside
     it (a cross-entropy's log-probabilities are never held in fp32). Exact: each copy computes
-    the same values."""
+    the same values (random ops are not copied)."""
     others = [u for u in node.users if u is not low]
-    if (not is_pointwise(node) or not others
+    random = torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+    if (not is_pointwise(node) or random or not others
             or any(u.op != "call_function" or order.get(u, 0) - order[node] > NEAR for u in others)):
         return ()
     copies = []
