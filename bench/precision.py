@@ -1,4 +1,5 @@
-"""The precision lever (bf16 compute casts) on the bench workloads, measured on the CPU.
+"""The precision lever (bf16 compute casts, saved values stored in bf16) on the bench workloads,
+measured on the CPU.
 
 For each workload, in one process:
 
@@ -113,11 +114,13 @@ def budgets(f: dict) -> list[tuple[tuple[str, ...], int]]:
     return out
 
 
-def measured_run(name: str, reduced: bool, allow, budget: int, time_limit: float) -> dict:
+def measured_run(name: str, reduced: bool, allow, budget: int, time_limit: float,
+                 precision: str | None = None) -> dict:
     """One plan compiled and run, then one step measured."""
     w = build(name, reduced)
     model = w["model"]
-    module = fxmem.optimize(model, budget, allow=allow, time_limit=time_limit)
+    module = fxmem.optimize(model, budget, allow=allow, time_limit=time_limit,
+                            precision=precision)
     rec = {"allow": list(allow), "budget": budget}
     t0 = time.perf_counter()
     try:
@@ -143,11 +146,55 @@ def measured_run(name: str, reduced: bool, allow, budget: int, time_limit: float
                prediction_error_pct=100.0 * (plan.predicted_peak - mem.peak) / mem.peak,
                precision_used=record is not None,
                recomputed_ops=len(plan.record.recomputed),
-               casts=record.summary if record is not None else None)
+               casts=record.summary if record is not None else None,
+               stored_low=next((r.summary for r in plan.provenance if r.name == "stored-low"),
+                               None))
     say(f"  {'+'.join(allow)} @ {budget / MiB:.2f} MiB: measured {mem.peak / MiB:.2f}, predicted "
         f"{plan.predicted_peak / MiB:.2f} ({rec['prediction_error_pct']:+.2f}%), "
         f"{'bf16' if record else 'fp32'}, within budget: {rec['within_budget']}")
     return rec
+
+
+def paired_speed(name: str, reduced: bool, f: dict, time_limit: float, repeats: int) -> list:
+    """At budgets both meet, the exact plan (recompute alone) against the bf16 plan
+    (``precision="bf16"``), each compiled, then timed in alternating steps: the ratio of the
+    medians. With precision merely allowed, fxmem plans the exact levers wherever they fit (the
+    lossy lever only where the budget needs it), so its speed there is the exact plan's."""
+    top, low = f["unoptimized_fp32"], max(f["floor_recompute"], f["floor_precision"])
+    out = []
+    for budget in (int(1.05 * low), (low + top) // 2):
+        w = build(name, reduced)
+        model = w["model"]
+        mods = {"exact": fxmem.optimize(model, budget, allow=EXACT, time_limit=time_limit),
+                "bf16": fxmem.optimize(model, budget, allow=PRECISE, precision="bf16",
+                                       time_limit=time_limit)}
+        rec = {"budget": budget, "seconds": {k: [] for k in mods}}
+        try:
+            for mod in mods.values():
+                for _ in range(2):  # compile, then warm up
+                    model.zero_grad(set_to_none=True)
+                    torch.manual_seed(0)
+                    step(mod, w)
+        except fxmem.BudgetError as exc:
+            rec["error"] = str(exc).splitlines()[0]
+            out.append(rec)
+            continue
+        for i in range(repeats):
+            for label in (("exact", "bf16") if i % 2 == 0 else ("bf16", "exact")):
+                model.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                step(mods[label], w)
+                rec["seconds"][label].append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        med = {k: statistics.median(v) for k, v in rec["seconds"].items()}
+        rec.update(median_seconds=med, bf16_over_exact=med["bf16"] / med["exact"],
+                   predicted={k: m.plan.predicted_peak for k, m in mods.items()})
+        say(f"  @ {budget / MiB:.2f} MiB: exact {1e3 * med['exact']:.0f} ms, bf16 "
+            f"{1e3 * med['bf16']:.0f} ms: ratio {rec['bf16_over_exact']:.2f}")
+        out.append(rec)
+        del mods, w, model
+        gc.collect()
+    return out
 
 
 def _autocast(model):
@@ -194,6 +241,8 @@ def run_workload(name: str, ns) -> dict:
     result["runs"] = [measured_run(name, name in ns.reduced, allow, b, ns.time_limit)
                       for allow, b in budgets(result)]
     result["speed"] = speed(name, name in ns.reduced, ns.repeats)
+    result["paired"] = paired_speed(name, name in ns.reduced, result, ns.time_limit,
+                                    ns.repeats)
     return result
 
 
@@ -229,16 +278,34 @@ def workload_md(r: dict) -> list[str]:
               f"{1e3 * s['median_seconds']['fp32']:.0f} ms, bf16 "
               f"{1e3 * s['median_seconds']['bf16']:.0f} ms (medians): **bf16 / fp32 = "
               f"{s['bf16_over_fp32']:.2f}**.", ""]
+    paired = r.get("paired") or []
+    if paired:
+        lines += ["Plans at the same budget, timed in alternating steps (medians): the exact plan "
+                  "(recompute alone) against the bf16 plan (`precision=\"bf16\"`). With "
+                  "precision merely allowed, fxmem plans the exact levers wherever they fit, so "
+                  "its step there is the exact plan's; forcing bf16 buys the ratio below.", "",
+                  "| budget MiB | exact ms | bf16 ms | bf16 / exact |", "|---|---|---|---|"]
+        for p in paired:
+            if "error" in p:
+                lines.append(f"| {_mib(p['budget'])} | failed: {p['error']} | | |")
+                continue
+            m = p["median_seconds"]
+            lines.append(f"| {_mib(p['budget'])} | {1e3 * m['exact']:.0f} | "
+                         f"{1e3 * m['bf16']:.0f} | {p['bf16_over_exact']:.2f} |")
+        lines.append("")
     casts = [run["casts"] for run in r["runs"] if run.get("casts")]
     if casts:
         lines += [f"Casts at the lowest budget: {casts[0]}", ""]
+    stored = [run["stored_low"] for run in r["runs"] if run.get("stored_low")]
+    if stored:
+        lines += [f"Stored low at the lowest budget: {stored[0]}", ""]
     return lines
 
 
 def write(results: list[dict], env: dict, out: str) -> None:
     (RESULTS / f"{out}.json").write_text(json.dumps({"env": env, "workloads": results},
                                                     indent=2, default=str))
-    md = ["# The precision lever: bf16 compute casts (CPU)", "",
+    md = ["# The precision lever: bf16 compute casts and saved values stored in bf16 (CPU)", "",
           f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['threads']} threads), "
           f"Inductor lowering; the machine's 2 cores are shared with other jobs, so step times "
           "are compared only as a ratio measured in the same run.", "",
@@ -261,7 +328,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="gpt_decoder,hf_gpt2,wrn_28_2")
     parser.add_argument("--reduced", default="wrn_28_2",
                         help="workloads built at the smaller sizes of SIZES (comma-separated)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each, alternating")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps of each, alternating")
     parser.add_argument("--time-limit", type=float, default=5.0, help="seconds per solve")
     parser.add_argument("--out", default="precision", help="results file stem")
     ns = parser.parse_args(argv)
