@@ -75,16 +75,18 @@ def _recomputed_ops(record) -> str:
     return f"{len(record.recomputed)} forward ops{random}: {ops}"
 
 
-def _run_planned(workload, budget: int, ns: argparse.Namespace):
+def _run_planned(workload, budget: int, ns: argparse.Namespace, forced: dict | None = None):
     """Optimize the workload's model at ``budget``, run one step (it plans and compiles), then
-    measure one steady-state step. Returns the plan and the measurement."""
+    measure one steady-state step. Returns the plan and the measurement. ``forced``: the
+    ``fxmem.optimize`` keywords of the joint planner's chosen point (its levers and settings)."""
     import gc
 
     import fxmem
 
+    levers = forced or {"allow": _allow(ns)}
     model = fxmem.optimize(workload.model, budget, optimizer=workload.optimizer,
                            loss_fn=workload.loss_fn, strategy=ns.strategy, lowering=ns.lowering,
-                           allow=_allow(ns))
+                           **levers)
 
     def step():
         out = model(*workload.args, **workload.kwargs)
@@ -185,9 +187,25 @@ def _plan(ns: argparse.Namespace) -> int:
     workload = load_workload(ns.factory)
     budget, fraction, unoptimized, before, measured_before = _budget_and_before(
         ns, workload, run_before=bool(ns.plot))
-    plan, measured = _run_planned(workload, budget, ns)
+    exploration = _explore(ns, workload, budget) if ns.alternatives or ns.pareto else None
+    if exploration is not None and exploration.chosen is None:
+        from fxmem.planning.joint import format_alternatives
+
+        print(format_alternatives(exploration, top=ns.top))
+        if ns.pareto:
+            print(f"Pareto front: {_pareto(exploration, ns, workload)}")
+        floor = (f": the smallest budget any combination meets is {format_bytes(exploration.floor)}"
+                 f" ({exploration.floor} bytes)" if exploration.floor is not None else "")
+        print(f"fxmem: error: no combination of the allowed levers fits the budget of "
+              f"{format_bytes(budget)}{floor}", file=sys.stderr)
+        return 2
+    forced = exploration.optimize_kwargs() if exploration is not None else None
+    plan, measured = _run_planned(workload, budget, ns, forced)
     within = measured.peak <= plan.budget
     print(f"fxmem plan: {workload.name} on {measured.device}, lowering {ns.lowering}")
+    if exploration is not None:
+        print(f"chosen by the joint planner: {exploration.chosen.levers} "
+              f"({exploration.chosen.numerics})")
     print(plan.report())
     print()
     relative = (f" ({100 * fraction:g}% of the unoptimised peak {format_bytes(unoptimized)})"
@@ -203,6 +221,13 @@ def _plan(ns: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    if exploration is not None:
+        from fxmem.planning.joint import format_alternatives
+
+        print()
+        print(format_alternatives(exploration, top=ns.top))
+        if ns.pareto:
+            print(f"Pareto front: {_pareto(exploration, ns, workload)}")
     if ns.plot:
         from fxmem.planning.report import plot_plan
 
@@ -225,6 +250,12 @@ def _plan(ns: argparse.Namespace) -> int:
             "replayed": list(plan.record.replayed),
             "seconds": time.perf_counter() - t0,
         }
+        if exploration is not None:
+            import dataclasses
+
+            record["alternatives"] = [dict(dataclasses.asdict(p), exact=p.exact,
+                                           chosen=p is exploration.chosen)
+                                      for p in exploration.points]
         with open(ns.json, "w") as f:
             json.dump(record, f, indent=2)
     if ns.show_graphs:
@@ -232,6 +263,22 @@ def _plan(ns: argparse.Namespace) -> int:
             print(f"\n# {name} graph\n{plan.graphs[name].code}")
     print(f"({time.perf_counter() - t0:.1f}s)")
     return 0 if within else 1
+
+
+def _explore(ns: argparse.Namespace, workload, budget: int):
+    """The joint planner's exploration of the allowed levers' combinations under ``budget``."""
+    from fxmem.planning.joint import explore
+
+    return explore(workload.model, *workload.args, budget=budget, allow=_allow(ns),
+                   optimizer=workload.optimizer, loss_fn=workload.loss_fn, lowering=ns.lowering,
+                   time_limit=ns.time_limit, floors=ns.floors, **workload.kwargs)
+
+
+def _pareto(exploration, ns: argparse.Namespace, workload) -> str:
+    from fxmem.planning.joint import plot_pareto
+
+    return str(plot_pareto(exploration, ns.pareto,
+                           title=f"{workload.name}: combinations planned ({ns.lowering})"))
 
 
 def _planning_arguments(q: argparse.ArgumentParser) -> None:
@@ -263,6 +310,22 @@ def main(argv: list[str] | None = None) -> int:
                    "memory and the plan's, predicted and measured, to this PNG")
     q.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
     q.add_argument("--show-graphs", action="store_true", help="print the rewritten graphs")
+    q.add_argument("--alternatives", action="store_true",
+                   help="choose with the joint planner (fxmem.planning.joint): plan every "
+                        "combination of the allowed levers' settings (microbatch count, fp32 or "
+                        "bf16 compute, dense or sparse weights), run the fastest that fits "
+                        "(exact before lossy) and print the best alternatives after the plan. "
+                        "Without it, the levers are tried in fxmem.optimize's fixed order")
+    q.add_argument("--top", metavar="N", type=int, default=8,
+                   help="with --alternatives: how many rows the table shows (default 8)")
+    q.add_argument("--pareto", metavar="PNG", help="write the joint planner's Pareto front "
+                   "(predicted peak against predicted step time) to this PNG; implies "
+                   "--alternatives")
+    q.add_argument("--floors", action="store_true", help="with --alternatives: also search the "
+                   "floor of every combination that fits (one more plan each, under a 1-byte "
+                   "budget)")
+    q.add_argument("--time-limit", type=float, default=3.0, metavar="S",
+                   help="with --alternatives: the solver's time limit per solve (default 3 s)")
     r = sub.add_parser("inspect", help="write a plan's graphs, passes and memory to a folder")
     _planning_arguments(r)
     r.add_argument("--out", required=True, metavar="DIR", help="the folder to write to")

@@ -27,9 +27,19 @@ from fxmem.levers.recompute.problem import build_problem
 from fxmem.solver import greedy, min_peak, save_all, solve_ilp
 from fxmem.memory.simulation import Category
 
-__all__ = ["MicrobatchOption", "MicrobatchChoice", "choose_microbatches", "extra_resident"]
+__all__ = ["MicrobatchOption", "MicrobatchChoice", "choose_microbatches", "extra_resident",
+           "CANDIDATES", "candidate_ks"]
 
 log = logging.getLogger(__name__)
+
+#: The microbatch counts the lever considers, those up to the batch size (the last microbatch may
+#: be smaller: :func:`~fxmem.levers.microbatch.runtime.split_sizes`).
+CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def candidate_ks(batch: int) -> list[int]:
+    """The microbatch counts considered for a batch of ``batch`` samples, 1 first."""
+    return [k for k in CANDIDATES if k <= batch]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +130,7 @@ def choose_microbatches(model, leaves, spec, slots, *, analysis: BatchAnalysis,
     params = [p for p in model.parameters() if p.requires_grad]
     recompute = "recompute" in options.allow
     target = options.limit_for(whole.device if whole is not None else "cpu")
-    ks = candidates or [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= batch]
+    ks = candidates or candidate_ks(batch)
     results: list[MicrobatchOption] = []
     problems = []
     spec_ = None

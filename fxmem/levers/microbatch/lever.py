@@ -31,7 +31,8 @@ from fxmem.graph.capture import capture_step
 from fxmem.graph.torch_compat import pytree
 from fxmem.levers.base import Lever, register
 from fxmem.levers.microbatch.analysis import BatchAnalysis, analyze_batch
-from fxmem.levers.microbatch.choice import MicrobatchChoice, choose_microbatches, extra_resident
+from fxmem.levers.microbatch.choice import (MicrobatchChoice, candidate_ks, choose_microbatches,
+                                            extra_resident)
 from fxmem.levers.microbatch.runtime import (
     MicrobatchReport,
     check_microbatchable,
@@ -102,8 +103,7 @@ class MicrobatchLever(Lever):
                 choose_microbatches, self.model, leaves, spec, slots, analysis=analysis,
                 options=self.options, context=context, loss_fn=self.loss_fn,
                 held_bytes=held_bytes, whole=whole)
-            usable = analysis.reduction is not None and (
-                not analysis.coupling or self.allow_coupling)
+            usable = self.splittable(analysis)
             choice = choose(candidates=None if usable else [1])
             if not usable and not choice.feasible:
                 self.hint = self._skipped(analysis, choose)
@@ -125,6 +125,11 @@ class MicrobatchLever(Lever):
                                   microbatch_report(analysis, sizes), choice,
                                   context=context.plus(extra), draws=draws)
 
+    def splittable(self, analysis: BatchAnalysis) -> bool:
+        """Whether the lever may split this step: its loss is a mean or sum over the batch and
+        its forward keeps samples apart (or the user accepts per-microbatch coupling)."""
+        return analysis.reduction is not None and (not analysis.coupling or self.allow_coupling)
+
     def _skipped(self, analysis: BatchAnalysis, choose) -> str:
         """Why microbatching was skipped, for a step that does not fit whole; with whether a
         split would have fitted, when the loss could be split."""
@@ -132,7 +137,7 @@ class MicrobatchLever(Lever):
             check_microbatchable(analysis, allow_coupling=self.allow_coupling)
         except MicrobatchError as exc:
             reason = str(exc)
-        ks = [k for k in (2, 4, 8, 16, 32, 64, 128, 256) if k <= analysis.batch_size]
+        ks = candidate_ks(analysis.batch_size)[1:]
         if analysis.reduction is None or not ks:
             return "microbatching was not tried: " + reason
         # the smallest microbatches hold the least: if they do not fit, no split does

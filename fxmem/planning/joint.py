@@ -1,0 +1,384 @@
+"""The joint planner: every combination of the allowed levers' settings planned under one budget.
+
+``fxmem.optimize`` chooses its levers in a fixed ladder (exact levers, then bf16 compute, then
+sparse weights). :func:`explore` instead plans each combination of
+
+- the microbatch count k: 1 and, with ``"microbatch"`` allowed on a step the microbatch lever
+  can split, the counts it considers (:func:`~fxmem.levers.microbatch.choice.candidate_ks`, powers
+  of two up to the batch found by its batch analysis);
+- the compute precision: fp32, and bf16 with ``"precision"`` allowed (saved values may then be
+  stored in bf16 too, as ``optimize(precision="bf16")`` does);
+- the weights: dense, and with ``"sparse"`` allowed each of ``densities`` (sparsified on a deep
+  copy of the model and optimizer, never the user's),
+
+with those settings forced (``OptimizedModule.plan_for``: recomputation chosen by the planner on
+top, when ``"recompute"`` is allowed), and keeps every point: its levers, the planner's predicted
+peak, its predicted step time (:func:`plan_seconds`), whether it changes numerics, whether it fits.
+
+**What is planned per combination.** Each combination is planned from scratch, as
+``fxmem.optimize`` would plan it: the step's Dynamo+AOTAutograd capture (and, for k > 1, the
+microbatch lever's capture of the whole batch), then the planner under the budget. A combination
+that fits is planned again under a 1-byte budget for its floor (the :class:`BudgetError`'s, with
+``floors=True``); one that does not fit has its floor from that error and is planned once more
+with no limit (nothing recomputed), so the point says what the combination costs with enough
+memory. Shared: the microbatch lever's batch analysis (one capture of the whole step) and the deep
+copy of the model the densities are tried on. Within one precision and density, larger k are not
+planned once a k fits with nothing recomputed (the microbatch lever's rule: a larger k only adds
+per-op overhead; the points it would give are slower). Solver time limits are ``time_limit``
+seconds per solve. So each combination costs one to three plans: on GPT-2 small (124M
+parameters, batch 8 x 256, Inductor, 2 shared CPU cores) 19-61 s each, a capture of about 15 s and
+the planner's rounds; its 8 combinations took 417 s (678 s with ``floors``).
+
+**The choice.** The fastest point that fits; lossy points only when no exact one fits; among points
+within 1% of the fastest, the least lossy (the ladder's order: bf16 compute, then sparser weights),
+then the fastest, then the smallest. The **front** holds the points no other point matches or
+beats in peak, time and lossiness at once (strictly beating it in one): it contains the chosen
+point. The **floor** is the smallest floor of any combination planned (None when some fitting
+combination's floor was not searched, ``floors=False``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from fxmem.budget import BudgetError, format_bytes, parse_budget
+from fxmem.cost.model import DeviceSpec, graph_costs, spec_for
+from fxmem.errors import FxmemError
+from fxmem.graph.torch_compat import pytree
+from fxmem.planning.options import EXACT_LEVERS, PlanOptions, check_allow
+
+__all__ = ["JointPoint", "JointExploration", "explore", "choose", "pareto_front", "plan_seconds",
+           "forced", "format_alternatives", "plot_pareto", "DENSITIES", "TIE"]
+
+log = logging.getLogger(__name__)
+
+DENSITIES = (0.5, 0.2, 0.1)  # the sparse densities tried by default
+TIE = 0.01  # predicted times within 1% of the fastest are equal
+_NO_LIMIT = 2**62  # a budget no step reaches: the plan saves everything
+
+
+@dataclasses.dataclass(frozen=True)
+class JointPoint:
+    """One combination's plan: ``peak`` (bytes) and ``seconds`` as the planner predicts them,
+    ``fits`` the budget; ``floor``: the combination's smallest budget (None: not searched);
+    ``recomputed``: forward ops the backward runs again."""
+
+    microbatches: int
+    precision: str  # "fp32" or "bf16" (compute casts)
+    density: float | None  # None: dense weights
+    peak: int
+    seconds: float
+    fits: bool
+    floor: int | None = None
+    recomputed: int = 0
+
+    @property
+    def exact(self) -> bool:
+        """Whether the numerics are eager fp32's (recompute and microbatching are exact)."""
+        return self.precision == "fp32" and self.density is None
+
+    @property
+    def lossiness(self) -> tuple[float, bool]:
+        """The ladder's order, least lossy first: exact, bf16, density 0.5, 0.5 + bf16, 0.2..."""
+        return (0.0 if self.density is None else 1.0 - self.density, self.precision != "fp32")
+
+    @property
+    def levers(self) -> str:
+        parts = ["whole batch" if self.microbatches == 1 else f"k={self.microbatches}"]
+        parts.append(f"{self.recomputed} recomputed" if self.recomputed else "none recomputed")
+        if self.precision != "fp32":
+            parts.append(f"{self.precision} compute")
+        if self.density is not None:
+            parts.append(f"density {self.density:g}")
+        return ", ".join(parts)
+
+    @property
+    def numerics(self) -> str:
+        return "exact" if self.exact else "lossy"
+
+
+@dataclasses.dataclass(frozen=True)
+class JointExploration:
+    """What :func:`explore` found: every point planned, the Pareto front, the chosen point (None:
+    none fits), the floor over all combinations (bytes), and what was not planned and why."""
+
+    budget: int
+    allow: tuple[str, ...]
+    points: tuple[JointPoint, ...]
+    front: tuple[JointPoint, ...]
+    chosen: JointPoint | None
+    floor: int | None
+    skipped: tuple[str, ...] = ()
+    seconds: float = 0.0  # wall time of the exploration
+
+    def optimize_kwargs(self, point: JointPoint | None = None) -> dict:
+        """``fxmem.optimize`` keywords that force ``point``'s settings (default: the chosen)."""
+        point = point or self.chosen
+        if point is None:
+            raise ValueError("no point fits the budget")
+        return forced(point.microbatches, point.precision, point.density, self.allow)
+
+
+def forced(k: int, precision: str, density: float | None, allow: Iterable[str]) -> dict:
+    """``fxmem.optimize`` keywords that plan with these settings and no others: k microbatches
+    (1: the whole batch), the compute precision, the density (None: dense), recomputation on top
+    when ``allow`` has it."""
+    levers = {"recompute"} & set(allow)
+    levers |= {"microbatch"} if k > 1 else set()
+    levers |= {"precision"} if precision != "fp32" else set()
+    levers |= {"sparse"} if density is not None else set()
+    return dict(allow=tuple(sorted(levers)), microbatches=k if k > 1 else None,
+                precision=None if precision == "fp32" else precision, sparse_density=density)
+
+
+def plan_seconds(plan, spec: DeviceSpec | None = None) -> float:
+    """A plan's predicted step time (seconds): the roofline cost (:func:`fxmem.cost.model.
+    graph_costs`) of every op of its forward and backward graphs -- recomputed ops are in the
+    backward graph -- times k for a step split into k microbatches (the first microbatch's graphs:
+    a smaller last one is counted as a full one). Not counted: the optimizer's step, and the
+    kernel fusion Inductor does (every op is priced as its own kernel)."""
+    graphs = [plan.graphs["forward"], plan.graphs["backward"]]
+    if spec is None:
+        spec = plan.options.device_spec or spec_for(_device(graphs[0]))
+    k = len(plan.microbatch.sizes) if plan.microbatch is not None else 1
+    return k * sum(sum(graph_costs(gm, spec).values()) for gm in graphs)
+
+
+def _device(gm: torch.fx.GraphModule) -> torch.device:
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val.device
+    return torch.device("cpu")
+
+
+def choose(points: Iterable[JointPoint]) -> JointPoint | None:
+    """The point to run (see the module's docstring); None when none fits."""
+    fits = [p for p in points if p.fits]
+    pool = [p for p in fits if p.exact] or fits
+    if not pool:
+        return None
+    fastest = min(p.seconds for p in pool)
+    near = [p for p in pool if p.seconds <= fastest * (1.0 + TIE)]
+    return min(near, key=lambda p: (p.lossiness, p.seconds, p.peak))
+
+
+def _dominates(a: JointPoint, b: JointPoint) -> bool:
+    no_worse = a.peak <= b.peak and a.seconds <= b.seconds and a.lossiness <= b.lossiness
+    return no_worse and (a.peak, a.seconds, a.lossiness) != (b.peak, b.seconds, b.lossiness)
+
+
+def pareto_front(points: Iterable[JointPoint]) -> tuple[JointPoint, ...]:
+    """The points no other point dominates in (peak, seconds, lossiness), by peak."""
+    points = list(points)
+    front = [p for p in points if not any(_dominates(q, p) for q in points)]
+    return tuple(sorted(front, key=lambda p: (p.peak, p.seconds)))
+
+
+def explore(model: torch.nn.Module, *args, budget: int | str,
+            allow: Iterable[str] = EXACT_LEVERS, optimizer: torch.optim.Optimizer | None = None,
+            loss_fn: Callable[..., torch.Tensor] | None = None, lowering: str = "inductor",
+            time_limit: float = 3.0, progress: bool = True,
+            densities: Iterable[float] = DENSITIES, floors: bool = True,
+            **kwargs) -> JointExploration:
+    """Plan ``model``'s step on these inputs (``kwargs`` are the model's) under ``budget`` for
+    every combination of the allowed levers' settings, and choose one (see the module's
+    docstring). The model and the optimizer are left as they were. ``progress``: a tqdm bar."""
+    from fxmem.api.optimize import optimize
+
+    t0 = time.perf_counter()
+    budget = parse_budget(budget)
+    allow = check_allow(allow)
+    precisions = ("fp32", "bf16") if "precision" in allow else ("fp32",)
+    ks, skipped = _microbatch_counts(model, args, kwargs, allow, lowering, loss_fn)
+    dens: list[float | None] = [None]
+    copy_of = None
+    if "sparse" in allow:
+        from fxmem.levers.sparse.density import eligible_layers
+
+        if eligible_layers(model):
+            dens += sorted({float(d) for d in densities}, reverse=True)
+            # one deep copy for every density: plan_for sparsifies it and puts it back
+            copy_of = copy.deepcopy((model, optimizer))
+        else:
+            skipped.append("sparse: no layer to sparsify (nn.Linear, nn.Conv2d; the first and "
+                           "last weight layers stay dense)")
+    variants = [(precision, d) for d in dens for precision in precisions]  # the ladder's order
+    bar = _bar(progress, len(variants) * len(ks))
+
+    def plan(k: int, precision: str, density: float | None, limit: int):
+        on, opt = (model, optimizer) if density is None else copy_of
+        module = optimize(on, limit, optimizer=opt, loss_fn=loss_fn, lowering=lowering,
+                          time_limit=time_limit, **forced(k, precision, density, allow))
+        return module.plan_for(*args, **kwargs)
+
+    points: list[JointPoint] = []
+    for precision, density in variants:
+        for i, k in enumerate(ks):
+            name = f"k={k} {precision}" + (f" density {density:g}" if density else "")
+            if bar is not None:
+                bar.set_postfix_str(name)
+            try:
+                point = _point(plan, k, precision, density, budget, floors)
+            except FxmemError as exc:  # a split the step refuses, a capture that fails
+                skipped.append(f"{name}: {str(exc).splitlines()[0]}")
+                point = None
+            if bar is not None:
+                bar.update(1)
+            if point is None:
+                continue
+            points.append(point)
+            log.info("fxmem joint planner: %s: peak %s, %.4g s, %s", name,
+                     format_bytes(point.peak), point.seconds, "fits" if point.fits else "over")
+            if point.fits and not point.recomputed and i + 1 < len(ks):
+                skipped.append(f"{precision}" + (f" density {density:g}" if density else "")
+                               + f": k > {k} not planned (k={k} fits with nothing recomputed)")
+                if bar is not None:
+                    bar.update(len(ks) - i - 1)
+                break
+    if bar is not None:
+        bar.close()
+    known = [p.floor for p in points]
+    floor = min(known) if known and None not in known else None
+    return JointExploration(budget=budget, allow=tuple(sorted(allow)), points=tuple(points),
+                            front=pareto_front(points), chosen=choose(points), floor=floor,
+                            skipped=tuple(skipped), seconds=time.perf_counter() - t0)
+
+
+def _point(plan, k: int, precision: str, density: float | None, budget: int,
+           floors: bool) -> JointPoint:
+    """One combination: planned under the budget; its floor; with no limit when it does not fit."""
+    def point(p, fits: bool, floor: int | None) -> JointPoint:
+        return JointPoint(k, precision, density, int(p.predicted_peak), plan_seconds(p), fits,
+                          floor, len(p.record.recomputed))
+
+    try:
+        at_budget = plan(k, precision, density, budget)
+    except BudgetError as err:
+        return point(plan(k, precision, density, _NO_LIMIT), False, err.floor)
+    floor = None
+    if floors:
+        try:
+            plan(k, precision, density, 1)
+            floor = 1  # a 1-byte budget met: nothing is held
+        except BudgetError as err:
+            floor = err.floor
+        if floor is not None:
+            floor = min(floor, budget)  # a time-limited search may find a higher one
+    return point(at_budget, True, floor)
+
+
+def _microbatch_counts(model, args, kwargs, allow, lowering, loss_fn) -> tuple[list[int], list]:
+    """The k to plan (1 first) and, when only 1, why."""
+    if "microbatch" not in allow:
+        return [1], []
+    from fxmem.levers.microbatch.choice import candidate_ks
+    from fxmem.levers.microbatch.lever import MicrobatchLever
+
+    lever = MicrobatchLever(model, PlanOptions(budget=1, allow=allow, lowering=lowering),
+                            loss_fn=loss_fn)
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    try:
+        _, analysis = lever.analyse(leaves, spec)
+    except FxmemError as exc:
+        return [1], [f"microbatch: {str(exc).splitlines()[0]}"]
+    if not lever.splittable(analysis):
+        return [1], ["microbatch: the step cannot be split exactly (its loss is no mean or sum "
+                     "over the batch, or its forward mixes samples)"]
+    return candidate_ks(analysis.batch_size), []
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of the dev environment
+        return None
+    return tqdm(total=total, desc="fxmem: planning combinations", unit="plan", leave=False)
+
+
+def format_alternatives(exploration: JointExploration, top: int = 8) -> str:
+    """The chosen point and the best alternatives as a table: the chosen first, then the other
+    points that fit by predicted time, then those that do not by peak."""
+    e = exploration
+    others = sorted((p for p in e.points if p is not e.chosen),
+                    key=lambda p: (not p.fits, p.seconds if p.fits else p.peak))
+    rows = ([e.chosen] if e.chosen else []) + others
+    base = e.chosen.seconds if e.chosen else None
+    header = ("", "levers", "predicted peak", "predicted time", "vs chosen", "numerics", "fits",
+              "floor")
+    table = [header]
+    front = {id(p) for p in e.front}
+    for p in rows[:top]:
+        mark = ("*" if p is e.chosen else "") + ("^" if id(p) in front else "")
+        table.append((mark, p.levers, format_bytes(p.peak), _time(p.seconds),
+                      f"{p.seconds / base:.2f}x" if base else "-", p.numerics,
+                      "yes" if p.fits else "no", format_bytes(p.floor) if p.floor else "-"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = (f"alternatives under {format_bytes(e.budget)} ({len(e.points)} planned in "
+            f"{e.seconds:.1f} s; * chosen, ^ on the Pareto front)")
+    notes = []
+    if len(rows) > top:
+        notes.append(f"{len(rows) - top} more not shown")
+    if e.floor is not None:
+        notes.append(f"floor over all combinations {format_bytes(e.floor)} ({e.floor} bytes)")
+    if e.chosen is None:
+        notes.append("no combination fits the budget")
+    notes += [f"not planned: {s}" for s in e.skipped]
+    return "\n".join([head, *lines, *notes])
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 10 else f"{1e3 * seconds:.1f} ms"
+
+
+def plot_pareto(exploration: JointExploration, path, *, title: str | None = None):
+    """Predicted step time against predicted peak for every point (exact o, lossy ^), the Pareto
+    front ringed (its exact points joined), the chosen point starred and the budget as a vertical
+    line; a PNG at ``path`` (returned)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plot_pareto needs matplotlib: pip install matplotlib") from exc
+    e, mib = exploration, 2**20
+    slow = max((p.seconds for p in e.points), default=0.0) >= 10
+    scale, unit = (1.0, "s") if slow else (1e3, "ms")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for exact, marker, label in ((True, "o", "exact"), (False, "^", "lossy")):
+        pts = [p for p in e.points if p.exact == exact]
+        if pts:
+            ax.scatter([p.peak / mib for p in pts], [scale * p.seconds for p in pts],
+                       marker=marker, alpha=0.6, label=f"{label} ({len(pts)})")
+    if e.front:  # ringed; the exact points on it as a staircase (in 2-D the lossy ones may
+        # look dominated: they are on the front for being less lossy than what beats them)
+        ax.scatter([p.peak / mib for p in e.front], [scale * p.seconds for p in e.front], s=120,
+                   facecolors="none", edgecolors="tab:green", label="Pareto front")
+        exact = [p for p in e.front if p.exact]
+        ax.plot([p.peak / mib for p in exact], [scale * p.seconds for p in exact],
+                color="tab:green", drawstyle="steps-post", alpha=0.6)
+    if e.chosen is not None:
+        ax.scatter([e.chosen.peak / mib], [scale * e.chosen.seconds], marker="*", s=250,
+                   color="tab:red", zorder=5, label=f"chosen: {e.chosen.levers}")
+    ax.axvline(e.budget / mib, color="tab:red", linestyle="--", label="budget")
+    if e.floor is not None:
+        ax.axvline(e.floor / mib, color="grey", linestyle=":", label="floor over all")
+    ax.set_xlabel("predicted peak (MiB)")
+    ax.set_ylabel(f"predicted step time ({unit})")
+    ax.set_title(title or "fxmem: the combinations planned")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
