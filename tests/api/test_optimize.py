@@ -56,9 +56,9 @@ def test_budget_sweep_holds_is_monotone_and_keeps_gradients_exact(tiny_gpt):
     plan = fxmem.optimize(model, "10GiB", **EAGER_RECOMPUTE).plan_for(*args, **kwargs)
     assert top == plan.unoptimized_peak
     assert floor < top
-    # 1.05x: the floor comes from 2-second solves; a plan 2% over it is not always re-found in
-    # wall-clock-limited solves on a loaded machine (seen once under pytest-xdist)
-    budgets = np.linspace(top, floor * 1.05, 6).astype(int)
+    # 1.1x: the floor comes from 2-second solves; a plan 2% (and, on a 2-core machine shared
+    # with other jobs, 5%) over it was not always re-found in wall-clock-limited solves
+    budgets = np.linspace(top, floor * 1.1, 6).astype(int)
     peaks = []
     for budget in budgets:
         om = fxmem.optimize(model, int(budget), time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)

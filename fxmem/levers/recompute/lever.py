@@ -58,6 +58,7 @@ class RecomputeLever(Lever):
         costs = profile_costs(step.gm, step.device) if self.options.cost == "profile" \
             else graph_costs(step.gm, spec)
         return build_problem(step, costs, save_cost=save_costs(stored_low, costs),
+                             saveable=frozenset(s.value for s in stored_low),
                              constant=context.constant,
                              epilogue=context.epilogue_points,
                              backward_constant=context.backward_constant, replay_random=True,

@@ -71,6 +71,7 @@ def build_problem(
     lowering: str = "eager",
     fused_cost=None,
     save_cost: Mapping[str, float] | None = None,
+    saveable: frozenset[str] = frozenset(),
 ) -> ProblemMap:
     """The recompute problem of a captured (joint) step. ``costs`` maps node names to seconds.
 
@@ -90,7 +91,9 @@ def build_problem(
 
     ``save_cost``: seconds saving a named candidate costs (a value stored in fewer bits pays its
     casts, :mod:`fxmem.levers.precision.stored`); recomputing such a candidate is free (the
-    backward then reads the value it was cast from).
+    backward then reads the value it was cast from). ``saveable``: values never marked
+    never-save, though the backward reads them only through such a candidate (the values cast
+    from: unless stored low, the backward reads them).
     """
     if lowering not in LOWERINGS:
         raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
@@ -120,7 +123,7 @@ def build_problem(
     pulls = _pulls(len(c.cands), c.inputs, c.direct, c.need_start, c.need_end, pull_window)
     keep_idx = np.flatnonzero(c.need_end >= 0)
     remap = {int(old): new for new, old in enumerate(keep_idx)}
-    traits = _traits(c, keep_idx, table, costs, optional, replay_random)
+    traits = _traits(c, keep_idx, table, costs, optional, replay_random, saveable)
     problem = RecomputeProblem(
         names=tuple(c.creator[c.cands[k]] for k in keep_idx),
         size=c.size[keep_idx],
@@ -241,7 +244,7 @@ def _date_needs(c: _Candidates) -> None:
 
 
 def _traits(c: _Candidates, keep_idx, table: StorageTable, costs, optional,
-            replay_random: bool) -> dict[str, np.ndarray]:
+            replay_random: bool, saveable: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Per kept candidate: its recompute cost, must-save and never-save flags, block and the
     scratch its op makes again when recomputed."""
     storages = table.storages
@@ -257,7 +260,8 @@ def _traits(c: _Candidates, keep_idx, table: StorageTable, costs, optional,
                          or not isinstance(op.meta.get("val"), (torch.Tensor, tuple, list)))
         consumers = [c.op_nodes[p] for p in c.fwd_reads[k]]
         never_save.append(
-            not must_save[-1] and not c.direct[k] and _tag(op, torch.Tag.pointwise)
+            not must_save[-1] and not c.direct[k] and c.creator[s] not in saveable
+            and _tag(op, torch.Tag.pointwise)
             and all(_tag(u, torch.Tag.pointwise) for u in consumers)
         )
         cost.append(optional[s][1] if s in optional else float(costs.get(op.name, 0.0)))
