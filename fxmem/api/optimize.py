@@ -35,6 +35,8 @@ from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
 from fxmem.levers.precision import ComputeCasts, PrecisionLever, casting, exact_first, run_with_casts
 from fxmem.levers.precision.fallback import check_precision
+from fxmem.levers.precision.loss_scale import (LossScaler, LossScaling, check_loss_scaling,
+                                               loss_scale_line)
 from fxmem.levers.sparse.fallback import SparseFallback, check_sparse_density
 from fxmem.planning.options import EXACT_LEVERS, PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes
@@ -132,6 +134,8 @@ class _Compiled:
     layout: tuple
     micro: MicrobatchDecision | None = None
     run_micro: Callable | None = None  # the microbatch loop around fn
+    casts: ComputeCasts | None = None  # the precision lever's
+    scaler: LossScaler | None = None  # fp16's loss scaling around fn
 
 
 class OptimizedModule(ModelProxy):
@@ -146,6 +150,7 @@ class OptimizedModule(ModelProxy):
     def __init__(self, model, options: PlanOptions, *, optimizer=None, loss_fn=None,
                  microbatches: int | None = None,
                  microbatch_coupling: str = "refuse", batch_dims=None, exact_random: bool = True,
+                 loss_scaling: LossScaling | None = LossScaling(),
                  precision: torch.dtype | None = None, sparse_density: float | None = None):
         super().__init__(model)
         self._precision = precision  # a compute dtype forced by optimize(precision=...)
@@ -160,6 +165,8 @@ class OptimizedModule(ModelProxy):
         self._compiled: dict[Any, _Compiled] = {}
         self._last: _Compiled | None = None
         self._beside: dict[str, int] = {}  # bytes held beside the step (DDP's buckets)
+        self._loss_scaling = loss_scaling  # fp16's loss scaling options (None: off)
+        self._scaler: LossScaler | None = None  # made by the first fp16 plan
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -177,6 +184,8 @@ class OptimizedModule(ModelProxy):
             log.info("fxmem: a new optimizer; the %d plan(s) made are dropped",
                      len(self._compiled))
         self._optimizer = optimizer
+        if self._scaler is not None:  # a step whose backward overflowed skips it
+            self._scaler.attach(optimizer)
         self._compiled.clear()
         self._last = None
 
@@ -200,7 +209,15 @@ class OptimizedModule(ModelProxy):
         plan = self._last.plans.latest
         if self._last.micro is not None:
             plan.microbatch = self._last.micro.report
+        if _is_fp16(self._last.casts):
+            plan.loss_scale = loss_scale_line(self._loss_scaling, self._scaler)
         return plan
+
+    @property
+    def loss_scaler(self) -> LossScaler | None:
+        """fp16's loss scaling (its scale, the steps it skipped), made by the first fp16 plan;
+        None before, and with ``loss_scaling="off"``."""
+        return self._scaler
 
     @property
     def plans(self) -> list[Plan]:
@@ -252,7 +269,8 @@ class OptimizedModule(ModelProxy):
             args_, kwargs_ = pytree.tree_unflatten(leaves, spec)
             raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn,
                                    _model_device(self.module)) from exc
-        return _rebuild(compiled.layout, outputs[0], outputs[1:])
+        loss = outputs[0] if compiled.scaler is None else compiled.scaler.watch(outputs[0])
+        return _rebuild(compiled.layout, loss, outputs[1:])
 
     def plan_for(self, *args, **kwargs) -> Plan:
         """The plan for a step on these inputs, made without generating kernels or running the
@@ -285,6 +303,8 @@ class OptimizedModule(ModelProxy):
                 plan = inner.plan
                 if compiled.micro is not None:
                     plan.microbatch = compiled.micro.report
+                if _is_fp16(casts):
+                    plan.loss_scale = loss_scale_line(self._loss_scaling, self._scaler)
                 return plan
             if isinstance(inner, FxmemError):
                 raise inner.with_traceback(None) from None
@@ -336,7 +356,25 @@ class OptimizedModule(ModelProxy):
                                draws=micro.draws if micro is not None else None)
         fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
         run_micro = lever.runtime(fn, micro) if lever is not None else None
-        return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro, run_micro=run_micro)
+        scaler = None if stop_after_plan else self._scaler_for(casts)
+        if scaler is not None and run_micro is not None:  # each microbatch's backward scaled
+            run_micro = scaler.microbatched(fn, lambda f: lever.runtime(f, micro))
+        return _Compiled(fn=fn, plans=plans, layout=layout, micro=micro, run_micro=run_micro,
+                         casts=casts, scaler=scaler)
+
+    def _scaler_for(self, casts: ComputeCasts | None) -> LossScaler | None:
+        """The loss scaler of a step with ``casts``: fp16 with loss scaling on (one per module,
+        kept across input signatures), else None."""
+        if not _is_fp16(casts) or self._loss_scaling is None:
+            return None
+        if self._scaler is None:
+            self._scaler = LossScaler(self.module.parameters(), self._loss_scaling)
+            self._scaler.attach(self._optimizer)
+        return self._scaler
+
+
+def _is_fp16(casts: ComputeCasts | None) -> bool:
+    return casts is not None and casts.dtype == torch.float16
 
 
 _compiles = itertools.count()
@@ -382,6 +420,7 @@ def optimize(
     microbatch_coupling: str = "refuse",
     batch_dims: Mapping[str, int | None] | None = None,
     exact_random: bool = True,
+    loss_scaling: str | LossScaling = "auto",
     precision: str | None = None,
     sparse_density: float | None = None,
 ) -> OptimizedModule:
@@ -404,6 +443,12 @@ def optimize(
     few KiB to MiB at the peak. Default (:func:`fxmem.planning.options.default_margin`): 1%, and 3% for
     Inductor on a GPU, whose buffers fxmem models from Inductor's fusion, layout and buffer-pool
     rules (:mod:`fxmem.memory.inductor`) but has not measured against Triton's.
+    ``precision="fp16"`` casts to fp16 whatever the budget, as ``"bf16"`` does below; its
+    backward then runs with dynamic loss scaling in the user's own loop (``loss_scaling="auto"``,
+    or a :class:`~fxmem.levers.precision.LossScaling` with other options; state in
+    ``module.loss_scaler``; an overflowing backward's gradients are set to None, so the
+    optimizer's step skips them: :mod:`fxmem.levers.precision.loss_scale`). A user who scales the
+    loss with their own ``torch.amp.GradScaler`` passes ``loss_scaling="off"``.
     ``precision``: None (default) casts the step's compute to bf16 only when ``"precision"`` is
     allowed and the exact levers cannot meet the budget; ``"bf16"`` casts it whatever the budget
     (``"precision"`` must be allowed), the exact levers planning on top.
@@ -426,6 +471,7 @@ def optimize(
     if not isinstance(exact_random, bool):
         raise TypeError(f"exact_random must be a bool, got {type(exact_random).__name__}")
     allow = check_allow(allow)
+    scaling = check_loss_scaling(loss_scaling)
     forced_dtype = check_precision(precision, allow)
     forced_density = check_sparse_density(sparse_density, allow)
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
@@ -440,6 +486,7 @@ def optimize(
         allow = allow | {"microbatch"}
     options = dataclasses.replace(options, allow=allow)
     return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn,
+                           loss_scaling=scaling,
                            microbatches=microbatches, microbatch_coupling=microbatch_coupling,
                            batch_dims=batch_dims, exact_random=exact_random,
                            precision=forced_dtype, sparse_density=forced_density)

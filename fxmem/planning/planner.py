@@ -65,6 +65,7 @@ class Plan:
     solver_calls: int = 0
     provenance: tuple[PassRecord, ...] = ()
     microbatch: object | None = None  # fxmem.levers.microbatch.runtime.MicrobatchReport
+    loss_scale: str | None = None  # fp16's loss scaling (fxmem.levers.precision.loss_scale)
     sparsity: object | None = None  # fxmem.levers.sparse.SparsityReport, when the lever sparsified
     notes: tuple[str, ...] = ()  # what the plan assumed that the user should know
 

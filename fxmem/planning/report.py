@@ -141,6 +141,8 @@ def format_plan(plan) -> str:
          or "none") + _exactness(plan),
         "at the predicted peak:",
     ]
+    if getattr(plan, "loss_scale", None):
+        lines.insert(4, plan.loss_scale)
     if getattr(plan, "microbatch", None) is not None:
         lines[4:4] = str(plan.microbatch).splitlines()
     width = max(len(c) for c in CATEGORIES)

@@ -1,5 +1,9 @@
 """Exact levers first; bf16 compute only when they cannot meet the budget.
 
+``fxmem.optimize(precision="bf16" | "fp16")`` forces the casts instead (fp16 with loss scaling,
+:mod:`fxmem.levers.precision.loss_scale`); the fallback itself always casts to bf16, which needs
+no loss scaling.
+
 ``fxmem.optimize`` plans a step with the exact levers it is allowed (recompute, microbatch). Only
 when that raises :class:`~fxmem.budget.BudgetError` and ``"precision"`` is allowed does it plan
 again with the compute casts (and the exact levers on top). When neither fits, the error's
@@ -25,7 +29,8 @@ log = logging.getLogger(__name__)
 PRECISION = "precision"
 # ``fxmem.optimize(precision=...)``: None lets the planner cast only when the exact levers cannot
 # meet the budget; a dtype name casts the step's compute whatever the budget
-PRECISION_MODES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+PRECISION_MODES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                   "fp16": torch.float16, "float16": torch.float16}
 T = TypeVar("T")
 
 

@@ -1,4 +1,5 @@
-"""The precision lever: matrix products, convolutions and attention in bf16, fp32 master weights.
+"""The precision lever: matrix products, convolutions and attention in bf16 (or fp16, forced with
+``precision="fp16"``, with loss scaling), fp32 master weights.
 
 - decide: :class:`~fxmem.levers.precision.casts.ComputeCasts` for the step's device, only when the
   exact levers cannot meet the budget (:func:`fxmem.levers.precision.fallback.exact_first`);
@@ -64,6 +65,9 @@ class PrecisionLever(Lever):
                 f"master weights and their gradients fp32; the loss is fp32, other outputs keep "
                 f"autocast's dtype. Lossy: gradients are within {dtype}'s tolerance of fp32's, "
                 "not equal")
+        if self.casts.dtype == torch.float16:
+            note += (". float16's backward needs loss scaling: fxmem.optimize scales it unless "
+                     "loss_scaling='off' (see the loss scaling line)")
         if self.casts.reason:
             note += f". {self.casts.reason}"
         plan.notes = (*plan.notes, note)
