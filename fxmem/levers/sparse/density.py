@@ -41,8 +41,16 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return {i for i, n in seen.items() if n > 1}
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's linear layers: weight
+    (in, out), ``x @ weight + bias``), recognised without importing transformers."""
+    cls = type(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 2)
+
+
 def _eligible(module: nn.Module) -> bool:
-    if type(module) is nn.Linear:
+    if type(module) is nn.Linear or is_hf_conv1d(module):
         return True
     return (type(module) is nn.Conv2d and module.padding_mode == "zeros"
             and not isinstance(module.padding, str))
@@ -58,7 +66,7 @@ def eligible_layers(model: nn.Module, *, keep_dense: str | None = "first_last",
     if keep_dense not in ("first_last", None):
         raise ValueError(f"keep_dense must be 'first_last' or None, got {keep_dense!r}")
     named = list(model.named_modules())
-    weight_layers = [n for n, m in named if isinstance(m, _WEIGHT_LAYERS)]
+    weight_layers = [n for n, m in named if isinstance(m, _WEIGHT_LAYERS) or is_hf_conv1d(m)]
     kept = set()
     if keep_dense == "first_last" and weight_layers:
         kept = {weight_layers[0], weight_layers[-1]}

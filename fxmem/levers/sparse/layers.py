@@ -34,7 +34,8 @@ from torch import nn
 
 from fxmem.levers.sparse.functions import densify, sparse_conv2d, sparse_linear
 
-__all__ = ["SparseLayer", "SparseLinear", "SparseConv2d", "KERNELS", "INDEX_DTYPE"]
+__all__ = ["SparseLayer", "SparseLinear", "SparseHFConv1D", "SparseConv2d", "KERNELS",
+           "INDEX_DTYPE"]
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,33 @@ class SparseLinear(SparseLayer):
             y = csr_linear(x, self.values, self.indices, self.crow, self.col, self.out_features)
             return y if self.bias is None else y + self.bias
         return sparse_linear(x, self.values, self.indices, self.bias, self.weight_shape)
+
+
+class SparseHFConv1D(SparseLinear):
+    """Hugging Face's ``Conv1D`` (a linear layer whose weight is stored (in, out)) with a sparse
+    weight: a :class:`SparseLinear` of its transposed weight, exported back as a ``Conv1D``
+    (so a dense model's ``state_dict`` keeps Hugging Face's layout)."""
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, indices: torch.Tensor) -> "SparseHFConv1D":
+        """``indices``: flat positions in the (out, in) weight, ``layer.weight.t()``."""
+        return cls(layer.weight.t(), indices, layer.bias)
+
+    def to_dense_module(self) -> nn.Module:
+        """A ``transformers`` ``Conv1D`` with this layer's dense weight (transposed back)."""
+        from transformers.pytorch_utils import Conv1D
+
+        values = self.values
+        dense = Conv1D(self.out_features, self.in_features).to(device=values.device,
+                                                              dtype=values.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight().t())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+            elif dense.bias is not None:
+                dense.bias = None
+        dense.weight.requires_grad_(self.values.requires_grad)
+        return dense
 
 
 class SparseConv2d(SparseLayer):

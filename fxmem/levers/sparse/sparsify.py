@@ -20,9 +20,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from fxmem.levers.sparse.density import eligible_layers, layer_densities, nnz_for
+from fxmem.levers.sparse.density import eligible_layers, is_hf_conv1d, layer_densities, nnz_for
 from fxmem.levers.sparse.kernels import choose_kernel
-from fxmem.levers.sparse.layers import KERNELS, SparseConv2d, SparseLayer, SparseLinear
+from fxmem.levers.sparse.layers import (KERNELS, SparseConv2d, SparseHFConv1D, SparseLayer,
+                                        SparseLinear)
 from fxmem.levers.sparse.optim import rebind_optimizer
 
 __all__ = ["sparsify", "to_dense", "sparse_layers", "initial_indices"]
@@ -71,8 +72,9 @@ def sparsify(
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """Replace ``model``'s eligible ``nn.Linear``/``nn.Conv2d`` layers by sparse ones storing
-    their non-zero values as the trainable parameter (O(nnz) gradients and optimizer state).
+    """Replace ``model``'s eligible ``nn.Linear``/``nn.Conv2d`` layers (and Hugging Face's
+    ``Conv1D``, GPT-2's linear layers) by sparse ones storing their non-zero values as the
+    trainable parameter (O(nnz) gradients and optimizer state).
 
     ``density``: the overall fraction of non-zeros over the sparsified weights, spread by
     ``distribution`` (``"erk"`` or ``"uniform"``; see :mod:`fxmem.levers.sparse.density`), or a
@@ -95,16 +97,19 @@ def sparsify(
         raise ValueError("kernel='auto' measures each layer on its input: pass example_inputs")
     layers = eligible_layers(model, keep_dense=keep_dense, include=include, exclude=exclude)
     if not layers:
-        raise ValueError("no layer to sparsify (eligible: nn.Linear, nn.Conv2d with zero padding "
-                         "and an untied weight; keep_dense='first_last' keeps the first and last)")
-    shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+        raise ValueError("no layer to sparsify (eligible: nn.Linear, Hugging Face Conv1D, "
+                         "nn.Conv2d with zero padding, and an untied weight; "
+                         "keep_dense='first_last' keeps the first and last)")
+    weights = {n: m.weight.t() if is_hf_conv1d(m) else m.weight for n, m in layers.items()}
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}  # (out, in, ...)
     densities = layer_densities(shapes, density, distribution)
     generator = torch.Generator().manual_seed(seed)
     replaced = {}
     for name, module in layers.items():
         nnz = nnz_for(module.weight.numel(), densities[name])
-        idx = initial_indices(module.weight, nnz, init, generator)
-        cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
+        idx = initial_indices(weights[name], nnz, init, generator)
+        cls = (SparseLinear if isinstance(module, nn.Linear)
+               else SparseHFConv1D if is_hf_conv1d(module) else SparseConv2d)
         sparse = cls.from_dense(module, idx)
         sparse.train(module.training)
         _set_module(model, name, sparse)
