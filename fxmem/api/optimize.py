@@ -331,8 +331,9 @@ class OptimizedModule(ModelProxy):
         options = self._options
         if options.safety_margin is None:
             options = dataclasses.replace(options, safety_margin=options.margin_for(device))
-        if casts is not None:  # with the compute casts, saved values may be stored low too
-            options = dataclasses.replace(options, store_low=casts.dtype)
+        if casts is not None:  # with the compute casts, saved values may be stored low too: in
+            # bf16 whatever the compute dtype (fp32's range; an fp16 copy would overflow)
+            options = dataclasses.replace(options, store_low=torch.bfloat16)
         context = StepContext()
         if self._optimizer is not None:
             grads = [p for p in self.module.parameters() if p.requires_grad]
