@@ -106,9 +106,12 @@ def combined_sparse_error(other: BudgetError, sparse: BudgetError,
 
 
 def _sparsify_in_place(model: nn.Module, density: float,
-                       optimizer: torch.optim.Optimizer | None) -> Callable[[], None]:
-    """Sparsify ``model`` at ``density`` (``optimizer`` rebound to the values) and return what
-    puts back the dense layers, the param groups and the optimizer state exactly."""
+                       optimizer: torch.optim.Optimizer | None,
+                       example: tuple[tuple, dict] | None = None) -> Callable[[], None]:
+    """Sparsify ``model`` at ``density`` (``optimizer`` rebound to the values; each layer's
+    kernel, sparse product or transient dense weight, the faster measured on the input shape
+    one forward of ``example`` gives it; without one, the transient dense weight) and return
+    what puts back the dense layers, the param groups and the optimizer state exactly."""
     layers = eligible_layers(model)  # what sparsify replaces with its defaults
     had = "sparsity" in model.__dict__
     old_sparsity = model.__dict__.get("sparsity")
@@ -131,7 +134,11 @@ def _sparsify_in_place(model: nn.Module, density: float,
             model.__dict__.pop("sparsity", None)
 
     try:
-        sparsify(model, density, optimizer=optimizer)
+        if example and (example[0] or example[1]):
+            sparsify(model, density, optimizer=optimizer, kernel="auto",
+                     example_inputs=example[0], example_kwargs=example[1])
+        else:
+            sparsify(model, density, optimizer=optimizer)
     except BaseException:
         undo()
         raise
@@ -147,6 +154,7 @@ class SparseFallback:
         self.forced = forced
         self.choice: SparseChoice | None = None
         self._probing = False
+        self._example: tuple[tuple, dict] | None = None
 
     def plan(self, module, planned: Callable[[], T], args: tuple, kwargs: dict, *,
              runs: bool) -> T:
@@ -156,6 +164,7 @@ class SparseFallback:
         the model sparsified at the least sparsity that fits (see the module's docstring)."""
         if self._probing or (SPARSE not in module._options.allow and self.forced is None):
             return planned()
+        self._example = (tuple(args), dict(kwargs))  # each layer's kernel is timed on it
         if self.choice is not None:  # sparsified by the lever already: plan it as it is
             out = planned()
             lever = SparseLever(self.choice.density, self.choice.reason)
@@ -191,7 +200,7 @@ class SparseFallback:
         """The plan of the step on the model sparsified at ``density`` (its ``sparsity`` the
         model's report at that density; the model and optimizer put back afterwards), or the
         BudgetError it raised."""
-        undo = _sparsify_in_place(module.module, density, module.optimizer)
+        undo = _sparsify_in_place(module.module, density, module.optimizer, (args, kwargs))
         self._probing = True
         try:
             plan = module.plan_for(*args, **kwargs)
@@ -239,7 +248,7 @@ class SparseFallback:
         runs and fits; put back as it was otherwise (a BudgetError, or only a plan asked)."""
         model, optimizer = module.module, module.optimizer
         lever = SparseLever(choice.density, choice.reason)
-        undo = _sparsify_in_place(model, choice.density, optimizer)
+        undo = _sparsify_in_place(model, choice.density, optimizer, self._example)
         if not runs:
             try:
                 plan = planned()

@@ -140,7 +140,9 @@ def test_a_budget_even_sparse_cannot_meet_has_the_lowest_floor_and_leaves_the_mo
     om = fxmem.optimize(model, sparse_floor // 2, optimizer=opt, allow=SPARSE, **OPTIONS)
     with pytest.raises(BudgetError) as err:
         om(*args)
-    assert err.value.floor == sparse_floor < exact_floor
+    # each layer's kernel (sparse product or transient dense weight) is the faster one timed on
+    # this machine, so two searches may pick differently: their floors agree within 2%
+    assert err.value.floor == pytest.approx(sparse_floor, rel=0.02) and sparse_floor < exact_floor
     assert "sparse lever" in str(err.value) and err.value.unoptimized is not None
     _same(before, _snapshot(model, opt))
     assert not om.plans
