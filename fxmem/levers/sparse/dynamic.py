@@ -192,6 +192,9 @@ class DynamicSparsity:
             return watch
 
         rng = torch.random.get_rng_state()
+        # the scoring forward runs in the model's mode: BatchNorm would update its running
+        # statistics (and count) once more than the user's own step did -- put them back after
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         try:
             for name, layer in layers.items():
                 layer._probe = probe_for(name, layer)
@@ -203,6 +206,9 @@ class DynamicSparsity:
                 torch.autograd.backward(loss, inputs=leaves)
         finally:
             torch.random.set_rng_state(rng)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
             for layer in layers.values():
                 layer._probe = None
         missing = set(layers) - set(grown)

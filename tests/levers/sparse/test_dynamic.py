@@ -154,3 +154,22 @@ def test_rigl_needs_a_batch():
         model.sparsity.step()
     with pytest.raises(ValueError, match="hook=True"):
         model.sparsity.attach(torch.optim.SGD(model.parameters(), lr=0.1), hook=True)
+
+
+def test_rigls_scoring_forward_leaves_batchnorm_statistics_as_they_were():
+    import fxmem
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fxmem.sparsify(model, 0.5, optimizer=opt)
+    model.sparsity.attach(opt, method="rigl", every=1,
+                          loss_fn=lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y))
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+    model.sparsity.step(x, y)
+    after = {k: v for k, v in model.state_dict().items() if k in before}
+    for k in before:
+        torch.testing.assert_close(after[k], before[k])
