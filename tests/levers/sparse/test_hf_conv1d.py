@@ -79,3 +79,24 @@ def test_sparsify_reaches_gpt2s_conv1d_layers():
     sparsify(model, 0.3)
     names = [n for n, m in model.named_modules() if isinstance(m, SparseHFConv1D)]
     assert names and all(n.endswith(("c_attn", "c_proj", "c_fc")) for n in names)
+
+
+def test_the_hf_trainer_trains_gpt2_sparsified_by_the_lever(tmp_path):
+    from fxmem.integrations.huggingface import optimize_trainer
+
+    model, _ = _tiny_gpt2()
+    data = []
+    for _ in range(8):
+        ids = torch.randint(0, 128, (32,))
+        data.append({"input_ids": ids, "labels": ids.clone()})
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                          max_steps=2, report_to=[], use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    module = optimize_trainer(trainer, "1GiB", allow=("recompute", "sparse"), sparse_density=0.2,
+                              lowering="eager", time_limit=5)
+    trainer.train()
+    layers = [m for m in trainer.model.modules() if isinstance(m, SparseHFConv1D)]
+    assert len(layers) == 8 and module.plan.sparsity is not None
+    stepped = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(m.values) in stepped for m in layers)  # the Trainer's AdamW steps the values
