@@ -41,7 +41,9 @@ Layout optimisation makes channels-last only the convolutions and the values tha
 follow one up to the last convolution (``GraphLowering.find_nodes_prefer_channels_last``); the
 rest -- the activation the classifier's pooling reads -- stays contiguous
 (:func:`contiguous_values`). A gradient for a convolution's backward that a kernel computes in
-place of such a value is written there and copied channels-last for the convolution.
+place of such a value (or of a gradient computed so) is written there and copied channels-last
+for each convolution backward that reads it: a projection shortcut's block copies its output's
+gradient twice (``fxmem.memory.lowering``).
 
 Inductor's generated code pools buffers: a dead buffer is not freed if a later allocation of the
 same dtype and size in the same graph can reuse it; it stays allocated until then

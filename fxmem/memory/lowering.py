@@ -11,8 +11,8 @@ plan's forward and backward graphs alike.
    (:func:`~fxmem.memory.inductor.lower_storages`; ``unexpanded`` values, from op ``from_op`` on,
    are read as themselves: the recompute problem's optional candidates); a realised loop body
    writes into a dying input only if it reads it at the index it writes (:func:`inplace_storages`);
-3. a gradient a kernel computes in place of a value Inductor keeps contiguous is copied
-   channels-last for the convolution's backward;
+3. a gradient a kernel computes in place of a value Inductor keeps contiguous (or of a
+   gradient computed so) is copied channels-last for each convolution backward that reads it;
 4. Inductor's buffer pool (:func:`~fxmem.memory.inductor.pool_buffers`);
 5. on the CPU, the C++ backend frees what dies in a kernel group after the whole group.
 """
@@ -120,17 +120,33 @@ def _with_layout_copies(table: StorageTable, reuse_key: list) -> StorageTable:
 
 def _channels_last_gradients(table: StorageTable, storages: StepStorages, kinds,
                              reuse_key: list) -> StepStorages:
-    """A gradient a convolution's backward reads, computed by a kernel in place of a forward value
-    Inductor keeps contiguous (the activation the classifier's pooling reads): the kernel writes it
-    there, contiguous, and a channels-last copy of it for the convolution, which reads the copy."""
+    """A gradient a convolution's backward reads, computed by a kernel in a contiguous layout: the
+    kernel writes it contiguous and, for each convolution backward that reads it, a channels-last
+    copy of its own, which that convolution reads.
+
+    A kernel writes contiguous when it may write in place of a buffer of its size that is
+    contiguous (it reads it at the index it writes): a forward value Inductor keeps contiguous
+    (the activation the classifier's pooling reads) or, transitively, a backward value a kernel
+    wrote in place of one -- the gradient of a residual sum whose first addend was computed in
+    the pooled activation's buffer. Inductor fixes the layout of a value with several readers,
+    one of them a ``convolution_backward``, to its strides (``GraphLowering.run_node``'s
+    ``need_fixed_layout``), and each ``convolution_backward`` requires its own channels-last
+    input (``ExternKernel.require_stride_order`` copies a fixed layout anew for every reader):
+    the gradient of a block with a projection shortcut is read by two convolutions' backwards
+    and copied twice, in the same kernel, before either runs."""
     contiguous = {s for name in contiguous_values(table.graphs[0])
                   for s in table.graph_storages[0].get(name, ())}
     if not contiguous:
         return storages
     creates, reads = list(storages.creates), list(storages.reads)
     nbytes, category = list(storages.nbytes), list(storages.category)
+    for j, made in enumerate(creates):  # in op order: a kernel in place of a contiguous buffer
+        if kinds[j] is Lowered.KERNEL:
+            contiguous.update(s for s in made if any(
+                a in contiguous and nbytes[a] == nbytes[s]
+                for a in storages.accumulates.get(s, ())))
     creator = {s: i for i, made in enumerate(creates) for s in made}
-    copies: dict[int, int] = {}
+    copies: dict[tuple[int, int], int] = {}  # (convolution backward, gradient) -> its copy
     for i, node in enumerate(table.op_nodes):
         if node is None or node.target is not torch.ops.aten.convolution_backward.default:
             continue
@@ -138,17 +154,15 @@ def _channels_last_gradients(table: StorageTable, storages: StepStorages, kinds,
         for arg in node.args[:2]:
             for s in env.get(arg.name, ()) if isinstance(arg, torch.fx.Node) else ():
                 j = creator.get(s)
-                if j is None or kinds[j] is not Lowered.KERNEL or not any(
-                        a in contiguous and nbytes[a] == nbytes[s]
-                        for a in storages.accumulates.get(s, ())):
+                if j is None or kinds[j] is not Lowered.KERNEL or s not in contiguous \
+                        or (i, s) in copies:
                     continue
-                if s not in copies:
-                    copies[s] = len(nbytes)
-                    nbytes.append(nbytes[s])
-                    category.append(Category.TEMPORARIES)
-                    reuse_key.append(reuse_key[s])
-                    creates[j] = creates[j] + (copies[s],)
-                reads[i] = tuple(sorted(copies.get(r, r) for r in reads[i]))
+                copies[i, s] = len(nbytes)
+                nbytes.append(nbytes[s])
+                category.append(Category.TEMPORARIES)
+                reuse_key.append(reuse_key[s])
+                creates[j] = creates[j] + (copies[i, s],)
+                reads[i] = tuple(sorted(copies[i, s] if r == s else r for r in reads[i]))
     if not copies:
         return storages
     return dataclasses.replace(storages, creates=tuple(creates), reads=tuple(reads),
