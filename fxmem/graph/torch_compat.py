@@ -111,6 +111,15 @@ FAKE_TENSOR_MODE = _internal("FakeTensorMode", "torch._subclasses.fake_tensor", 
                              "running models on fake tensors")
 DETECT_FAKE_MODE = _internal("detect_fake_mode", "torch._guards", "detect_fake_mode",
                              "finding the fake mode of a graph's values")
+QUEUE_AUTOGRAD_CALLBACK = _internal(
+    "queue_callback", "torch.autograd.variable", "Variable._execution_engine.queue_callback",
+    "queueing a callback that runs once the backward is over (fp16 loss scaling's skip)")
+AMP_UNSCALE = _internal(
+    "_amp_foreach_non_finite_check_and_unscale_", "torch",
+    "_amp_foreach_non_finite_check_and_unscale_",
+    "unscaling gradients and flagging overflow, as torch.amp.GradScaler does")
+FOREACH_NORM = _internal("_foreach_norm", "torch", "_foreach_norm",
+                         "the largest magnitude of many gradients in one call (overflow check)")
 UNSET_FAKE_TEMPORARILY = _internal(
     "unset_fake_temporarily", "torch._subclasses.fake_tensor", "unset_fake_temporarily",
     "running an op on real tensors while planning inside a compile (measuring its scratch)")

@@ -13,7 +13,6 @@ its peak; the answer is cached per shape, dtype, arguments and thread count.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -24,7 +23,7 @@ from fxmem.graph.torch_compat import UNSET_FAKE_TEMPORARILY, is_op_overload
 __all__ = ["measured_scratch", "MEASURED_OPS"]
 
 log = logging.getLogger(__name__)
-
+_CACHE: dict = {}  # (op, argument specs, threads) -> bytes measured
 MEASURED_OPS = frozenset({
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
@@ -60,7 +59,13 @@ def measured_scratch(node: torch.fx.Node, device: torch.device) -> int:
     if node.target._schema.name in _REDUCED_ONLY and not any(
             a[0] == "tensor" and a[3] in (torch.bfloat16, torch.float16) for a in args):
         return 0
-    return _measure(node.target, args, kwargs, torch.get_num_threads())
+    key = (node.target, args, kwargs, torch.get_num_threads())
+    if key not in _CACHE:
+        scratch = _measure(*key)
+        if isinstance(scratch, _NotMeasured):
+            return 0
+        _CACHE[key] = scratch
+    return _CACHE[key]
 
 
 def _materialise(spec, generator):
@@ -78,8 +83,20 @@ def _materialise(spec, generator):
     return spec[1]
 
 
-@functools.lru_cache(maxsize=256)
+class _NotMeasured(int):
+    """0 bytes, not cached: measured when no measurement runs."""
+
+
+_NOT_MEASURED = _NotMeasured(0)
+
+
 def _measure(op, args, kwargs, threads: int) -> int:
+    from fxmem.memory.measure import profiling
+
+    if profiling():  # planned inside a measurement: a second profiler would cut the first short
+        log.info("fxmem: %s's scratch is not measured while a measurement runs; counted as none "
+                 "in this plan", op)
+        return _NOT_MEASURED
     with UNSET_FAKE_TEMPORARILY()():  # planning runs under the compile's fake mode
         return _measure_real(op, args, kwargs, threads)
 

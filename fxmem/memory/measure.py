@@ -90,14 +90,26 @@ def measure_memory(
     return _measure_cpu(fn, device, baseline)
 
 
+_PROFILING = [0]  # profiles of ours running: the profiler does not nest
+
+
+def profiling() -> bool:
+    """A measurement of fxmem's is running (its profiler would be cut short by another)."""
+    return _PROFILING[0] > 0
+
+
 def _profile(fn, device: torch.device):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as prof:
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    _PROFILING[0] += 1
+    try:
+        with profile(activities=activities, profile_memory=True) as prof:
+            result = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    finally:
+        _PROFILING[0] -= 1
     events = [
         (e.start_ns(), e.nbytes())
         for e in torch_compat.kineto_events(prof)

@@ -63,6 +63,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from fxmem.graph import torch_compat
+
 __all__ = ["LossScaling", "LossScaler", "LOSS_SCALING_MODES", "check_loss_scaling",
            "loss_scale_line"]
 
@@ -204,8 +206,8 @@ class LossScaler:
         from a callback runs after those already queued."""
         if not p.queued:
             p.queued = True
-            engine = torch.autograd.Variable._execution_engine
-            engine.queue_callback(lambda: engine.queue_callback(lambda: self._end(p)))
+            queue = torch_compat.QUEUE_AUTOGRAD_CALLBACK()
+            queue(lambda: queue(lambda: self._end(p)))
 
     def _unscaled(self, grads, p: _Pass):
         """``grads`` divided by ``p.scale`` (in place where a gradient owns its elements), their
@@ -224,7 +226,7 @@ class LossScaler:
         for (device, _), group in groups.items():
             found = torch.zeros((), dtype=torch.float32, device=device)
             inv = torch.full((), 1.0 / p.scale, dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv)
+            torch_compat.AMP_UNSCALE()(group, found, inv)
             p.found.append(found)
         return tuple(out)
 
@@ -297,7 +299,7 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     dense = [g._values() if g.is_sparse else g for g in grads]
     if not dense:
         return True
-    peaks = torch._foreach_norm(dense, ord=float("inf"))
+    peaks = torch_compat.FOREACH_NORM()(dense, ord=float("inf"))
     return bool(torch.stack([t.float().to(peaks[0].device) for t in peaks]).isfinite().all())
 
 
