@@ -96,6 +96,19 @@ def _fp32_param(p: torch.Tensor) -> torch.Tensor:
     return p if p.dtype == torch.float32 else p.float()
 
 
+def _closure_loss(closure):
+    """The loss ``closure`` recomputes (with gradients), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _check_numbers(group: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        _check_number(key, group[key])
+
+
 def _check_number(name: str, value) -> None:
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
@@ -129,13 +142,9 @@ class BF16StateAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
-            for key in ("lr", "betas", "eps", "weight_decay"):
-                _check_number(key, group[key])
+            _check_numbers(group, ("lr", "betas", "eps", "weight_decay"))
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -216,13 +225,9 @@ class BF16StateSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
-            for key in ("lr", "momentum", "dampening", "weight_decay"):
-                _check_number(key, group[key])
+            _check_numbers(group, ("lr", "momentum", "dampening", "weight_decay"))
             if not group["momentum"] > 0:
                 raise ValueError(f"BF16StateSGD: a param group has momentum="
                                  f"{group['momentum']}; it must be > 0")
