@@ -197,7 +197,9 @@ def live_tensor_bytes(device: torch.device | str = "cpu", roots: Iterable | None
         flatten = getattr(t, "__tensor_flatten__", None)
         if flatten is not None:  # a wrapper subclass (torchao's quantised optimizer state,
             for name in flatten()[0]:  # DTensor): its inner tensors hold the storages
-                add(getattr(t, name))
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):  # DTensor also names its device mesh
+                    add(inner)
             return
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
