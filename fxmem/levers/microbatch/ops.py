@@ -108,6 +108,8 @@ def leading_independent(name: str, ndim: int, kw: dict) -> int | None:
         return ndim - 1
     if name in ("native_layer_norm", "_fused_rms_norm"):
         return len(kw["normalized_shape"])
+    if name == "csr_linear":  # the sparse lever's CSR product (fxmem_sparse): x @ W.T, row by row
+        return 1
     if name in ("tril", "triu") or name.startswith("_scaled_dot_product"):
         return 2
     for k in (1, 2, 3):
