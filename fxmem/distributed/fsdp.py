@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import logging
 
@@ -134,25 +135,25 @@ class FsdpStep:
                                       resident=self.resident))
 
         top = made(plan_at(1 << 50))
-        if top.stitched.peak <= target:
+        if top.stitched.bound <= target:
             return self._keep(top)
         try:
             plan_at(1)
         except BudgetError as exc:
             low_budget = exc.floor
         bottom = made(plan_at(low_budget))
-        if bottom.stitched.peak > target:
+        if bottom.stitched.bound > target:
             raise BudgetError(
                 f"rank {self.rank}: no plan of the FSDP2 step fits "
                 f"{format_bytes(self.budget)}: the smallest is {format_bytes(bottom.stitched.peak)}"
                 f" at {bottom.stitched.at} ({_held(bottom.stitched.breakdown)})",
-                floor=int(bottom.stitched.peak / (1 - margin)) + 1,
+                floor=int(bottom.stitched.bound / (1 - margin)) + 1,
                 holders=bottom.stitched.breakdown, unoptimized=top.stitched.peak)
         lo, hi, best = low_budget, top.plan.predicted_peak, bottom
         for _ in range(_SEARCH_STEPS):
             mid = (lo + hi) // 2
             candidate = made(plan_at(mid))
-            if candidate.stitched.peak <= target:
+            if candidate.stitched.bound <= target:
                 lo, best = mid, candidate
             else:
                 hi = mid
@@ -184,7 +185,8 @@ class FsdpStep:
         lines = [
             f"rank {self.rank} of {self.world} (FSDP2, fully_shard on {len(self.units)} units and "
             f"the root): budget {format_bytes(self.budget)}, predicted peak "
-            f"{format_bytes(s.peak)} at {s.at}",
+            f"{format_bytes(s.peak)} at {s.at} ({format_bytes(s.bound)} if a prefetch's copy on "
+            f"gloo's thread is still in flight at the peak: the bound kept under the budget)",
             f"the sharding holds: parameter shards {format_bytes(self.resident)} resident "
             f"(1/{self.world} of each parameter, padded); per unit an all-gather of "
             f"{format_bytes(self.sizes.gathered)} (its parameters while it runs, the next "
@@ -314,6 +316,19 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
     step = FsdpStep(stubbed, units, parse_budget(budget), plan_options,
                     bool(options.get("exact_random", True)), loss_fn)
     model.register_forward_pre_hook(step.before_call, prepend=True, with_kwargs=True)
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_raising_budget_errors(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except Exception as exc:  # TorchDynamo wraps what a backend raises
+            inner = getattr(exc, "inner_exception", None)
+            if isinstance(inner, BudgetError):
+                raise inner from None
+            raise
+
+    model.forward = forward_raising_budget_errors
     for unit in units:
         unit.compile(backend=step.backend)
     model.fxmem_fsdp = step

@@ -20,6 +20,9 @@ own code (embeddings, the head, the loss) runs eagerly between them. The model o
   backward, the all-gather output of the next unit (prefetched when a unit's backward starts,
   and the last unit's when the root's backward starts), and the reduce-scatter input of the
   unit before (freed only at the next reduce-scatter), the new gradient shard (``1/world``).
+  A prefetch runs on gloo's thread while the backward goes on, and its copy of the output's
+  size may be alive at any point until it ends: the prediction leaves it out (it ended first in
+  the runs measured) and the bound the plan keeps under the budget counts it.
 """
 
 from __future__ import annotations
@@ -131,7 +134,8 @@ def capture_root(stubbed: torch.nn.Module, args, kwargs, loss_fn=None) -> RootSt
 class Stitched:
     """The rank's predicted step: its peak, where, and what holds it."""
 
-    peak: int
+    peak: int  # predicted
+    bound: int  # the largest point with a prefetch's copy in flight counted: kept under budget
     at: str
     breakdown: dict[str, int]
     saved_per_unit: int
@@ -158,9 +162,12 @@ def stitch(root: RootStep, unit: MemoryTimeline, sizes: UnitSizes, *, units: int
     g, s = sizes.gathered, sizes.shard
     points: list[tuple[str, int, dict[str, int]]] = []
 
-    def add(label, own, **held):
+    bounds: list[int] = []
+
+    def add(label, own, in_flight=0, **held):
         held = {k: int(v) for k, v in held.items() if v}
         points.append((label, int(own) + resident + sum(held.values()), held))
+        bounds.append(points[-1][1] + int(in_flight))
 
     done_fw = {i: k + 1 for k, i in enumerate(root.forward_at)}
     stubs = set(root.forward_at) | set(root.backward_at)
@@ -174,7 +181,8 @@ def stitch(root: RootStep, unit: MemoryTimeline, sizes: UnitSizes, *, units: int
         label = f"root: {rt.labels[t]}"
         if t < rt.backward_start or back == 0:
             prefetch = g if t >= rt.backward_start and n else 0
-            add(label, total[t], saved_by_units=(ran - back) * saved, prefetched=prefetch)
+            add(label, total[t], saved_by_units=(ran - back) * saved, prefetched=prefetch,
+                in_flight=prefetch)
         else:  # after units' backward: their gradient shards, the last reduce-scatter input
             add(label, total[t], saved_by_units=(ran - back) * saved, gradient_shards=back * s,
                 reduce_scatter=g)
@@ -190,7 +198,7 @@ def stitch(root: RootStep, unit: MemoryTimeline, sizes: UnitSizes, *, units: int
         base = total[i] - 2 * a
         later = n - 1 - k
         rs_prev = g if k < n - 1 else 0
-        prefetch = g if k > 0 else 0
+        prefetch = g if k > 0 else 0  # its output (and gloo's copy while it is in flight)
         add(f"unit {k} backward copy-out", base + a + saved + u_params,
             saved_by_units=k * saved, gradient_shards=later * s, reduce_scatter=rs_prev,
             all_gather=g)
@@ -198,11 +206,11 @@ def stitch(root: RootStep, unit: MemoryTimeline, sizes: UnitSizes, *, units: int
             own = ut[p].sum() - ut[p, _col(Category.OUTPUTS)]
             add(f"unit {k} backward: {unit.labels[p]}", base + own,
                 saved_by_units=k * saved, gradient_shards=later * s, reduce_scatter=rs_prev,
-                prefetched=prefetch)
+                prefetched=prefetch, in_flight=prefetch)
         add(f"unit {k} reduce-scatter", base + a + grads_end, saved_by_units=k * saved,
             gradient_shards=later * s, reduce_scatter=g, prefetched=prefetch)
         add(f"unit {k} reduce-scatter copy", base + a, saved_by_units=k * saved,
             gradient_shards=(later + 1) * s, reduce_scatter=2 * g, prefetched=prefetch)
     label, peak, held = max(points, key=lambda x: x[1])
-    return Stitched(peak, label, {"resident shards": resident, **held}, saved,
+    return Stitched(peak, max(bounds), label, {"resident shards": resident, **held}, saved,
                     tuple((lbl, b) for lbl, b, _ in points))
