@@ -34,6 +34,7 @@ from fxmem.budget import BudgetError, format_bytes, parse_budget
 from fxmem.distributed.fsdp_memory import (RootStep, Stitched, UnitStub, capture_root, stitch,
                                            unit_sizes)
 from fxmem.errors import StepInputError
+from fxmem.graph import torch_compat
 from fxmem.planning.options import PlanOptions, StepContext, default_margin
 
 __all__ = ["optimize_fsdp", "FsdpStep", "measure_fsdp_step"]
@@ -106,7 +107,6 @@ class FsdpStep:
     def backend(self, gm, example_inputs):
         from fxmem.api.backend import (_boxed, _compile_keeping_recomputed_in_place,
                                        SplitDelayedAddmm)
-        from fxmem.graph import torch_compat
 
         if self.root is None:
             raise RuntimeError("an FSDP unit was compiled outside its model's step: call the "
@@ -204,15 +204,11 @@ def _held(breakdown) -> str:
     return ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in breakdown.items())
 
 
-class _UnitPartitioner:
+class _UnitPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
     """AOTAutograd's partition function (or Inductor's custom partitioner) for a unit graph."""
 
     def __init__(self, step: FsdpStep):
-        from fxmem.api.backend import FxmemPartitioner
-
         self.step = step
-        self._base = FxmemPartitioner  # for uuid's source hash
-        self._plan = None
 
     def __call__(self, joint, joint_inputs, **kwargs):
         from fxmem.planning.planner import plan_joint
@@ -221,10 +217,10 @@ class _UnitPartitioner:
         options = dataclasses.replace(self.step.options, safety_margin=0.0)
 
         def plan_at(budget):
-            return plan_joint(copy.deepcopy(joint), num_fwd_outputs=kwargs["num_fwd_outputs"],
+            return plan_joint(joint, num_fwd_outputs=kwargs["num_fwd_outputs"],
                               static_input_indices=static,
                               options=dataclasses.replace(options, budget=int(budget)),
-                              context=StepContext())
+                              context=StepContext())  # leaves ``joint`` as it was
 
         made = self.step.plan_unit(plan_at)
         made.plan.notes = (*made.plan.notes, f"an FSDP2 unit graph on rank {self.step.rank}: "

@@ -13,8 +13,9 @@ At every point of the timeline (:class:`fxmem.memory.simulation.MemoryTimeline`)
   throughout the step (an upper bound: the forward holds no unsharded gradients).
 
 Activations (saved values, temporaries, inputs, outputs) are the rank's own batch's, as the
-timeline has them. This is arithmetic on fxmem's model, not a measurement: FSDP2 itself is not
-yet run under fxmem (its hooks are dynamo-disabled in torch 2.13).
+timeline has them. This is arithmetic on fxmem's model, not a measurement; the FSDP2 step that
+runs under fxmem (:func:`fxmem.distributed.optimize_fsdp`) is modelled point by point, as
+measured, in :mod:`fxmem.distributed.fsdp_memory`.
 """
 
 from __future__ import annotations
