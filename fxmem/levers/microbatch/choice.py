@@ -21,7 +21,8 @@ from fxmem.levers.microbatch.analysis import BatchAnalysis
 from fxmem.planning.options import PlanOptions, StepContext
 from fxmem.graph.capture import capture_step
 from fxmem.cost.model import graph_costs, spec_for
-from fxmem.levers.microbatch.runtime import accumulated_gradient_bytes, split_sizes
+from fxmem.levers.microbatch.runtime import (accumulated_gradient_bytes, microbatch_part,
+                                             part_is_view, split_sizes)
 from fxmem.passes.microbatch_draws import cache_bytes
 from fxmem.levers.recompute.problem import build_problem
 from fxmem.solver import greedy, min_peak, save_all, solve_ilp
@@ -76,15 +77,22 @@ class MicrobatchChoice:
 def extra_resident(tensors, held_bytes: int, sizes, dims, params,
                    draw_bytes: int = 0) -> dict[str, int]:
     """Bytes a microbatched step holds beyond its microbatch graph's own: the gradient buffers,
-    the rest of the whole batch's inputs (the microbatches are views of them), the buffer the
-    held outputs are gathered into (the whole batch's; each microbatch's own output is the
-    graph's) and the whole batch's random draws the microbatches read (``draw_bytes``, at most,
-    from the first microbatch: counted as saved activations held throughout)."""
+    the rest of the whole batch's inputs, the buffer the held outputs are gathered into (the
+    whole batch's; each microbatch's own output is the graph's) and the whole batch's random
+    draws the microbatches read (``draw_bytes``, at most, from the first microbatch: counted as
+    saved activations held throughout).
+
+    An input the runtime hands each microbatch as a view of the whole batch's (``narrow`` along
+    its batch dim) is counted whole by the microbatch's graph already: its placeholder's storage
+    is the whole batch's, so nothing more. Only an input the runtime copies (a contiguous one
+    whose slice is not: :func:`~fxmem.levers.microbatch.runtime.microbatch_part`) holds the rest
+    of the batch beyond the microbatch's copy."""
     if len(sizes) == 1:
         return {}
     total, first = sum(sizes), sizes[0]
     inputs = sum(t.untyped_storage().nbytes() * (1 - first / total)
-                 for t, d in zip(tensors, dims) if d is not None)
+                 for t, d in zip(tensors, dims)
+                 if d is not None and not part_is_view(t, d, 0, first))
     # held outputs: the whole batch's buffer they are gathered into, beside each microbatch's own
     return {Category.GRADIENTS: accumulated_gradient_bytes(params), Category.INPUTS: int(inputs),
             Category.OUTPUTS: int(held_bytes), Category.SAVED: int(draw_bytes)}
@@ -103,10 +111,10 @@ def _with_floors(results, problems, options: PlanOptions, recompute: bool):
 
 
 def _part(leaves, slots, dims, start: int, n: int):
+    """The microbatch's inputs as the runtime hands them over (views, or copies)."""
     out = list(leaves)
     for slot, d in zip(slots, dims):
-        if d is not None:
-            out[slot] = leaves[slot].narrow(d, start, n)
+        out[slot] = microbatch_part(leaves[slot], d, start, n)
     return out
 
 

@@ -28,8 +28,8 @@ from fxmem.errors import MicrobatchError
 from fxmem.passes.microbatch_draws import DrawStep, cache_bytes, drawing
 
 __all__ = ["MICROBATCH_COUPLING_OPTION", "COUPLING_CHOICES", "MicrobatchReport",
-           "accumulated_gradient_bytes", "check_microbatchable", "microbatch_report",
-           "run_microbatched", "split_sizes"]
+           "accumulated_gradient_bytes", "check_microbatchable", "microbatch_part",
+           "microbatch_report", "part_is_view", "run_microbatched", "split_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +178,19 @@ class _MicrobatchedLoss(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _narrow(t: torch.Tensor, dim: int | None, start: int, n: int) -> torch.Tensor:
+def microbatch_part(t: torch.Tensor, dim: int | None, start: int, n: int) -> torch.Tensor:
+    """Samples ``start`` to ``start + n`` of ``t`` along its batch dim ``dim`` (None: not split,
+    ``t`` itself): a view of ``t``, or a contiguous copy where ``t`` is contiguous and the view
+    would not be (:func:`part_is_view`)."""
     if dim is None:
         return t
     part = t.narrow(dim, start, n)
     return part.contiguous() if t.is_contiguous() and not part.is_contiguous() else part
+
+
+def part_is_view(t: torch.Tensor, dim: int | None, start: int, n: int) -> bool:
+    """Whether :func:`microbatch_part` returns a view of ``t`` (sharing its storage)."""
+    return dim is None or not (t.is_contiguous() and not t.narrow(dim, start, n).is_contiguous())
 
 
 def run_microbatched(
@@ -233,7 +241,7 @@ def _run(fn, tensors, dims, analysis, sizes, params, buffers, draws: DrawStep | 
     total = sum(sizes)
     params = [p for p in params if p.requires_grad]
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
-    part = lambda j: [_narrow(t, d, starts[j], sizes[j]) for t, d in zip(tensors, dims)]
+    part = lambda j: [microbatch_part(t, d, starts[j], sizes[j]) for t, d in zip(tensors, dims)]
     weights, scales = _loss_scales(analysis, part, len(sizes))
     with torch.no_grad():
         snapshot = [b.clone() for b in buffers] if len(sizes) > 1 else []
