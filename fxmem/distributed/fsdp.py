@@ -264,8 +264,8 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
     and then ``model``, compile each unit with fxmem, and plan every rank's step under
     ``budget`` (each rank's). Returns ``model`` (now an FSDP2 module); ``model.fxmem_fsdp`` is
     its :class:`FsdpStep` (``.report()``, ``.predicted_peak``, ``.plan``). ``options``: ``allow``
-    (``("recompute",)`` only), ``strategy``, ``lowering`` ("inductor", the default, or
-    "eager"), ``time_limit``, ``safety_margin``, ``cost``, ``exact_random``."""
+    (``("recompute",)`` only), ``strategy``, ``lowering`` ("eager" only, for now),
+    ``time_limit``, ``safety_margin``, ``cost``, ``exact_random``."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -292,6 +292,11 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
                          "would all-gather and reduce-scatter each time")
     if "cuda" in {p.device.type for p in model.parameters()}:
         raise NotImplementedError("optimize_fsdp is built and measured on CPU ranks (gloo)")
+    if options.get("lowering", "eager") != "eager":
+        raise NotImplementedError(
+            "optimize_fsdp runs the unit graphs as FX code (lowering='eager') for now: through "
+            "Inductor, compile_fx_inner deep-copies something that holds the FSDP2 module, which "
+            "FSDP2 refuses ('FSDP does not support deepcopy')")
     units = list(units) if units is not None else _default_units(model)
     if not units:
         raise StepInputError("no units to shard: pass units=[...] (the transformer blocks)")
@@ -308,7 +313,7 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
         strategy=options.get("strategy", "ilp"),
         time_limit=float(options.get("time_limit", 30.0)),
         safety_margin=options.get("safety_margin"), cost=options.get("cost", "roofline"),
-        lowering=options.get("lowering", "inductor"))
+        lowering=options.get("lowering", "eager"))
     step = FsdpStep(stubbed, units, parse_budget(budget), plan_options,
                     bool(options.get("exact_random", True)), loss_fn)
     model.register_forward_pre_hook(step.before_call, prepend=True, with_kwargs=True)

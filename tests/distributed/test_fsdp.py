@@ -102,6 +102,8 @@ def test_unsupported_fsdp_configurations_are_clear_errors():
             optimize_fsdp(blocks, "1GiB", optimizer=torch.optim.SGD(blocks.parameters()))
         with pytest.raises(ValueError, match="recomputation only"):
             optimize_fsdp(blocks, "1GiB", allow=("recompute", "microbatch"))
+        with pytest.raises(NotImplementedError, match="lowering='eager'"):
+            optimize_fsdp(blocks, "1GiB", lowering="inductor")
         uneven = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2),
                                                           torch.nn.Linear(2, 3)]))
         with pytest.raises(NotImplementedError, match="one structure"):
