@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 _OPTIONS = {"allow", "strategy", "lowering", "time_limit", "safety_margin", "cost",
             "exact_random"}
-_SEARCH_STEPS = 7
+_SEARCH_STEPS = 5
 
 
 def measure_fsdp_step(step, model: torch.nn.Module, inputs=()):

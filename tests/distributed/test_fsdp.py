@@ -45,7 +45,7 @@ def _sweep(rank: int, results: str) -> None:
     fully_shard(reference)
     reference(idx, tgt).backward()
     expected = [p.grad.to_local().clone() for p in reference.parameters()]
-    options = dict(lowering="eager", time_limit=2.0)
+    options = dict(lowering="eager", time_limit=1.0)
     probe = optimize_fsdp(copy.deepcopy(base), 1, **options)
     with pytest.raises(fxmem.BudgetError) as info:
         probe(idx, tgt)
