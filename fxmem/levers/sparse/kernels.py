@@ -1,7 +1,9 @@
 """The CSR sparse product as custom ops, and the per-layer choice of kernel by measurement.
 
 ``fxmem_sparse::csr_linear(x, values, indices, crow, col, out_features)`` computes ``x @ W.T`` for
-the CSR weight ``W`` (``torch.sparse.mm``). It is a ``torch.library`` custom op with a fake
+the CSR weight ``W`` (``torch.sparse.mm``, in the values' dtype: under bf16 casts a bf16 input
+is multiplied in fp32, MKL having no bf16 CSR kernel, and the result cast back to bf16). It is a
+``torch.library`` custom op with a fake
 kernel, so TorchDynamo, AOTAutograd and ``make_fx`` trace it as one opaque node whose output the
 memory model counts (what ``torch.sparse`` allocates inside it is transient and not modelled). It
 also takes the layer's flat ``indices`` (checked against the values, not otherwise read): a
@@ -30,6 +32,12 @@ __all__ = ["csr_linear", "choose_kernel", "time_kernel", "time_kernels"]
 log = logging.getLogger(__name__)
 
 
+def _no_autocast(t: torch.Tensor):
+    """Autocast off inside a kernel: under bf16 casts it would cast the CSR product's operands
+    to bf16, which MKL's CSR product does not take."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _csr(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, cols: int) -> torch.Tensor:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
@@ -44,9 +52,10 @@ def _csr_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, cr
         raise ValueError(f"{values.numel()} values with {indices.numel()} indices, {col.numel()} "
                          "columns")
     cols = x.shape[-1]
-    x2 = x.reshape(-1, cols)
-    y = torch.sparse.mm(_csr(values, crow, col, cols), x2.t()).t()
-    return y.reshape(*x.shape[:-1], out_features).contiguous()
+    x2 = x.reshape(-1, cols).to(values.dtype)  # MKL's CSR product has no bf16 kernel
+    with _no_autocast(x):
+        y = torch.sparse.mm(_csr(values, crow, col, cols), x2.t()).t()
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype).contiguous()
 
 
 @_csr_linear.register_fake
@@ -58,10 +67,11 @@ def _(x, values, indices, crow, col, out_features):
 def _csr_linear_t(grad: torch.Tensor, values: torch.Tensor, crow: torch.Tensor,
                   col: torch.Tensor, in_features: int) -> torch.Tensor:
     rows = grad.shape[-1]
-    g2 = grad.reshape(-1, rows)
+    g2 = grad.reshape(-1, rows).to(values.dtype)
     w = _csr(values, crow, col, in_features)
-    gx = torch.sparse.mm(w.t(), g2.t()).t()
-    return gx.reshape(*grad.shape[:-1], in_features).contiguous()
+    with _no_autocast(grad):
+        gx = torch.sparse.mm(w.t(), g2.t()).t()
+    return gx.reshape(*grad.shape[:-1], in_features).to(grad.dtype).contiguous()
 
 
 @_csr_linear_t.register_fake
@@ -73,9 +83,10 @@ def _(grad, values, crow, col, in_features):
 def _csr_sddmm(grad: torch.Tensor, x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor,
                col: torch.Tensor) -> torch.Tensor:
     cols = x.shape[-1]
-    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, cols)
+    g2 = grad.reshape(-1, grad.shape[-1]).to(values.dtype)
+    x2 = x.reshape(-1, cols).to(values.dtype)
     pattern = _csr(torch.zeros_like(values), crow, col, cols)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _no_autocast(x):
         warnings.simplefilter("ignore", UserWarning)
         out = torch.sparse.sampled_addmm(pattern, g2.t().contiguous(), x2, beta=0.0)
     return out.values().clone()
