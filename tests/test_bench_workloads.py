@@ -176,19 +176,12 @@ def wrn_inductor_floor():
     return model, args, kwargs, floor
 
 
-# dcd43ff counted the channels-last copies Inductor makes of a contiguous convolution gradient
-# (a 3.2% miss on WRN-16-2 at 1.03-1.1x its floor), which lowered the reachable floor; at 1.02x
-# the new floor WRN-28-2 then measured 174.21 MiB against 166.32 predicted, over a 171.36 budget:
-# Inductor computes a single-reader gradient at its reader (after the convolutions recomputed
-# for it, its 16 MiB input alive across them) and folds a `where` the model realises. Known, not
-# yet modelled.
-NEAR_FLOOR_MISS = pytest.mark.xfail(
-    reason="WRN-28-2 at 1.02x its floor: Inductor's placement of single-reader gradients is not "
-           "modelled (measured 174.21 MiB, predicted 166.32, budget 171.36)", strict=False)
-
-
+# At 1.02x its floor WRN-28-2 once measured 174.21 MiB against 166.32 predicted, over a 171.36
+# budget (an xfail from 3b85315): the model realised values Inductor inlines, deciding every loop
+# body before realising any. Deciding in graph order, as Inductor lowers (tests/memory/
+# test_inductor_realise_order.py), the plan there predicts its measured peak to the byte.
 @pytest.mark.slow
-@pytest.mark.parametrize("over_floor", [pytest.param(1.02, marks=NEAR_FLOOR_MISS), 1.11])
+@pytest.mark.parametrize("over_floor", [1.02, 1.11])
 def test_inductor_plan_near_its_floor_holds_the_budget(over_floor, wrn_inductor_floor):
     """WRN-28-2 through Inductor a little over fxmem's floor: the measured peak is under the
     budget and within the planning margin of the prediction (recomputed ReLUs that Inductor fused

@@ -142,18 +142,13 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, 
             return bodies[node.name]
         return _Body(reads={node.name}, ops=0, heavy=False)
 
+    # each op's lowering on its own; an inlinable value is then realised -- or not -- when
+    # Inductor lowers it (GraphLowering.run_node: a user that needs realised inputs, or reuse
+    # by several users of a costly body), in graph order, so a body reads its inputs as they
+    # were decided: a value realised for an extern consumer is a buffer to every later body
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is operator.getitem:
-            continue
-        kind = _op_class(node)
-        if kind in (Lowered.INLINED, Lowered.VIEW):
-            parts = [body_of(inp) for inp in node.all_input_nodes]
-            bodies[node.name] = _Body(
-                reads=set().union(*(p.reads for p in parts)) if parts else set(),
-                ops=sum(p.ops for p in parts) + (kind is Lowered.INLINED),
-                heavy=any(p.heavy for p in parts) or base_name(node.target) in _HEAVY,
-            )
-        kinds[node.name] = kind
+        if node.op == "call_function" and node.target is not operator.getitem:
+            kinds[node.name] = _op_class(node)
 
     # realise inlinable values whose consumers cannot inline them (users through views)
     def consumers(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -166,9 +161,17 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, 
         return found
 
     for node in gm.graph.nodes:
-        if kinds.get(node.name) is not Lowered.INLINED:
+        kind = kinds.get(node.name)
+        if kind not in (Lowered.INLINED, Lowered.VIEW):
             continue
-        body = bodies[node.name]
+        parts = [body_of(inp) for inp in node.all_input_nodes]
+        body = bodies[node.name] = _Body(
+            reads=set().union(*(p.reads for p in parts)) if parts else set(),
+            ops=sum(p.ops for p in parts) + (kind is Lowered.INLINED),
+            heavy=any(p.heavy for p in parts) or base_name(node.target) in _HEAVY,
+        )
+        if kind is not Lowered.INLINED:
+            continue
         users = consumers(node)
         must_realise = (
             node.name in outputs
