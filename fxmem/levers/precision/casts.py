@@ -13,6 +13,9 @@ with the backward autograd derives from them:
   dtype of their inputs, as autocast leaves them. On the CPU, autocast's fp32 list holds the
   losses but not softmax or the norms, whose CPU kernels accumulate in fp32 on bf16 inputs; in a
   transformer the norms read the fp32 residual stream (bf16 + fp32 promotes to fp32);
+- attention with dropout on the CPU, which PyTorch runs in fp32 (its fused CPU kernel takes no
+  dropout), runs its products and probabilities in the low dtype
+  (:mod:`fxmem.levers.precision.attention`);
 - the gradients of the parameters are fp32 (the backward of a cast casts back).
 
 The loss is returned in fp32; other outputs the caller holds (a model's logits) keep the dtype
@@ -38,6 +41,7 @@ import torch
 import torch.fx
 
 from fxmem.graph.ops import base_name
+from fxmem.levers.precision.attention import LowPrecisionAttention
 
 __all__ = ["ComputeCasts", "casts_for", "casting", "run_with_casts", "LOW_PRECISION_OPS",
            "is_compute_op", "SUPPORTED_DTYPES"]
@@ -116,11 +120,12 @@ def casts_for(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
 
 @contextlib.contextmanager
 def casting(casts: ComputeCasts | None) -> Iterator[None]:
-    """``torch.autocast`` for ``casts``; nothing when ``casts`` is None."""
+    """``torch.autocast`` for ``casts`` (with :class:`LowPrecisionAttention`); nothing when
+    ``casts`` is None."""
     if casts is None:
         yield
         return
-    with torch.autocast(casts.device_type, dtype=casts.dtype):
+    with torch.autocast(casts.device_type, dtype=casts.dtype), LowPrecisionAttention(casts.dtype):
         yield
 
 
@@ -128,7 +133,7 @@ def run_with_casts(casts: ComputeCasts, fn: Callable[[Sequence[Any]], tuple[torc
                    tensors: Sequence[Any]) -> tuple[torch.Tensor, ...]:
     """``fn(tensors) -> (loss, *held outputs)`` under autocast, the loss returned in fp32 (traced
     by TorchDynamo inside the step: the autocast region becomes cast nodes of the joint graph)."""
-    with torch.autocast(casts.device_type, dtype=casts.dtype):
+    with casting(casts):
         loss, *held = fn(tensors)
     if loss.dtype in (torch.bfloat16, torch.float16):
         loss = loss.float()
