@@ -6,14 +6,15 @@
     print(model.fxmem_fsdp.report())
 
 ``optimize_fsdp`` applies ``fully_shard`` itself, to each unit (a transformer block) and then to
-the root, and compiles each unit with an fxmem backend: in torch 2.13 FSDP2's hooks run outside
-TorchDynamo, so the step is a graph per unit (its forward and backward planned by fxmem), with
-FSDP2's all-gathers, reshards and reduce-scatters between them and the root's own code (the
-embeddings, the head, the loss) run eagerly. Identical units compile to one graph and share one
-plan. The plan is made on the first call of each input signature: the root's step is captured
-with every unit replaced by a stub and simulated as eager PyTorch runs it, and the unit graph's
-budget is searched so that the whole rank's step -- root, every unit, and what FSDP2 holds
-(:mod:`fxmem.distributed.fsdp_memory`) -- fits the budget.
+the root, and compiles each unit with an fxmem backend (through Inductor by default, or as FX
+code with ``lowering="eager"``; the unit graph's plan models the lowering it runs): in torch
+2.13 FSDP2's hooks run outside TorchDynamo, so the step is a graph per unit (its forward and
+backward planned by fxmem), with FSDP2's all-gathers, reshards and reduce-scatters between them
+and the root's own code (the embeddings, the head, the loss) run eagerly. Identical units
+compile to one graph and share one plan. The plan is made on the first call of each input
+signature: the root's step is captured with every unit replaced by a stub and simulated as eager
+PyTorch runs it, and the unit graph's budget is searched so that the whole rank's step -- root,
+every unit, and what FSDP2 holds (:mod:`fxmem.distributed.fsdp_memory`) -- fits the budget.
 
 Refused, with a message: a model that is already sharded or wrapped in DDP, units of different
 shapes, an optimizer (its state is sharded; not counted yet), the microbatch and other levers,
@@ -210,6 +211,17 @@ class _UnitPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
     def __init__(self, step: FsdpStep):
         self.step = step
 
+    # Inductor (torch 2.13) deep-copies its config, custom_partitioner_fn included, and pickles
+    # the copy into the FX graph cache's key. The step holds the FSDP2 units: FSDP2 refuses
+    # deepcopy ("FSDP does not support deepcopy": the compile failed) and their classes
+    # (FSDPBlock, made by fully_shard) cannot be pickled (the cache was bypassed). The
+    # partitioner is a handle on the step: its copy is itself, and it pickles as its uuid.
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return str, (self.uuid(),)
+
     def __call__(self, joint, joint_inputs, **kwargs):
         from fxmem.planning.planner import plan_joint
 
@@ -264,8 +276,9 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
     and then ``model``, compile each unit with fxmem, and plan every rank's step under
     ``budget`` (each rank's). Returns ``model`` (now an FSDP2 module); ``model.fxmem_fsdp`` is
     its :class:`FsdpStep` (``.report()``, ``.predicted_peak``, ``.plan``). ``options``: ``allow``
-    (``("recompute",)`` only), ``strategy``, ``lowering`` ("eager" only, for now),
-    ``time_limit``, ``safety_margin``, ``cost``, ``exact_random``."""
+    (``("recompute",)`` only), ``strategy``, ``lowering`` (``"inductor"``, the default, or
+    ``"eager"``: the unit graphs run as FX code), ``time_limit``, ``safety_margin``, ``cost``,
+    ``exact_random``."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -292,11 +305,6 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
                          "would all-gather and reduce-scatter each time")
     if "cuda" in {p.device.type for p in model.parameters()}:
         raise NotImplementedError("optimize_fsdp is built and measured on CPU ranks (gloo)")
-    if options.get("lowering", "eager") != "eager":
-        raise NotImplementedError(
-            "optimize_fsdp runs the unit graphs as FX code (lowering='eager') for now: through "
-            "Inductor, compile_fx_inner deep-copies something that holds the FSDP2 module, which "
-            "FSDP2 refuses ('FSDP does not support deepcopy')")
     units = list(units) if units is not None else _default_units(model)
     if not units:
         raise StepInputError("no units to shard: pass units=[...] (the transformer blocks)")
@@ -304,16 +312,16 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
     if len(shapes) != 1:
         raise NotImplementedError("fxmem plans FSDP2 units of one structure (their graphs "
                                   "share one plan); these units' parameters differ")
-    stubbed = _stub_copy(model, units)
-    for unit in units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    plan_options = PlanOptions(
+    plan_options = PlanOptions(  # checks the options before the model is sharded
         budget=parse_budget(budget), allow=frozenset(allow),
         strategy=options.get("strategy", "ilp"),
         time_limit=float(options.get("time_limit", 30.0)),
         safety_margin=options.get("safety_margin"), cost=options.get("cost", "roofline"),
-        lowering=options.get("lowering", "eager"))
+        lowering=options.get("lowering", "inductor"))
+    stubbed = _stub_copy(model, units)
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     step = FsdpStep(stubbed, units, parse_budget(budget), plan_options,
                     bool(options.get("exact_random", True)), loss_fn)
     model.register_forward_pre_hook(step.before_call, prepend=True, with_kwargs=True)

@@ -26,8 +26,8 @@ def test_unsupported_fsdp_configurations_are_clear_errors():
             optimize_fsdp(blocks, "1GiB", optimizer=torch.optim.SGD(blocks.parameters()))
         with pytest.raises(ValueError, match="recomputation only"):
             optimize_fsdp(blocks, "1GiB", allow=("recompute", "microbatch"))
-        with pytest.raises(NotImplementedError, match="lowering='eager'"):
-            optimize_fsdp(blocks, "1GiB", lowering="inductor")
+        with pytest.raises(ValueError, match="lowering must be one of"):
+            optimize_fsdp(blocks, "1GiB", lowering="tvm")  # before fully_shard: checked below
         uneven = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2),
                                                           torch.nn.Linear(2, 3)]))
         with pytest.raises(NotImplementedError, match="one structure"):

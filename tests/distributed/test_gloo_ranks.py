@@ -3,13 +3,16 @@ processes (starting a process and importing torch and fxmem in it is a good part
 for each, budgets where every rank's measured peak is at or under its budget and within 3% of
 the prediction, and the gradients are the same setup's without fxmem.
 
-Two budgets each: a tight one (it must recompute) and a loose one. The >= 4 budget sweep of the
-bench GPT is ``bench/fsdp_gpt.py`` (``torchrun --nproc-per-node 2``)."""
+One budget each, every one of which recomputes: DDP at a tight budget; FSDP2 with its unit graphs
+run as FX code at a loose budget, and lowered through Inductor (a compile of tens of seconds on
+two busy cores, when Inductor's cache is cold) at a tight one. The >= 4 budget sweeps are the
+benches' (``bench/ddp_gpt.py``, ``bench/fsdp_gpt.py``, ``torchrun --nproc-per-node 2``)."""
 
 import datetime
 import json
 import os
 import sys
+import time
 import traceback
 
 import pytest
@@ -18,8 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
-FRACTIONS = (0.1, 0.7)  # of the way from the floor to the unoptimised peak
-CHECKS = ("ddp", "fsdp")
+# of the way from the floor to the unoptimised peak
+FRACTIONS = {"ddp": (0.1,), "fsdp_eager": (0.7,), "fsdp_inductor": (0.1,)}
+CHECKS = tuple(FRACTIONS)
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -30,10 +34,13 @@ def _rank(rank: int, world: int, init_file: str, results: str) -> None:
     torch.set_num_threads(1)
     done = {}
     for name in CHECKS:
+        start = time.perf_counter()
         try:
-            done[name] = ["ok", globals()[f"_{name}_sweep"](rank)]
+            sweep, _, lowering = name.partition("_")
+            done[name] = ["ok", globals()[f"_{sweep}_sweep"](rank, *filter(None, [lowering]))]
         except BaseException:  # noqa: BLE001 - reported by the check's test
             done[name] = ["failed", traceback.format_exc()]
+        done[name].append(time.perf_counter() - start)
         with open(f"{results}.{rank}", "w") as f:
             json.dump(done, f)
         if done[name][0] != "ok":
@@ -64,7 +71,7 @@ def _ddp_sweep(rank: int) -> list:
         probe.module.plan_for(idx, tgt)
     floor, top = info.value.floor, info.value.unoptimized
     rows = []
-    for fraction in FRACTIONS:
+    for fraction in FRACTIONS["ddp"]:
         model = copy.deepcopy(base)
         budget = int(floor + fraction * (top - floor))
         ddp = optimize_ddp(model, budget, **options)
@@ -89,7 +96,7 @@ def _ddp_sweep(rank: int) -> list:
     return rows
 
 
-def _fsdp_sweep(rank: int, lowering: str = "eager", fractions=FRACTIONS) -> list:
+def _fsdp_sweep(rank: int, lowering: str) -> list:
     import copy
 
     from torch.distributed.fsdp import fully_shard
@@ -116,7 +123,7 @@ def _fsdp_sweep(rank: int, lowering: str = "eager", fractions=FRACTIONS) -> list
         probe(idx, tgt)
     floor, top = info.value.floor, info.value.unoptimized
     rows = []
-    for fraction in fractions:
+    for fraction in FRACTIONS[f"fsdp_{lowering}"]:
         model = copy.deepcopy(base)
         budget = int(floor + fraction * (top - floor))
         model = optimize_fsdp(model, budget, units=model.blocks, **options)
@@ -128,6 +135,7 @@ def _fsdp_sweep(rank: int, lowering: str = "eager", fractions=FRACTIONS) -> list
         for a, b in zip(expected, got):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         step = model.fxmem_fsdp
+        assert step.plan.options.lowering == lowering
         assert f"rank {rank} of 2" in step.report()
         assert measured <= budget, (rank, budget, measured)
         assert abs(measured - step.predicted_peak) <= 0.03 * measured, (
@@ -161,12 +169,14 @@ def _rows(ranks, check: str) -> list:
     out, error = ranks
     rows = []
     for r, done in enumerate(out):
-        status, payload = done.get(check, ["not run", error or "an earlier check failed"])
+        status, payload, seconds = done.get(
+            check, ["not run", error or "an earlier check failed", 0.0])
+        print(f"rank {r}: {check} took {seconds:.1f} s")
         if status != "ok":
             pytest.fail(f"rank {r}, {check}: {status}\n{payload}", pytrace=False)
         rows += payload
-    assert len(rows) == WORLD * len(FRACTIONS)
-    assert any(row[4] > 0 for row in rows)  # the tight budget recomputes
+    assert len(rows) == WORLD * len(FRACTIONS[check])
+    assert any(row[4] > 0 for row in rows)  # the budgets recompute
     for rank, budget, predicted, measured, recomputed in rows:
         print(f"rank {rank}: budget {budget} predicted {predicted} measured {measured} "
               f"recomputed {recomputed}")
@@ -179,5 +189,13 @@ def test_ddp_budgets_on_two_gloo_ranks(ranks):
 
 
 @pytest.mark.slow
-def test_fsdp2_budgets_on_two_gloo_ranks(ranks):
-    _rows(ranks, "fsdp")
+def test_fsdp2_budget_on_two_gloo_ranks_fx_code(ranks):
+    _rows(ranks, "fsdp_eager")
+
+
+@pytest.mark.slow
+def test_fsdp2_budget_on_two_gloo_ranks_through_inductor(ranks):
+    """The torch.compile backend with compiled FSDP2 blocks: the unit graphs lowered by Inductor
+    (whose config holds fxmem's partitioner, and the partitioner the FSDP2 units), planned with
+    the memory model's Inductor prediction."""
+    _rows(ranks, "fsdp_inductor")
