@@ -38,6 +38,11 @@ from fxmem.passes.base import StepGraphs
 from fxmem.passes.inductor_order import SplitDelayedAddmm, keep_recomputed_in_place
 from fxmem.passes.microbatch_draws import DrawDecision, MicrobatchDraws
 from fxmem.api.graph_breaks import compiled_inside_eager_code, session_for, warn_unguaranteed
+from fxmem.levers.precision.backend_casts import (autocast_graph, backend_precision,
+                                                  tracing_with_casts)
+from fxmem.levers.precision.casts import ComputeCasts, casts_for
+from fxmem.levers.precision.fallback import combined_error
+from fxmem.levers.precision.lever import PrecisionLever
 from fxmem.planning.options import PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes, plan_joint
 
@@ -47,7 +52,7 @@ log = logging.getLogger(__name__)
 
 BUDGET_ENV = "FXMEM_BUDGET"  # the budget of a torch.compile call given no options
 _OPTION_KEYS = {"budget", "allow", "strategy", "lowering", "time_limit", "safety_margin",
-                "optimizer", "exact_random", "cost"}
+                "optimizer", "exact_random", "cost", "precision"}
 
 
 class PlanLog:
@@ -151,14 +156,17 @@ class PlanReady(Exception):
 def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext = StepContext(),
                  exact_random: bool = True, stop_after_plan: bool = False,
                  hint: str | None = None, annotate: Callable[[Plan], None] | None = None,
-                 draws: DrawDecision | None = None):
+                 draws: DrawDecision | None = None, casts: ComputeCasts | None = None,
+                 forced: bool = False):
     """A TorchDynamo backend that plans every graph it is given with ``options`` (whose
     ``lowering`` says how the graphs run: the memory model follows it) and ``context``;
     ``stop_after_plan``: raise :class:`PlanReady` with the plan instead of compiling it;
     ``hint``: added to a BudgetError's message; ``annotate(plan)``: what a lever applied when the
     step was captured adds to each plan (the precision lever's record); ``draws``: the graph is
     a microbatch's, whose random ops read the whole batch's draws (the microbatch-draws pass
-    rewrites its joint graph before it is planned)."""
+    rewrites its joint graph before it is planned). ``casts``: the precision lever -- a graph
+    the exact levers cannot fit under the budget is planned again run under autocast with
+    them (:mod:`fxmem.levers.precision.backend_casts`); ``forced``: every graph is."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs):
         session, last = session_for(gm)
@@ -173,23 +181,51 @@ def make_backend(options: PlanOptions, plans: PlanLog, *, context: StepContext =
             held = dataclasses.replace(
                 context, resident=context.resident + others.resident,
                 during_backward=context.during_backward + others.during_backward)
-        partitioner = FxmemPartitioner(options, plans, context=held,
-                                       stop_after_plan=stop_after_plan, session=session,
-                                       note=note, hint=hint, annotate=annotate, draws=draws)
-        if options.lowering == "eager":
-            aot_autograd = torch_compat.AOT_AUTOGRAD()
-            return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,
-                                partition_fn=partitioner)(gm, example_inputs)
-        compile_fx = torch_compat.COMPILE_FX()
-        patches = {"custom_partitioner_fn": partitioner, "fallback_random": exact_random,
-                   "post_grad_custom_post_pass": SplitDelayedAddmm()}
-        # AOTAutograd's cache would skip the partitioner, so the plan (model.plan, the report)
-        # would be missing; Inductor's FX graph cache still serves the kernels
-        with torch_compat.FUNCTORCH_CONFIG().patch(enable_autograd_cache=False):
-            return compile_fx(gm, example_inputs, config_patches=patches,
-                              inner_compile=_compile_keeping_recomputed_in_place)
+        low = autocast_graph(gm, casts) if casts is not None else None
+
+        def compile_graph(graph, plan_options, annotate_plan, cast):
+            partitioner = FxmemPartitioner(plan_options, plans, context=held,
+                                           stop_after_plan=stop_after_plan, session=session,
+                                           note=note, hint=hint, annotate=annotate_plan,
+                                           draws=draws)
+            with tracing_with_casts(cast):
+                return _lower(graph, example_inputs, partitioner, plan_options, exact_random)
+
+        if low is None:
+            return compile_graph(gm, options, annotate, None)
+        low_options = dataclasses.replace(options, store_low=torch.bfloat16)
+        lever = PrecisionLever(casts).annotate
+        if forced:
+            return compile_graph(low, low_options, lever, casts)
+        try:
+            return compile_graph(gm, options, annotate, None)
+        except BudgetError as exact:
+            log.info("fxmem backend: the exact levers do not fit this graph (%s); planning it "
+                     "with %s compute casts", str(exact).splitlines()[0], casts.dtype_name)
+            try:
+                return compile_graph(low, low_options, lever, casts)
+            except BudgetError as low_error:
+                raise combined_error(exact, low_error, casts) from None
 
     return backend
+
+
+def _lower(gm: torch.fx.GraphModule, example_inputs, partitioner: FxmemPartitioner,
+           options: PlanOptions, exact_random: bool):
+    """Compile ``gm`` with ``partitioner`` planning its joint graph, lowered as ``options``
+    says (FX code or Inductor)."""
+    if options.lowering == "eager":
+        aot_autograd = torch_compat.AOT_AUTOGRAD()
+        return aot_autograd(fw_compiler=_boxed, bw_compiler=_boxed,
+                            partition_fn=partitioner)(gm, example_inputs)
+    compile_fx = torch_compat.COMPILE_FX()
+    patches = {"custom_partitioner_fn": partitioner, "fallback_random": exact_random,
+               "post_grad_custom_post_pass": SplitDelayedAddmm()}
+    # AOTAutograd's cache would skip the partitioner, so the plan (model.plan, the report)
+    # would be missing; Inductor's FX graph cache still serves the kernels
+    with torch_compat.FUNCTORCH_CONFIG().patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches=patches,
+                          inner_compile=_compile_keeping_recomputed_in_place)
 
 
 def _resolve_budget(options: Mapping[str, Any]) -> int:
@@ -226,11 +262,10 @@ def options_from_mapping(options: Mapping[str, Any] | None
         raise ValueError(f"unknown fxmem options {sorted(unknown)}; known: {sorted(_OPTION_KEYS)}")
     budget = _resolve_budget(options)
     allow = check_allow(options.get("allow", ("recompute",)))
-    if "precision" in allow:
-        raise ValueError(
-            "the precision lever is not built for the torch.compile backend yet: use "
-            "fxmem.optimize(model, budget, allow=(..., 'precision')), or run the forward under "
-            "torch.autocast in your own code (the backend then plans the casts it sees)")
+    precision = backend_precision(options.get("precision"))
+    if precision is not None and "precision" not in allow:
+        raise ValueError(f"precision={precision!r} casts the step's compute, a lossy lever: "
+                         "allow it with allow=(..., 'precision')")
     if "sparse" in allow:
         raise ValueError(
             "the sparse lever cannot run through the torch.compile backend: it replaces the "
@@ -259,5 +294,14 @@ LAST_PLANS = PlanLog()  # plans made through torch.compile(backend="fxmem"), new
 def fxmem_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None):
     """``torch.compile(model, backend="fxmem", options={"budget": ...})``."""
     plan_options, context, exact_random = options_from_mapping(options)
-    backend = make_backend(plan_options, LAST_PLANS, context=context, exact_random=exact_random)
+    casts = None
+    if "precision" in plan_options.allow:
+        device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)),
+                      torch.device("cpu"))
+        forced = backend_precision((options or {}).get("precision")) is not None
+        casts = casts_for(device, torch.bfloat16, "Forced by precision='bf16'" if forced else
+                          "Planned with them because the exact levers alone do not fit the "
+                          "graph under the budget")
+    backend = make_backend(plan_options, LAST_PLANS, context=context, exact_random=exact_random,
+                           casts=casts, forced=casts is not None and forced)
     return backend(gm, example_inputs)

@@ -165,8 +165,11 @@ def test_bad_input_is_a_clear_error():
         ComputeCasts("nonsense")
     with pytest.raises(TypeError, match="casts must be a ComputeCasts"):
         PrecisionLever("bf16")
-    with pytest.raises(ValueError, match="not built for the torch.compile backend"):
-        options_from_mapping({"budget": "1GiB", "allow": ("recompute", "precision")})
+    with pytest.raises(ValueError, match="loss scaling around the backward"):  # the backend
+        options_from_mapping({"budget": "1GiB", "allow": ("recompute", "precision"),
+                              "precision": "fp16"})
+    with pytest.raises(ValueError, match="allow it with"):
+        options_from_mapping({"budget": "1GiB", "precision": "bf16"})
 
 
 def test_precision_bf16_casts_whatever_the_budget_and_is_opt_in():
