@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import platform
@@ -73,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 import fxmem  # noqa: E402
 from bench.environment import cpu_name  # noqa: E402
 from bench.real_data import digits_32x32, stdlib_corpus  # noqa: E402
-from fxmem.examples import GPT, GPTConfig, wide_resnet_28_2  # noqa: E402
+from fxmem.examples import GPT, GPTConfig, WideResNet, wide_resnet_28_2  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -123,12 +124,18 @@ def _warmup_cosine(steps: int, warmup_frac: float = 0.05, floor: float = 0.0):
     return lr_lambda
 
 
-def lm_task(steps: int, quick: bool) -> Task:
+def lm_task(steps: int, quick: bool, *, batch: int | None = None, seq: int | None = None,
+            n_layer: int = 6, n_head: int = 4, d_model: int | None = None,
+            vocab_size: int = 256, dropout: float = 0.1, n_val: int | None = None) -> Task:
+    """The byte-level GPT on the stdlib corpus. The keywords change the model and the batch
+    (None: this bench's own sizes, smaller with ``quick``); a vocabulary over 256 holds ids the
+    bytes never use (bench/reproduction.py trains the bench ``gpt_decoder``, vocabulary 8192)."""
     corpus = stdlib_corpus()
-    batch, seq = (4, 64) if quick else (16, 128)
-    n_val = 2 if quick else 16
-    cfg = GPTConfig(vocab_size=256, n_layer=6, n_head=4, d_model=128 if quick else 256,
-                    max_seq_len=seq, dropout=0.1)
+    batch = batch or (4 if quick else 16)
+    seq = seq or (64 if quick else 128)
+    n_val = n_val or (2 if quick else 16)
+    cfg = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                    d_model=d_model or (128 if quick else 256), max_seq_len=seq, dropout=dropout)
     val = corpus.fixed_batches("val", n=n_val, batch=batch, seq=seq, seed=1234)
 
     def batches(g: torch.Generator):
@@ -152,7 +159,9 @@ def lm_task(steps: int, quick: bool) -> Task:
         lr_lambda=_warmup_cosine(steps, floor=0.1), batches=batches, evaluate=evaluate,
         metric="val_loss", higher_is_better=False,
         description=(f"GPT n_layer={cfg.n_layer} d_model={cfg.d_model} n_head={cfg.n_head} "
-                     f"dropout={cfg.dropout}, byte-level (vocab 256) on the stdlib corpus "
+                     f"dropout={cfg.dropout}, byte-level (vocab {cfg.vocab_size}"
+                     f"{'' if cfg.vocab_size == 256 else ', bytes use ids 0-255'}) on the "
+                     f"stdlib corpus "
                      f"({corpus.train.numel()} train / {corpus.val.numel()} validation bytes, "
                      f"{len(corpus.train_files)} / {len(corpus.val_files)} files, sha256 "
                      f"{corpus.sha256[:12]}), batch {batch} x {seq}, AdamW lr 1e-3 "
@@ -161,9 +170,16 @@ def lm_task(steps: int, quick: bool) -> Task:
     )
 
 
-def wrn_task(steps: int, quick: bool) -> Task:
+def wrn_task(steps: int, quick: bool, *, batch: int | None = None, depth: int = 28,
+             widen_factor: int = 2) -> Task:
+    """WRN-``depth``-``widen_factor`` (default 28-2) on the digits at 3x32x32."""
     data = digits_32x32(seed=0)
-    batch = 16 if quick else 128
+    batch = batch or (16 if quick else 128)
+
+    def build() -> torch.nn.Module:
+        if (depth, widen_factor) == (28, 2):
+            return wide_resnet_28_2(num_classes=10, in_channels=3)
+        return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=10, in_channels=3)
 
     def batches(g: torch.Generator):
         while True:  # epoch after epoch, each in an order drawn from g
@@ -182,12 +198,12 @@ def wrn_task(steps: int, quick: bool) -> Task:
     per_epoch = data.x_train.shape[0] // batch
     return Task(
         name="wrn", steps=steps, batch=batch,
-        build=lambda: wide_resnet_28_2(num_classes=10, in_channels=3),
+        build=build,
         make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,
                                                  nesterov=True, weight_decay=5e-4),
         lr_lambda=_warmup_cosine(steps, floor=0.0), batches=batches, evaluate=evaluate,
         metric="test_acc", higher_is_better=True,
-        description=(f"WideResNet-28-2 on sklearn digits at 3x32x32 "
+        description=(f"WideResNet-{depth}-{widen_factor} on sklearn digits at 3x32x32 "
                      f"({data.x_train.shape[0]} train / {data.x_test.shape[0]} test, stratified, "
                      f"seed 0), batch {batch} ({per_epoch} full batches per epoch, "
                      f"{steps / per_epoch:.1f} epochs), SGD lr 0.05 momentum 0.9 nesterov wd "
@@ -207,53 +223,76 @@ def sparse_every(steps: int) -> int:
     return max(1, steps // 10)
 
 
-def run_one(task: Task, mode: str, seed: int, args) -> dict:
-    """Train ``task``'s model in ``mode`` for ``task.steps`` steps; evaluate it."""
-    row: dict = {"model": task.name, "mode": mode, "steps": task.steps}
+@dataclasses.dataclass
+class Prepared:
+    """What a mode trains with: ``step_fn(x, y)`` returns the loss (the model itself, or an
+    ``fxmem.optimize`` module over it); ``after_step(x, y)`` runs after each optimizer step
+    (dynamic sparsity's prune and regrow); ``eval_model`` is evaluated after training (default:
+    the model)."""
+
+    step_fn: Callable
+    after_step: Callable | None = None
+    eval_model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None  # the loop steps it instead of the one built
+
+
+def train(task: Task, seed: int, prepare: Callable[[torch.nn.Module, torch.optim.Optimizer],
+                                                    Prepared] | None = None, *,
+          label: str = "fp32", measure_step: int | None = None) -> dict:
+    """Train ``task``'s model for ``task.steps`` steps and evaluate it: the loop every mode shares.
+
+    ``torch.manual_seed(seed)``, then the model and its optimizer are built; ``prepare(model,
+    opt)`` makes the mode's :class:`Prepared` (None: eager PyTorch); the batches come from a
+    generator seeded with ``seed + 1``. Each step: ``loss = step_fn(x, y)``, ``backward``,
+    ``opt.step()``, ``scheduler.step()``, ``opt.zero_grad(set_to_none=True)``, then
+    ``after_step`` (``opt``: the prepared optimizer when it names one). ``measure_step``: that step (0-based) runs under ``fxmem.measure_memory``
+    (the bytes the model, the batch and the optimizer hold at its start plus the allocator's
+    events; the loss held to the end of the iteration): ``measured_peak`` in the row.
+    Returns the row: the metric, losses, times, ``prepare_s`` (the mode's set-up), and
+    ``_model``, ``_step_fn`` and ``_optimizer`` (not for JSON)."""
+    row: dict = {"model": task.name, "mode": label, "steps": task.steps}
     t_start = time.perf_counter()
     torch.manual_seed(seed)  # the same initial weights and dropout stream in every mode
     model = task.build().train()
     opt = task.make_optimizer(model)
-    dense_params = sum(p.numel() for p in model.parameters())
-    dynamic = False
-    if mode in ("sparse80", "sparse90", "sparse80-static", "sparse90-static"):
-        density = DENSITY[mode.split("-")[0]]
-        fxmem.sparsify(model, density=density, optimizer=opt)
-        dynamic = not mode.endswith("-static")
-        until = int(0.75 * task.steps)
-        every = sparse_every(task.steps)
-        model.sparsity.attach(opt, method="rigl" if dynamic else "static", every=every,
-                              fraction=0.3, until=until)
-        row["sparsity"] = {"density": density, "method": model.sparsity.method,
-                           "every": every, "fraction": 0.3, "until": until,
-                           "sparse_layers": len(model.sparsity.layers)}
+    row["dense_params"] = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    prepared = prepare(model, opt) if prepare is not None else Prepared(model)
+    row["prepare_s"] = time.perf_counter() - t0
+    opt = prepared.optimizer or opt
     row["params"] = sum(p.numel() for p in model.parameters())
-    row["dense_params"] = dense_params
     sched = torch.optim.lr_scheduler.LambdaLR(opt, task.lr_lambda)
-    step_fn: Callable = model
-    if mode == "bf16":
-        lowering = (BF16_LOWERING[task.name] if args.bf16_lowering == "per-model"
-                    else args.bf16_lowering)
-        row["lowering"] = lowering
-        step_fn = fxmem.optimize(model, args.budget, optimizer=opt, allow=PRECISION_ALLOW,
-                                 precision="bf16", lowering=lowering)
     gen = torch.Generator().manual_seed(seed + 1)  # the same batches in every mode
     batches = task.batches(gen)
     losses, times = [], []
-    bar = (tqdm(range(task.steps), desc=f"{task.name}/{mode}", leave=True, mininterval=5.0,
+    bar = (tqdm(range(task.steps), desc=f"{task.name}/{label}", leave=True, mininterval=5.0,
                 file=sys.stdout) if tqdm is not None else range(task.steps))
-    for i in bar:
-        x, y = next(batches)
-        t0 = time.perf_counter()
-        loss = step_fn(x, y)
+
+    def iteration(x, y) -> torch.Tensor:
+        loss = prepared.step_fn(x, y)
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if dynamic:
-            model.sparsity.step(x, y)  # counts the step; prunes and regrows every `every`
+        return loss  # held to the end of the iteration, as a user's loop holds it
+
+    for i in bar:
+        x, y = next(batches)
+        t0 = time.perf_counter()
+        if i == measure_step:
+            gc.collect()
+            mem = fxmem.measure_memory(lambda: iteration(x, y), device="cpu",
+                                       baseline=[model, [x, y], opt])
+            loss = mem.result
+            row["measured_peak"] = mem.peak
+        else:
+            loss = iteration(x, y)
+        if prepared.after_step is not None:
+            prepared.after_step(x, y)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
+        row["loss_dtype"] = str(loss.dtype)
+        del loss
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"loss {losses[-1]} at step {i}")
         if tqdm is not None:
@@ -261,26 +300,64 @@ def run_one(task: Task, mode: str, seed: int, args) -> dict:
     if tqdm is not None:
         bar.close()
     train_s = time.perf_counter() - t_start
-    if mode == "bf16":
-        row["loss_dtype"] = str(loss.dtype)
-        report = step_fn.plan.report()
-        row["plan_levers"] = next((ln.strip() for ln in report.splitlines()
-                                   if ln.startswith("levers used")), None)
-        row["plan_head"] = report.splitlines()[0]
     model.eval()
-    eval_model = step_fn if mode == "bf16" else model  # an OptimizedModule in eval is the model
     t0 = time.perf_counter()
-    row.update(task.evaluate(eval_model))
+    row.update(task.evaluate(prepared.eval_model if prepared.eval_model is not None else model))
     row["eval_s"] = time.perf_counter() - t0
-    if mode.startswith("sparse"):
-        report = model.sparsity.report()
-        row["sparsity"].update(measured_density=report.density, updates=len(model.sparsity.history),
-                               moved=sum(r.moved for r in model.sparsity.history))
     tail = max(1, min(20, len(losses) // 5))
     row.update(status="ok", first_step_s=times[0],
                median_step_s=statistics.median(times[1:]) if len(times) > 1 else times[0],
                train_loss_first=losses[0], train_loss_last=statistics.mean(losses[-tail:]),
-               train_s=train_s, wall_s=time.perf_counter() - t_start)
+               train_losses=losses, train_s=train_s, wall_s=time.perf_counter() - t_start,
+               _model=model, _step_fn=prepared.step_fn, _optimizer=opt)
+    return row
+
+
+def run_one(task: Task, mode: str, seed: int, args) -> dict:
+    """Train ``task``'s model in ``mode`` for ``task.steps`` steps; evaluate it."""
+    extra: dict = {}
+
+    def prepare(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Prepared:
+        if mode in ("sparse80", "sparse90", "sparse80-static", "sparse90-static"):
+            density = DENSITY[mode.split("-")[0]]
+            fxmem.sparsify(model, density=density, optimizer=opt)
+            dynamic = not mode.endswith("-static")
+            until = int(0.75 * task.steps)
+            every = sparse_every(task.steps)
+            model.sparsity.attach(opt, method="rigl" if dynamic else "static", every=every,
+                                  fraction=0.3, until=until)
+            extra["sparsity"] = {"density": density, "method": model.sparsity.method,
+                                 "every": every, "fraction": 0.3, "until": until,
+                                 "sparse_layers": len(model.sparsity.layers)}
+            # counts the step; prunes and regrows every `every`
+            return Prepared(model, after_step=model.sparsity.step if dynamic else None)
+        if mode == "bf16":
+            lowering = (BF16_LOWERING[task.name] if args.bf16_lowering == "per-model"
+                        else args.bf16_lowering)
+            extra["lowering"] = lowering
+            step_fn = fxmem.optimize(model, args.budget, optimizer=opt, allow=PRECISION_ALLOW,
+                                     precision="bf16", lowering=lowering)
+            # an OptimizedModule in eval is the model
+            return Prepared(step_fn, eval_model=step_fn)
+        return Prepared(model)
+
+    row = train(task, seed, prepare, label=mode)
+    model, step_fn = row.pop("_model"), row.pop("_step_fn")
+    row.pop("_optimizer")
+    if mode != "bf16":
+        row.pop("loss_dtype")
+    row.pop("prepare_s")
+    row.pop("train_losses")
+    row.update(extra)
+    if mode == "bf16":
+        report = step_fn.plan.report()
+        row["plan_levers"] = next((ln.strip() for ln in report.splitlines()
+                                   if ln.startswith("levers used")), None)
+        row["plan_head"] = report.splitlines()[0]
+    if mode.startswith("sparse"):
+        report = model.sparsity.report()
+        row["sparsity"].update(measured_density=report.density, updates=len(model.sparsity.history),
+                               moved=sum(r.moved for r in model.sparsity.history))
     return row
 
 
