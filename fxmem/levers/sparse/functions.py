@@ -52,13 +52,15 @@ class _SparseLinear(torch.autograd.Function):
         x, values, indices = ctx.saved_tensors
         out_features, in_features = ctx.shape
         g2 = grad.reshape(-1, out_features)
+        dt = g2.dtype  # under bf16 casts the forward's product (and so grad) is bf16, x may not be
         gx = gv = gb = None
         if ctx.needs_input_grad[0]:
-            gx = (g2 @ densify(values, indices, ctx.shape)).view(*grad.shape[:-1], in_features)
+            gx = (g2 @ densify(values, indices, ctx.shape).to(dt)).view(
+                *grad.shape[:-1], in_features).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            gv = _values_grad(g2.t() @ x.reshape(-1, in_features), indices)
+            gv = _values_grad(g2.t() @ x.reshape(-1, in_features).to(dt), indices).to(values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            gb = g2.sum(0)
+            gb = g2.sum(0).to(values.dtype)
         return gx, gv, None, gb, None
 
 

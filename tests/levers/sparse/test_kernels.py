@@ -90,3 +90,20 @@ def test_csr_kernel_runs_under_bf16_autocast():
     assert first.weight.grad is not None
     expected = layer.to_dense_module()(h.float())
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_dense_kernel_backward_under_bf16_autocast():
+    """Under bf16 casts the transient dense kernel's product runs in bf16 and its gradient comes
+    back bf16, while the saved input may be fp32: the backward multiplied them as they were
+    (RuntimeError: expected m1 and m2 to have the same dtype, met by the bench GPT planned with
+    every lever through Inductor); the gradients now come back in each input's dtype."""
+    torch.manual_seed(0)
+    dense = nn.Linear(32, 16)
+    layer = SparseLinear.from_dense(dense, initial_indices(dense.weight, 50))
+    layer.set_kernel("dense")
+    x = torch.randn(4, 32, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    assert layer.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert layer.bias.grad.dtype == torch.float32
