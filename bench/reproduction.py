@@ -300,7 +300,8 @@ def write(meta: dict, rows: list[dict], out: str) -> None:
                 continue
             target = (f">= {TARGETS[name][0]}x (aim {TARGETS[name][1]}x)"
                       if r["mode"] != "eager" and name in TARGETS else "")
-            red = f"**{r['reduction']:.1f}x**" if r["mode"] != "eager" else "1.0x"
+            red = ("1.0x" if r["mode"] == "eager" else f"**{r['reduction']:.1f}x**"
+                   if r.get("reduction") else "(no eager run)")
             plan = "eager PyTorch, fp32"
             if r["mode"] != "eager":
                 parts = [f"k={r['microbatches']}" + (f" (sizes {r['microbatch_sizes']})"
