@@ -205,10 +205,13 @@ def test_inductor_random_recomputed_reproduces_the_forward(tiny_gpt):
                                      exact_random=False, time_limit=BOUNDS_TIME_LIMIT,
                                      allow=("recompute",))
     assert unoptimised == top
-    budget = int(floor * 1.03)
+    # checkpointing the block recomputes its dropout whatever the memory model prefers (the
+    # ILP's plan at 1.03x the floor may save every mask and recompute other ops instead)
+    budget = (floor + top) // 2
     assert budget < top
     tight = fxmem.optimize(model, budget, lowering="inductor", exact_random=False,
-                           time_limit=TIME_LIMIT, allow=("recompute",))
+                           time_limit=TIME_LIMIT, allow=("recompute",),
+                           strategy="checkpoint-blocks")
     got = grads_of(model, tight, *args, **kwargs)
     assert tight.plan.solution.num_recomputed > 0
     recomputed = set(tight.plan.record.recomputed)
