@@ -143,8 +143,9 @@ def test_estimate_with_a_lowering_is_the_plans_unoptimised_step(lowering):
     floor = fxmem.floor(model, *args, optimizer=opt, lowering=lowering, time_limit=5,
                         allow=("recompute",))
     assert floor < est.peak
-    # the floor is found by time-limited solves, so a plan at it is not certain; 3% over it is
-    budget = int(1.03 * floor)
+    # the floor is found by time-limited (wall-clock) solves, so a plan at it is not certain; 5%
+    # over it is, even on a loaded machine (3% once missed by 10 KiB there: "about 3.43 MiB")
+    budget = int(1.05 * floor)
     plan = fxmem.optimize(model, budget, optimizer=opt, lowering=lowering, time_limit=5,
                           allow=("recompute",)).plan_for(*args)
     assert plan.predicted_peak <= budget
