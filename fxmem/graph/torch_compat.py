@@ -145,6 +145,10 @@ AOT_AUTOGRAD = _internal("aot_autograd", "torch._dynamo.backends.common", "aot_a
                          "the eager lowering of the fxmem backend")
 DYNAMO_CONFIG = _internal("dynamo.config", "torch._dynamo", "config",
                           "letting one-graph capture drop the model's logging calls")
+ENTER_AUTOCAST = _internal("amp._enter_autocast", "torch.amp.autocast_mode", "_enter_autocast",
+                           "marking a Dynamo graph an autocast region (precision via the backend)")
+EXIT_AUTOCAST = _internal("amp._exit_autocast", "torch.amp.autocast_mode", "_exit_autocast",
+                          "marking a Dynamo graph an autocast region (precision via the backend)")
 FUNCTORCH_CONFIG = _internal("functorch.config", "torch._functorch", "config",
                              "turning off AOTAutograd's cache (the plan must be made)")
 EXTRACT_FWD_BWD_MODULES = _internal(

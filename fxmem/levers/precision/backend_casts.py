@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 import torch.fx
 
+from fxmem.graph import torch_compat
 from fxmem.levers.precision.attention import LowPrecisionAttention
 from fxmem.levers.precision.casts import ComputeCasts
 
@@ -51,10 +52,10 @@ def autocast_graph(gm: torch.fx.GraphModule, casts: ComputeCasts) -> torch.fx.Gr
     out.graph = graph
     body = next((n for n in graph.nodes if n.op != "placeholder"), None)
     with graph.inserting_before(body):
-        region = graph.call_function(torch.amp.autocast_mode._enter_autocast,
+        region = graph.call_function(torch_compat.ENTER_AUTOCAST(),
                                      (casts.device_type, casts.dtype, True, None))
     with graph.inserting_before(graph.output_node()):
-        graph.call_function(torch.amp.autocast_mode._exit_autocast, (region,))
+        graph.call_function(torch_compat.EXIT_AUTOCAST(), (region,))
     graph.lint()
     out.recompile()
     return out
