@@ -55,6 +55,14 @@ def measure_rank_step(step, ddp: torch.nn.parallel.DistributedDataParallel, root
     return fxmem.measure_memory(step, device=device, baseline=start)
 
 
+def require_process_group(caller: str) -> None:
+    """A RuntimeError naming ``caller`` unless a torch.distributed process group is initialised."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise RuntimeError(f"{caller} needs an initialised process group: call "
+                           "torch.distributed.init_process_group first (torchrun sets the "
+                           "environment it reads)")
+
+
 def optimize_ddp(model: torch.nn.Module, budget: int | str, *,
                  ddp_options: Mapping[str, Any] | None = None,
                  **options) -> torch.nn.parallel.DistributedDataParallel:
@@ -64,10 +72,7 @@ def optimize_ddp(model: torch.nn.Module, budget: int | str, *,
     ``gradient_as_bucket_view``...)."""
     import fxmem
 
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        raise RuntimeError("optimize_ddp needs an initialised process group: call "
-                           "torch.distributed.init_process_group first (torchrun sets the "
-                           "environment it reads)")
+    require_process_group("optimize_ddp")
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise StepInputError("pass the model itself, not DistributedDataParallel(model): "
                              "optimize_ddp wraps fxmem's module in DDP (DDP outside, fxmem "

@@ -34,6 +34,7 @@ import torch
 from fxmem.budget import BudgetError, format_bytes, parse_budget
 from fxmem.distributed.fsdp_memory import (RootStep, Stitched, UnitStub, capture_root, stitch,
                                            unit_sizes)
+from fxmem.distributed.ddp import require_process_group
 from fxmem.errors import StepInputError
 from fxmem.graph import torch_compat
 from fxmem.planning.options import PlanOptions, StepContext, default_margin
@@ -281,10 +282,7 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
     ``exact_random``."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        raise RuntimeError("optimize_fsdp needs an initialised process group: call "
-                           "torch.distributed.init_process_group first (torchrun sets the "
-                           "environment it reads)")
+    require_process_group("optimize_fsdp")
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise StepInputError("optimize_fsdp shards the model itself: pass the model, not "
                              "DistributedDataParallel(model)")
