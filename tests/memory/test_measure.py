@@ -24,9 +24,13 @@ def test_cpu_peak_counts_what_was_live_and_what_fn_allocates():
     baseline = live_tensor_bytes("cpu")
     assert baseline >= held.numel()
     measured = fxmem.measure_memory(fn, device="cpu")
-    assert measured.start == baseline
-    assert measured.peak == baseline + 8 * MB  # a and b together
-    assert measured.end == baseline  # everything fn made was freed
+    # Other tests in this worker may free a few bytes of tensors between the two counts
+    # (a CI run saw 72 B go), so the start is the baseline to within 1 KiB, and the rest
+    # is asserted exactly against the measured start.
+    assert measured.start >= held.numel()
+    assert abs(measured.start - baseline) <= 1024
+    assert measured.peak == measured.start + 8 * MB  # a and b together
+    assert measured.end == measured.start  # everything fn made was freed
     assert measured.result == 6 * MB
     assert np.all(np.diff(measured.times_s) >= 0) and measured.live.max() == measured.peak
     assert fxmem.measure_peak(fn, device="cpu", baseline=0) == 8 * MB
