@@ -1,8 +1,9 @@
 """FSDP2 (``fully_shard``) with fxmem: each rank's step under the rank's budget.
 
     dist.init_process_group("gloo")                  # or "nccl", launched by torchrun
-    model = optimize_fsdp(model, budget="2GiB", units=model.blocks)
-    loss = model(x, y); loss.backward(); model.zero_grad(set_to_none=True)
+    opt = torch.optim.AdamW(model.parameters())      # before optimize_fsdp: it moves it
+    model = optimize_fsdp(model, budget="2GiB", units=model.blocks, optimizer=opt)
+    loss = model(x, y); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
     print(model.fxmem_fsdp.report())
 
 ``optimize_fsdp`` applies ``fully_shard`` itself, to each unit (a transformer block) and then to
@@ -14,10 +15,13 @@ and the root's own code (the embeddings, the head, the loss) run eagerly. Identi
 compile to one graph and share one plan. The plan is made on the first call of each input
 signature: the root's step is captured with every unit replaced by a stub and simulated as eager
 PyTorch runs it, and the unit graph's budget is searched so that the whole rank's step -- root,
-every unit, and what FSDP2 holds (:mod:`fxmem.distributed.fsdp_memory`) -- fits the budget.
+every unit, what FSDP2 holds (:mod:`fxmem.distributed.fsdp_memory`) and, with ``optimizer=``,
+the optimizer's state over the rank's shards and its ``step()`` -- fits the budget.
 
-Refused, with a message: a model that is already sharded or wrapped in DDP, units of different
-shapes, an optimizer (its state is sharded; not counted yet), the microbatch and other levers,
+The optimizer is built on ``model.parameters()`` before ``optimize_fsdp``, which moves it onto
+the FSDP2 shards (:mod:`fxmem.distributed.fsdp_optimizer`). Refused, with a message: a model
+that is already sharded or wrapped in DDP, units of different shapes, an optimizer that has
+stepped or holds tensors other than the model's parameters, the microbatch and other levers,
 and a step that starts with gradients (gradient accumulation across steps).
 """
 
@@ -32,8 +36,9 @@ import logging
 import torch
 
 from fxmem.budget import BudgetError, format_bytes, parse_budget
-from fxmem.distributed.fsdp_memory import (RootStep, Stitched, UnitStub, capture_root, stitch,
-                                           unit_sizes)
+from fxmem.distributed.fsdp_memory import (RankOptimizer, RootStep, Stitched, UnitStub,
+                                           capture_root, stitch, unit_sizes)
+from fxmem.distributed.fsdp_optimizer import check_optimizer, move_onto_shards, rank_optimizer
 from fxmem.distributed.ddp import require_process_group
 from fxmem.errors import StepInputError
 from fxmem.graph import torch_compat
@@ -48,13 +53,14 @@ _OPTIONS = {"allow", "strategy", "lowering", "time_limit", "safety_margin", "cos
 _SEARCH_STEPS = 5
 
 
-def measure_fsdp_step(step, model: torch.nn.Module, inputs=()):
-    """:func:`fxmem.measure_memory` of ``step`` on this rank, with the model's parameter shards
-    and ``inputs`` live at its start."""
+def measure_fsdp_step(step, model: torch.nn.Module, inputs=(), optimizer=None):
+    """:func:`fxmem.measure_memory` of ``step`` on this rank, with the model's parameter shards,
+    ``inputs`` and the ``optimizer``'s state (if any yet) live at its start."""
     import fxmem
     from fxmem.memory.measure import live_tensor_bytes
 
-    start = live_tensor_bytes("cpu", roots=[model, list(inputs)])
+    roots = [model, list(inputs)] + ([optimizer] if optimizer is not None else [])
+    start = live_tensor_bytes("cpu", roots=roots)
     return fxmem.measure_memory(step, device="cpu", baseline=start)
 
 
@@ -69,9 +75,11 @@ class FsdpStep:
     signature, and the plans of the unit graphs. ``model.fxmem_fsdp`` holds it."""
 
     def __init__(self, stubbed: torch.nn.Module, units: list[torch.nn.Module], budget: int,
-                 options: PlanOptions, exact_random: bool, loss_fn=None):
+                 options: PlanOptions, exact_random: bool, loss_fn=None,
+                 optimizer: RankOptimizer | None = None):
         self.stubbed, self.units, self.budget = stubbed, units, budget
         self.options, self.exact_random, self.loss_fn = options, exact_random, loss_fn
+        self.optimizer = optimizer
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self.sizes = unit_sizes(list(self._full_params(units[0])), self.world)
@@ -134,7 +142,7 @@ class FsdpStep:
 
         def made(plan):
             return _Made(plan, stitch(root, plan.timeline, self.sizes, units=n,
-                                      resident=self.resident))
+                                      resident=self.resident, optimizer=self.optimizer))
 
         top = made(plan_at(1 << 50))
         if top.stitched.bound <= target:
@@ -195,11 +203,22 @@ class FsdpStep:
             f"unit's prefetched in the backward), a reduce-scatter input of the same size and a "
             f"gradient shard of {format_bytes(self.sizes.shard)}; the root's own parameters "
             f"all-gathered for the whole step",
+            *_optimizer_lines(self.optimizer, self.world),
             f"each unit saves {format_bytes(s.saved_per_unit)} for its backward (its input "
             f"included); one graph, planned for all {len(self.units)} units:",
             f"at the peak: {_held(s.breakdown)}",
             "unit graph plan:", m.plan.report()]
         return "\n".join(lines)
+
+
+def _optimizer_lines(opt: RankOptimizer | None, world: int) -> list[str]:
+    if opt is None:
+        return ["no optimizer counted (pass optimizer= to optimize_fsdp to count its state and "
+                "step)"]
+    return [f"the optimizer, {opt.name}, holds {format_bytes(opt.state)} of state over this "
+            f"rank's shards (1/{world} of each parameter's; held from the first step() on, "
+            f"which allocates it) and its step() {format_bytes(opt.step)} of temporaries, "
+            f"beside the gradient shards it reads ({format_bytes(opt.gradients)})"]
 
 
 def _held(breakdown) -> str:
@@ -244,7 +263,7 @@ class _UnitPartitioner(torch_compat.CUSTOM_PARTITIONER_FN()):
         from fxmem.api.backend import _source_hash
 
         s = self.step
-        key = repr((dataclasses.asdict(s.options), s.budget, s.resident, s.world,
+        key = repr((dataclasses.asdict(s.options), s.budget, s.resident, s.world, s.optimizer,
                     s.root.timeline.labels if s.root else None))
         return hashlib.sha256((_source_hash() + key).encode()).hexdigest()
 
@@ -272,14 +291,17 @@ def _stub_copy(model: torch.nn.Module, units: list[torch.nn.Module]) -> torch.nn
 
 
 def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh=None,
-                  loss_fn=None, **options) -> torch.nn.Module:
+                  loss_fn=None, optimizer=None, **options) -> torch.nn.Module:
     """``fully_shard`` each of ``units`` (default: the members of the model's ``ModuleList``s)
     and then ``model``, compile each unit with fxmem, and plan every rank's step under
     ``budget`` (each rank's). Returns ``model`` (now an FSDP2 module); ``model.fxmem_fsdp`` is
-    its :class:`FsdpStep` (``.report()``, ``.predicted_peak``, ``.plan``). ``options``: ``allow``
-    (``("recompute",)`` only), ``strategy``, ``lowering`` (``"inductor"``, the default, or
-    ``"eager"``: the unit graphs run as FX code), ``time_limit``, ``safety_margin``, ``cost``,
-    ``exact_random``."""
+    its :class:`FsdpStep` (``.report()``, ``.predicted_peak``, ``.plan``). ``optimizer``: a
+    ``torch.optim`` SGD, Adam or AdamW built on ``model.parameters()`` before this call and not
+    stepped yet; it is moved onto the FSDP2 shards, and its state on the rank's shards and its
+    ``step()`` count in the budget (an optimizer built afterwards is not counted).
+    ``options``: ``allow`` (``("recompute",)`` only), ``strategy``, ``lowering``
+    (``"inductor"``, the default, or ``"eager"``: the unit graphs run as FX code),
+    ``time_limit``, ``safety_margin``, ``cost``, ``exact_random``."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     require_process_group("optimize_fsdp")
@@ -289,10 +311,6 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise StepInputError("pass the model before fully_shard: optimize_fsdp applies "
                              "fully_shard to each unit and the root itself")
-    if "optimizer" in options:
-        raise ValueError("optimize_fsdp does not count an optimizer yet (FSDP2 replaces the "
-                         "parameters, so build it after optimize_fsdp; its sharded state is "
-                         "not in the budget)")
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}")
@@ -316,12 +334,17 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
         time_limit=float(options.get("time_limit", 30.0)),
         safety_margin=options.get("safety_margin"), cost=options.get("cost", "roofline"),
         lowering=options.get("lowering", "inductor"))
+    names = check_optimizer(optimizer, model) if optimizer is not None else None
     stubbed = _stub_copy(model, units)
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    rank_opt = None
+    if optimizer is not None:
+        move_onto_shards(optimizer, model, names)
+        rank_opt = rank_optimizer(optimizer, model, units, torch.distributed.get_world_size())
     step = FsdpStep(stubbed, units, parse_budget(budget), plan_options,
-                    bool(options.get("exact_random", True)), loss_fn)
+                    bool(options.get("exact_random", True)), loss_fn, rank_opt)
     model.register_forward_pre_hook(step.before_call, prepend=True, with_kwargs=True)
     forward = model.forward
 

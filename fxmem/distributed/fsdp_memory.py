@@ -22,7 +22,13 @@ own code (embeddings, the head, the loss) runs eagerly between them. The model o
   unit before (freed only at the next reduce-scatter), the new gradient shard (``1/world``).
   A prefetch runs on gloo's thread while the backward goes on, and its copy of the output's
   size may be alive at any point until it ends: the prediction leaves it out (it ended first in
-  the runs measured) and the bound the plan keeps under the budget counts it.
+  the runs measured) and the bound the plan keeps under the budget counts it;
+- the optimizer, when one is given (:class:`RankOptimizer`): its state over the rank's parameter
+  shards (``exp_avg`` and ``exp_avg_sq``, or SGD's momentum, ``1/world`` of each parameter) held
+  throughout -- the steady state; the first ``step()`` allocates the same bytes -- and a last
+  point, ``optimizer.step()``: after the backward FSDP2 has resharded every parameter and
+  reduce-scattered every gradient, so the rank holds its parameter shards, its gradient shards,
+  the inputs and outputs, the state and the step's temporaries.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import torch
 from fxmem.memory.simulation import Category, MemoryTimeline
 
 __all__ = ["fsdp_unit", "UnitStub", "RootStep", "UnitSizes", "unit_sizes", "capture_root",
-           "stitch", "Stitched"]
+           "RankOptimizer", "stitch", "Stitched"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +137,17 @@ def capture_root(stubbed: torch.nn.Module, args, kwargs, loss_fn=None) -> RootSt
 
 
 @dataclasses.dataclass(frozen=True)
+class RankOptimizer:
+    """A rank's optimizer over its parameter shards (:func:`fxmem.memory.optimizer.optimizer_memory`
+    of the FSDP2-sharded parameters, which counts each ``DTensor`` at its local shard)."""
+
+    name: str  # e.g. "AdamW (single-tensor)"
+    state: int  # its state on this rank: held from the first step() on
+    step: int  # the most bytes of step()'s temporaries alive at once
+    gradients: int  # the gradient shards step() reads: every parameter's, padded as FSDP2 pads
+
+
+@dataclasses.dataclass(frozen=True)
 class Stitched:
     """The rank's predicted step: its peak, where, and what holds it."""
 
@@ -147,10 +164,11 @@ def _col(category: Category) -> int:
 
 
 def stitch(root: RootStep, unit: MemoryTimeline, sizes: UnitSizes, *, units: int,
-           resident: int) -> Stitched:
+           resident: int, optimizer: RankOptimizer | None = None) -> Stitched:
     """The peak of one rank's FSDP2 step: the root's eager timeline, ``units`` identical units
     whose planned graph is ``unit``, FSDP2's buffers of ``sizes`` per unit, and ``resident``
-    bytes held throughout beside the root's timeline (the parameter shards)."""
+    bytes held throughout beside the root's timeline (the parameter shards); with ``optimizer``,
+    its state held throughout and its ``step()`` after the backward."""
     rt, n, a = root.timeline, units, root.activation
     total = rt.live.sum(axis=1).astype(np.int64)
     bbs = unit.backward_start
@@ -163,9 +181,10 @@ def stitch(root: RootStep, unit: MemoryTimeline, sizes: UnitSizes, *, units: int
     points: list[tuple[str, int, dict[str, int]]] = []
 
     bounds: list[int] = []
+    state = optimizer.state if optimizer is not None else 0
 
     def add(label, own, in_flight=0, **held):
-        held = {k: int(v) for k, v in held.items() if v}
+        held = {k: int(v) for k, v in {"optimizer_state": state, **held}.items() if v}
         points.append((label, int(own) + resident + sum(held.values()), held))
         bounds.append(points[-1][1] + int(in_flight))
 
@@ -211,6 +230,12 @@ def stitch(root: RootStep, unit: MemoryTimeline, sizes: UnitSizes, *, units: int
             gradient_shards=later * s, reduce_scatter=g, prefetched=prefetch)
         add(f"unit {k} reduce-scatter copy", base + a, saved_by_units=k * saved,
             gradient_shards=(later + 1) * s, reduce_scatter=2 * g, prefetched=prefetch)
+    if optimizer is not None:  # every parameter resharded, every gradient reduce-scattered
+        last = rt.live[-1].astype(np.int64)
+        own = sum(int(last[_col(c)]) for c in (Category.INPUTS, Category.OUTPUTS,
+                                                Category.BUFFERS))
+        add("optimizer.step()", own, gradient_shards=optimizer.gradients,
+            optimizer_step=optimizer.step)
     label, peak, held = max(points, key=lambda x: x[1])
     return Stitched(peak, max(bounds), label, {"resident shards": resident, **held}, saved,
                     tuple((lbl, b) for lbl, b, _ in points))

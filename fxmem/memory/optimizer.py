@@ -4,7 +4,8 @@ The model mirrors, statement by statement, the Python code of ``torch.optim`` in
 (``adam.py``, ``adamw.py``, ``sgd.py``) for SGD, Adam and AdamW in their single-tensor, foreach
 and fused variants, so that it can run without running the optimizer and without allocating:
 parameters may live on the ``meta`` device.  It uses only ``numel``, ``element_size``, ``dtype``
-and ``device`` of the parameters and the hyper-parameters of the param groups.
+and ``device`` of the parameters and the hyper-parameters of the param groups.  A ``DTensor``
+parameter (FSDP2's) counts at its local shard: the state and temporaries on this process.
 
 What the mirror tracks is which temporaries each Python name keeps alive.  Two consequences that a
 "worst single parameter" rule misses:
@@ -25,6 +26,7 @@ Optimizers with low-bit state (torchao's, fxmem's bf16) are modelled in
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -258,7 +260,7 @@ def optimizer_memory(
         placed = [dev if p.device.type == "meta" else p.device for p in params]
         variant = _variant(kind, g, [d.type for d in placed], params)
         _check_group(kind, g, variant)
-        sizes = [p.numel() * p.element_size() if d == dev else 0 for p, d in zip(params, placed)]
+        sizes = [_local_nbytes(p) if d == dev else 0 for p, d in zip(params, placed)]
         state += _state_bytes(kind, variant, g, placed, sizes, dev)
         group_sizes = _group_sizes(kind, variant, params, placed, sizes)
         trace = _Trace()
@@ -270,6 +272,15 @@ def optimizer_memory(
         logger.debug("optimizer_memory: param group of %d params with grads, %s -> %s",
                      len(params), dev, name)
     return OptimizerMemory(" + ".join(names) or label, state_bytes=state, step_peak_bytes=peak)
+
+
+def _local_nbytes(p: torch.Tensor) -> int:
+    """The bytes of ``p`` on this process: a ``DTensor``'s local shard (FSDP2's parameters: the
+    optimizer's state and temporaries are ``zeros_like`` and ops of the shard on each rank)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # none exists before its import
+    if dtensor is not None and isinstance(p, dtensor.DTensor):
+        p = p.to_local()
+    return p.numel() * p.element_size()
 
 
 def _check_params(params: list[torch.Tensor]) -> None:

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 
 def test_unsupported_fsdp_configurations_are_clear_errors():
-    """No process group, DDP, a model already sharded, an optimizer, other levers: refused."""
+    """No process group, DDP, a model already sharded, an optimizer of another model's tensors,
+    one that has stepped or is not modelled, other levers: refused (before fully_shard)."""
     from torch.distributed.fsdp import fully_shard
 
     from fxmem.distributed import optimize_fsdp
@@ -22,8 +23,19 @@ def test_unsupported_fsdp_configurations_are_clear_errors():
         blocks = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)]))
         with pytest.raises(ValueError, match="not DistributedDataParallel"):
             optimize_fsdp(torch.nn.parallel.DistributedDataParallel(blocks), "1GiB")
-        with pytest.raises(ValueError, match="optimizer"):
-            optimize_fsdp(blocks, "1GiB", optimizer=torch.optim.SGD(blocks.parameters()))
+        other = torch.nn.Linear(2, 2)
+        with pytest.raises(ValueError, match="not parameters of the model"):
+            optimize_fsdp(blocks, "1GiB", optimizer=torch.optim.SGD(other.parameters()))
+        stepped = torch.optim.AdamW(blocks.parameters())
+        blocks[0][0](torch.ones(1, 2)).sum().backward()
+        stepped.step()
+        with pytest.raises(ValueError, match="has state"):
+            optimize_fsdp(blocks, "1GiB", optimizer=stepped)
+        blocks.zero_grad(set_to_none=True)
+        with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+            optimize_fsdp(blocks, "1GiB", optimizer=blocks.parameters())
+        with pytest.raises(NotImplementedError, match="optimizer_memory models only"):
+            optimize_fsdp(blocks, "1GiB", optimizer=torch.optim.Adagrad(blocks.parameters()))
         with pytest.raises(ValueError, match="recomputation only"):
             optimize_fsdp(blocks, "1GiB", allow=("recompute", "microbatch"))
         with pytest.raises(ValueError, match="lowering must be one of"):

@@ -4,9 +4,10 @@ for each, budgets where every rank's measured peak is at or under its budget and
 the prediction, and the gradients are the same setup's without fxmem.
 
 One budget each, every one of which recomputes: DDP at a tight budget; FSDP2 with its unit graphs
-run as FX code at a loose budget, and lowered through Inductor (a compile of tens of seconds on
-two busy cores, when Inductor's cache is cold) at a tight one. The >= 4 budget sweeps are the
-benches' (``bench/ddp_gpt.py``, ``bench/fsdp_gpt.py``, ``torchrun --nproc-per-node 2``)."""
+run as FX code at a loose budget, with an AdamW optimizer (as FX code) at a tight one whose
+measured step includes ``optimizer.step()``, and lowered through Inductor (a compile of tens of
+seconds on two busy cores, when Inductor's cache is cold) at a tight one. The >= 4 budget sweeps
+are the benches' (``bench/ddp_gpt.py``, ``bench/fsdp_gpt.py``, ``torchrun --nproc-per-node 2``)."""
 
 import datetime
 import json
@@ -22,8 +23,12 @@ import torch.multiprocessing as mp
 
 WORLD = 2
 # of the way from the floor to the unoptimised peak
-FRACTIONS = {"ddp": (0.1,), "fsdp_eager": (0.7,), "fsdp_inductor": (0.1,)}
+FRACTIONS = {"ddp": (0.1,), "fsdp_eager": (0.7,), "fsdp_adamw": (0.1,), "fsdp_inductor": (0.1,)}
 CHECKS = tuple(FRACTIONS)
+_RUN = {"ddp": lambda rank: _ddp_sweep(rank),
+        "fsdp_eager": lambda rank: _fsdp_sweep(rank, "eager"),
+        "fsdp_adamw": lambda rank: _fsdp_adamw(rank),
+        "fsdp_inductor": lambda rank: _fsdp_sweep(rank, "inductor")}
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -36,8 +41,7 @@ def _rank(rank: int, world: int, init_file: str, results: str) -> None:
     for name in CHECKS:
         start = time.perf_counter()
         try:
-            sweep, _, lowering = name.partition("_")
-            done[name] = ["ok", globals()[f"_{sweep}_sweep"](rank, *filter(None, [lowering]))]
+            done[name] = ["ok", _RUN[name](rank)]
         except BaseException:  # noqa: BLE001 - reported by the check's test
             done[name] = ["failed", traceback.format_exc()]
         done[name].append(time.perf_counter() - start)
@@ -145,6 +149,74 @@ def _fsdp_sweep(rank: int, lowering: str) -> list:
     return rows
 
 
+def _fsdp_adamw(rank: int) -> list:
+    """FSDP2 with AdamW: the optimizer built on the model before optimize_fsdp, its state on the
+    rank's shards and its step() in the budget. Two measured steps, each forward, backward and
+    ``optimizer.step()``: the first (its state allocated inside the step) and the steady one
+    (the state held from the start), both at or under the budget; the prediction (the steady
+    step) within 3% of the second; gradients and parameters FSDP2's with the same AdamW."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    import fxmem
+    from fxmem.distributed import measure_fsdp_step, optimize_fsdp
+    from fxmem.memory.measure import live_tensor_bytes
+    from tests.helpers import make_tiny_gpt
+
+    base, (idx, tgt), _ = make_tiny_gpt(n_layer=3, dropout=0.0, seed=0, batch=8, seq=128)
+    g = torch.Generator().manual_seed(100 + rank)
+    idx, tgt = (torch.randint(0, 512, idx.shape, generator=g) for _ in range(2))
+
+    def adamw(model):
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    reference = copy.deepcopy(base)
+    for block in reference.blocks:
+        fully_shard(block)
+    fully_shard(reference)
+    ref_opt, expected = adamw(reference), []
+    for _ in range(2):
+        reference(idx, tgt).backward()
+        ref_opt.step()
+        expected.append([p.grad.to_local().clone() for p in reference.parameters()])
+        ref_opt.zero_grad(set_to_none=True)
+    options = dict(lowering="eager", time_limit=1.0)
+    probe = copy.deepcopy(base)
+    probe = optimize_fsdp(probe, 1, optimizer=adamw(probe), **options)
+    with pytest.raises(fxmem.BudgetError) as info:
+        probe(idx, tgt)
+    floor, top = info.value.floor, info.value.unoptimized
+    budget = int(floor + FRACTIONS["fsdp_adamw"][0] * (top - floor))
+    model = copy.deepcopy(base)
+    opt = adamw(model)
+    model = optimize_fsdp(model, budget, units=model.blocks, optimizer=opt, **options)
+    for _ in range(2):  # plan and FSDP2's lazy initialisation; no step: the optimizer's first
+        model(idx, tgt).backward()  # step is measured
+        model.zero_grad(set_to_none=True)
+    measured = []
+    for k in range(2):
+        def step():
+            loss = model(idx, tgt)
+            loss.backward()
+            opt.step()
+
+        measured.append(measure_fsdp_step(step, model, [idx, tgt], optimizer=opt).peak)
+        got = [p.grad.to_local().clone() for p in model.parameters()]
+        opt.zero_grad(set_to_none=True)
+        for a, b in zip(expected[k], got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(b.to_local(), a.to_local(), rtol=1e-5, atol=1e-6)
+    step = model.fxmem_fsdp
+    assert step.optimizer.state == live_tensor_bytes("cpu", roots=[opt.state]) > 0
+    assert "AdamW" in step.report() and f"rank {rank} of 2" in step.report()
+    assert max(measured) <= budget, (rank, budget, measured)
+    assert abs(measured[1] - step.predicted_peak) <= 0.03 * measured[1], (
+        rank, budget, step.predicted_peak, measured)
+    return [[rank, budget, step.predicted_peak, measured[1], step.plan.solution.num_recomputed]]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Both ranks' results: ``[{check: ["ok", rows] or ["failed", traceback]}, ...]``."""
@@ -191,6 +263,12 @@ def test_ddp_budgets_on_two_gloo_ranks(ranks):
 @pytest.mark.slow
 def test_fsdp2_budget_on_two_gloo_ranks_fx_code(ranks):
     _rows(ranks, "fsdp_eager")
+
+
+@pytest.mark.slow
+def test_fsdp2_budget_with_adamw_on_two_gloo_ranks(ranks):
+    """The optimizer's sharded state and its step() in the rank's budget."""
+    _rows(ranks, "fsdp_adamw")
 
 
 @pytest.mark.slow
