@@ -141,8 +141,14 @@ class FsdpStep:
         target = int(self.budget * (1 - margin))
 
         def made(plan):
-            return _Made(plan, stitch(root, plan.timeline, self.sizes, units=n,
-                                      resident=self.resident, optimizer=self.optimizer))
+            m = _Made(plan, stitch(root, plan.timeline, self.sizes, units=n,
+                                   resident=self.resident, optimizer=self.optimizer))
+            log.debug("rank %d: unit budget %d: unit peak %d, saved %d per unit, %d "
+                      "recomputed; the step's peak %d at %s, bound %d (target %d)", self.rank,
+                      plan.options.budget, plan.predicted_peak, m.stitched.saved_per_unit,
+                      plan.solution.num_recomputed, m.stitched.peak, m.stitched.at,
+                      m.stitched.bound, target)
+            return m
 
         top = made(plan_at(1 << 50))
         if top.stitched.bound <= target:
@@ -168,6 +174,18 @@ class FsdpStep:
             else:
                 hi = mid
         return self._keep(best)
+
+    def check_planned(self) -> None:
+        """After the model's first forward: its units' graph was planned, not run by TorchDynamo
+        without fxmem's backend (a silent overshoot of the budget)."""
+        if not self.made:
+            raise RuntimeError(
+                "fxmem made no plan for the FSDP2 units: TorchDynamo ran their forward without "
+                "compiling it with fxmem's backend. It stops compiling a function after "
+                "torch._dynamo.config.recompile_limit compilations (8 by default), and each "
+                "model optimize_fsdp returns compiles the units' forward anew: call "
+                "torch._dynamo.reset() before optimize_fsdp when an earlier model is gone, or "
+                "raise the limit")
 
     def _keep(self, m: _Made) -> _Made:
         self.made.append(m)
@@ -351,12 +369,14 @@ def optimize_fsdp(model: torch.nn.Module, budget: int | str, *, units=None, mesh
     @functools.wraps(forward)
     def forward_raising_budget_errors(*args, **kwargs):
         try:
-            return forward(*args, **kwargs)
+            out = forward(*args, **kwargs)
         except Exception as exc:  # TorchDynamo wraps what a backend raises
             inner = getattr(exc, "inner_exception", None)
             if isinstance(inner, BudgetError):
                 raise inner from None
             raise
+        step.check_planned()
+        return out
 
     model.forward = forward_raising_budget_errors
     for unit in units:

@@ -49,3 +49,25 @@ def test_unsupported_fsdp_configurations_are_clear_errors():
             optimize_fsdp(blocks, "1GiB")
     finally:
         dist.destroy_process_group()
+
+
+def test_units_run_without_fxmems_backend_are_an_error():
+    """Past TorchDynamo's recompile limit the units run uncompiled, so unplanned: an error,
+    not a silent overshoot of the budget."""
+    import torch._dynamo
+
+    from fxmem.distributed import optimize_fsdp
+    from tests.helpers import make_tiny_gpt
+
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0,
+                            world_size=1)
+    try:
+        model, (idx, tgt), _ = make_tiny_gpt(n_layer=1, dropout=0.0, vocab=32, seq=8, batch=2,
+                                             d_model=16)
+        model = optimize_fsdp(model, "1GiB", lowering="eager")
+        with torch._dynamo.config.patch(recompile_limit=0), \
+                pytest.raises(RuntimeError, match="recompile_limit"):
+            model(idx, tgt)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
