@@ -34,7 +34,7 @@ from fxmem.api.proxy import ModelProxy
 from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
 from fxmem.levers.precision import ComputeCasts, PrecisionLever, casting, exact_first, run_with_casts
-from fxmem.levers.precision.fallback import check_precision
+from fxmem.levers.precision.fallback import check_precision, check_stored_bits
 from fxmem.levers.precision.loss_scale import (LossScaler, LossScaling, check_loss_scaling,
                                                loss_scale_line)
 from fxmem.levers.sparse.fallback import SparseFallback, check_sparse_density
@@ -424,6 +424,7 @@ def optimize(
     loss_scaling: str | LossScaling = "auto",
     precision: str | None = None,
     sparse_density: float | None = None,
+    stored_bits: int = 16,
 ) -> OptimizedModule:
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
@@ -458,6 +459,9 @@ def optimize(
     sparsity whose plan fits (densities 0.5, 0.3, 0.2, 0.1, 0.05) and ``optimizer`` is pointed at
     their values (:mod:`fxmem.levers.sparse.fallback`); a BudgetError leaves the model as it was.
     ``sparse_density`` (in (0, 1), needs ``"sparse"`` allowed) forces that density.
+    ``stored_bits``: with the precision lever, saved activations may be stored in bf16 (16, the
+    default) or also in 8 bits (8: int8 codes with an fp32 scale per 128 values, lossier,
+    opt-in; :mod:`fxmem.levers.precision.stored_8bit`), the solver choosing per value.
     ``exact_random`` (with ``lowering="inductor"``): True (default) draws random ops (dropout) as
     eager PyTorch does, so the step's values and gradients equal eager's under the same seed;
     False lets Inductor fuse them into its kernels with its own seeded generator, as
@@ -477,7 +481,8 @@ def optimize(
     forced_density = check_sparse_density(sparse_density, allow)
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
                           lowering=lowering, time_limit=time_limit,
-                          safety_margin=safety_margin, cost=cost)
+                          safety_margin=safety_margin, cost=cost,
+                          store_8bit=check_stored_bits(stored_bits, allow) == 8)
     if microbatch_coupling not in COUPLING_CHOICES:
         raise ValueError(f"microbatch_coupling must be one of {COUPLING_CHOICES}, "
                          f"got {microbatch_coupling!r}")
@@ -504,6 +509,7 @@ def floor(
     safety_margin: float | None = None,
     precision: str | None = None,
     sparse_density: float | None = None,
+    stored_bits: int = 16,
     **kwargs,
 ) -> int:
     """The smallest budget (bytes) fxmem can meet for ``model``'s step on these inputs with the
@@ -513,7 +519,8 @@ def floor(
     density tried (0.05); the model is left as it was."""
     module = optimize(model, 1, optimizer=optimizer, loss_fn=loss_fn, allow=allow,
                       lowering=lowering, time_limit=time_limit, safety_margin=safety_margin,
-                      precision=precision, sparse_density=sparse_density)
+                      precision=precision, sparse_density=sparse_density,
+                      stored_bits=stored_bits)
     try:
         plan = module.plan_for(*args, **kwargs)
     except BudgetError as exc:

@@ -65,6 +65,9 @@ class PlanOptions:
     device_spec: DeviceSpec | None = None
     # with the precision lever: the dtype the solver may store saved fp32 values in (None: not)
     store_low: torch.dtype | None = None
+    # where saved values may be stored low: in 8 bits too (blockwise int8, the solver's choice
+    # per value; fxmem.optimize(stored_bits=8))
+    store_8bit: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "allow", check_allow(self.allow))
@@ -81,6 +84,8 @@ class PlanOptions:
         if self.store_low is not None and self.store_low not in (torch.bfloat16, torch.float16):
             raise ValueError(f"store_low must be torch.bfloat16, torch.float16 or None, got "
                              f"{self.store_low!r}")
+        if not isinstance(self.store_8bit, bool):
+            raise TypeError(f"store_8bit must be a bool, got {type(self.store_8bit).__name__}")
         if self.time_limit <= 0:
             raise ValueError(f"time_limit must be positive seconds, got {self.time_limit!r}")
 

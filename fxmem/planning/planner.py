@@ -97,7 +97,8 @@ def plan_joint(
     offered = ()
     if options.store_low is not None:  # the precision lever: saved values may be stored low
         before = {"joint": joint.code}
-        offered = offer_stored_low(joint, num_fwd_outputs, options.store_low)
+        offered = offer_stored_low(joint, num_fwd_outputs, options.store_low,
+                                   eight_bit=options.store_8bit)
     step = step_from_joint(joint, num_fwd_outputs=num_fwd_outputs,
                            static_input_indices=static_input_indices)
     if options.safety_margin is None:

@@ -22,7 +22,7 @@ from fxmem.budget import BudgetError, format_bytes
 from fxmem.levers.precision.casts import ComputeCasts, casts_for
 
 __all__ = ["exact_first", "combined_error", "low_bit_state_hint", "PRECISION", "PRECISION_MODES",
-           "check_precision"]
+           "check_precision", "check_stored_bits"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,18 @@ def check_precision(precision: str | None, allow) -> torch.dtype | None:
         raise ValueError(f"precision={precision!r} casts the step's compute, a lossy lever: "
                          "allow it with allow=(..., 'precision')")
     return PRECISION_MODES[precision]
+
+
+def check_stored_bits(stored_bits: int, allow) -> int:
+    """``fxmem.optimize(stored_bits=...)``: 16 (bf16, the default) or 8, which needs
+    ``"precision"`` in ``allow`` (lossier than bf16, opt-in)."""
+    if isinstance(stored_bits, bool) or stored_bits not in (16, 8):
+        raise ValueError(f"stored_bits must be 16 (saved values stored in bf16 at most) or 8 "
+                         f"(in 8 bits too), got {stored_bits!r}")
+    if stored_bits == 8 and PRECISION not in allow:
+        raise ValueError("stored_bits=8 stores saved activations in 8 bits, a lossy lever: "
+                         "allow it with allow=(..., 'precision')")
+    return stored_bits
 
 
 def exact_first(attempt: Callable[[ComputeCasts | None], T], allow, device: torch.device | str,

@@ -30,6 +30,8 @@ import torch.fx
 from fxmem.budget import format_bytes
 from fxmem.graph.joint import forward_node_names
 from fxmem.graph.ops import is_pointwise, is_view
+from fxmem.levers.precision.stored_8bit import (BLOCK, EightBit, can_quantise, offer_8bit,
+                                                 unwind_8bit)
 
 __all__ = ["StoredLow", "StoredLowRecord", "offer_stored_low", "unwind_unsaved", "record_stored",
            "MIN_BYTES", "TIE_BREAK", "PASS_NAME"]
@@ -56,24 +58,35 @@ class StoredLow:
     nbytes: int
     low_nbytes: int
     copies: tuple[str, ...] = ()  # forward copies of ``value`` for its other readers
+    eight_bit: EightBit | None = None  # offered in 8 bits too (``restored`` is then its dequant)
 
 
 @dataclasses.dataclass(frozen=True)
 class StoredLowRecord:
-    """What a plan stores low: the values (forward node names), their bytes and the low copies'
-    bytes, of ``offered`` values the solver could have stored low."""
+    """What a plan stores low: the values (forward node names) stored in ``dtype``, their bytes
+    and the low copies' bytes, of ``offered`` values the solver could have stored low; with
+    8 bits offered, the values stored in 8 bits (``values_8bit``) and their bytes likewise."""
 
     dtype: str
     values: tuple[str, ...]
     nbytes: int
     low_nbytes: int
     offered: int
+    values_8bit: tuple[str, ...] = ()
+    nbytes_8bit: int = 0
+    low_nbytes_8bit: int = 0
 
     def summary(self) -> str:
-        return (f"{len(self.values)} of {self.offered} large fp32 values saved for the backward "
+        text = (f"{len(self.values)} of {self.offered} large fp32 values saved for the backward "
                 f"are stored in {self.dtype} ({format_bytes(self.nbytes)} kept as "
                 f"{format_bytes(self.low_nbytes)}, {format_bytes(self.nbytes - self.low_nbytes)} "
-                "saved) and restored in the backward")
+                "saved)")
+        if self.values_8bit:
+            text += (f" and {len(self.values_8bit)} in 8 bits with a scale per "
+                     f"{BLOCK} values ({format_bytes(self.nbytes_8bit)} kept as "
+                     f"{format_bytes(self.low_nbytes_8bit)}, "
+                     f"{format_bytes(self.nbytes_8bit - self.low_nbytes_8bit)} saved)")
+        return text + " and restored in the backward"
 
 
 def _tensor(node: torch.fx.Node) -> torch.Tensor | None:
@@ -82,10 +95,12 @@ def _tensor(node: torch.fx.Node) -> torch.Tensor | None:
 
 
 def offer_stored_low(joint: torch.fx.GraphModule, num_fwd_outputs: int, dtype: torch.dtype, *,
-                     min_bytes: int = MIN_BYTES) -> tuple[StoredLow, ...]:
+                     min_bytes: int = MIN_BYTES, eight_bit: bool = False
+                     ) -> tuple[StoredLow, ...]:
     """Add the cast pairs for every fp32 forward value of at least ``min_bytes`` that the backward
     reads (not the step's outputs, not views: they are remade from their base) to ``joint``, in
-    place; returns them."""
+    place; returns them. ``eight_bit``: offer each value in 8 bits as well, where it can be
+    (:mod:`fxmem.levers.precision.stored_8bit`)."""
     graph = joint.graph
     forward = forward_node_names(joint, num_fwd_outputs)
     outputs = {n.name for n in graph.output_node().args[0][:num_fwd_outputs]
@@ -117,9 +132,14 @@ def offer_stored_low(joint: torch.fx.GraphModule, num_fwd_outputs: int, dtype: t
         for reader in readers:
             reader.replace_input_with(node, restored)
         copies = _one_copy_per_reader(graph, node, low, order)
-        offered.append(StoredLow(node.name, low.name, restored.name, nbytes,
+        eight = None
+        if eight_bit and can_quantise(val):
+            eight = offer_8bit(graph, low, restored, {k: v for k, v in low.meta.items()
+                                                      if k != "val"})
+        offered.append(StoredLow(node.name, low.name,
+                                 restored.name if eight is None else eight.restored, nbytes,
                                  low.meta["val"].numel() * low.meta["val"].element_size(),
-                                 copies))
+                                 copies, eight))
     graph.lint()
     joint.recompile()
     log.debug("stored-low: %d values offered, %s", len(offered),
@@ -154,9 +174,25 @@ def _one_copy_per_reader(graph: torch.fx.Graph, node: torch.fx.Node, low: torch.
 
 
 def save_costs(offered: tuple[StoredLow, ...], costs) -> dict[str, float]:
-    """The time storing each value low adds (its two casts), by low node name."""
-    return {s.low: float(costs.get(s.low, 0.0)) + float(costs.get(s.restored, 0.0)) + TIE_BREAK
-            for s in offered}
+    """The time storing each value low adds (its two casts), by low node name; with 8 bits
+    offered, the time storing it in 8 bits adds (the quantisation and the dequantisation, more
+    than the casts: at equal memory bf16 wins), by codes node name, and the quantisation's
+    other nodes priced higher still (saving one of them instead of the codes is never the
+    cheaper way to the same rounding)."""
+    out = {}
+    for s in offered:
+        cast = float(costs.get(s.low, 0.0))
+        if s.eight_bit is None:
+            out[s.low] = cast + float(costs.get(s.restored, 0.0)) + TIE_BREAK
+            continue
+        e = s.eight_bit
+        out[s.low] = 2 * cast + TIE_BREAK  # the cast back is not in the graph: as dear as this
+        eight = (out[s.low] + TIE_BREAK
+                 + sum(float(costs.get(n, 0.0)) for n in (*e.forward, *e.backward)))
+        out.update({n: eight + TIE_BREAK for n in e.forward})
+        out[e.q] = eight
+        out[e.scale] = TIE_BREAK  # tiny; it goes with the codes
+    return out
 
 
 def unwind_unsaved(forward: torch.fx.GraphModule, backward: torch.fx.GraphModule,
@@ -167,6 +203,15 @@ def unwind_unsaved(forward: torch.fx.GraphModule, backward: torch.fx.GraphModule
     nodes = {n.name: n for n in backward.graph.nodes}
     stored = []
     for s in offered:
+        if s.eight_bit is not None:
+            how = unwind_8bit(backward, s.eight_bit, s.low)
+            if how != "none":
+                stored.append(dataclasses.replace(s, low_nbytes=s.eight_bit.nbytes)
+                              if how == "8bit" else dataclasses.replace(s, eight_bit=None))
+                continue
+            _merge_copies(forward, s)
+            _merge_copies(backward, s)
+            continue
         low, restored = nodes.get(s.low), nodes.get(s.restored)
         if low is not None and low.op == "placeholder":
             stored.append(s)
@@ -203,7 +248,14 @@ def _merge_copies(gm: torch.fx.GraphModule, s: StoredLow) -> None:
 
 def record_stored(stored: tuple[StoredLow, ...], offered: int, dtype: torch.dtype
                   ) -> StoredLowRecord:
+    """What :func:`unwind_unsaved` returned, as a record: a value it returns with its 8-bit
+    offer kept is stored in 8 bits (its ``low_nbytes`` then the codes' and scales')."""
+    low = [s for s in stored if s.eight_bit is None]
+    eight = [s for s in stored if s.eight_bit is not None]
     return StoredLowRecord(dtype=str(dtype).removeprefix("torch."),
-                           values=tuple(s.value for s in stored),
-                           nbytes=sum(s.nbytes for s in stored),
-                           low_nbytes=sum(s.low_nbytes for s in stored), offered=offered)
+                           values=tuple(s.value for s in low),
+                           nbytes=sum(s.nbytes for s in low),
+                           low_nbytes=sum(s.low_nbytes for s in low), offered=offered,
+                           values_8bit=tuple(s.value for s in eight),
+                           nbytes_8bit=sum(s.nbytes for s in eight),
+                           low_nbytes_8bit=sum(s.low_nbytes for s in eight))

@@ -53,17 +53,22 @@ class RecomputeLever(Lever):
         solver may store in fewer bits (:func:`fxmem.levers.precision.stored.offer_stored_low`),
         whose low copies are candidates that cost their casts' time to save."""
         from fxmem.levers.precision.stored import save_costs
+        from fxmem.levers.precision.stored_8bit import free_nodes
 
         spec = self.options.device_spec or spec_for(step.device)
         costs = profile_costs(step.gm, step.device) if self.options.cost == "profile" \
             else graph_costs(step.gm, spec)
+        fused_cost = functools.partial(compute_time, spec=spec)
+        free = free_nodes(s.eight_bit for s in stored_low)  # 8 bits: priced as storing's
+        if free:
+            fused_cost = functools.partial(_unless_free, free=free, cost=fused_cost)
         return build_problem(step, costs, save_cost=save_costs(stored_low, costs),
                              saveable=frozenset(s.value for s in stored_low),
                              constant=context.constant,
                              epilogue=context.epilogue_points,
                              backward_constant=context.backward_constant, replay_random=True,
                              lowering=self.options.lowering,
-                             fused_cost=functools.partial(compute_time, spec=spec))
+                             fused_cost=fused_cost)
 
     def solve(self, problem, target: int) -> RecomputeSolution:
         """The least predicted recompute time under ``target`` bytes, by the strategy asked."""
@@ -96,3 +101,8 @@ class RecomputeLever(Lever):
         """The save decision a solution makes, in node names."""
         return SaveDecision(saved=tuple(saved_nodes(pmap, solution.decision.saved)),
                             buffers=tuple(step.buffer_names))
+
+
+def _unless_free(node, *, free: frozenset[str], cost) -> float:
+    """``cost(node)``, or 0 for a node whose time is charged elsewhere."""
+    return 0.0 if node.name in free else cost(node)
