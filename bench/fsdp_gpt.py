@@ -2,7 +2,7 @@
 torchrun.
 
     torchrun --nproc-per-node 2 bench/fsdp_gpt.py --fractions 0.1,0.4,0.7,0.9 \
-        --lowering eager,inductor
+        --lowering eager,inductor --optimizer none,adamw
 
 Each rank builds the same GPT (``bench.workloads.gpt_decoder``, reduced by default so two CPU
 ranks sweep it in a few minutes), draws its own batch, and for each budget (``--fractions`` of
@@ -13,6 +13,16 @@ measures one step (forward and backward) on each rank: the bytes
 live at its start (the parameter shards and the batch) plus the allocator's events. The
 gradient shards are compared with FSDP2's without fxmem under the same seed (dropout
 included). Rank 0 writes the table to ``bench/results/fsdp_gpt.md``.
+
+With ``--optimizer adamw`` (or ``sgd``: momentum 0.9) the optimizer is built on the model before
+``optimize_fsdp`` and passed to it (its state over the rank's shards and its ``step()`` in the
+budget), and the step measured is forward, backward and ``optimizer.step()``: the first
+optimizer step (its state allocated inside it) and the second (the state held from the start;
+the one the prediction is of). The first step's gradient shards (from the same parameters) are
+compared with FSDP2's, and the parameters after both steps with FSDP2's with the same optimizer
+(their largest difference is reported: AdamW's first update, ``lr * m / (sqrt(v) + eps)``, turns
+gradient differences of fp32 rounding on gradients near ``eps`` into parameter differences of a
+fraction of ``lr``). ``none`` is the forward and backward alone.
 """
 
 from __future__ import annotations
@@ -32,8 +42,25 @@ from bench.workloads import gpt_decoder  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+OPTIMIZERS = {
+    "none": None,
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1),
+    "sgd": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+}
+_STEPS = 2  # optimizer steps measured: the first allocates the state, the second holds it
+
+
 def _grads(model):
     return [p.grad.to_local().clone() for p in model.parameters()]
+
+
+def _equal(expected, got) -> bool:
+    try:
+        for a, b in zip(expected, got, strict=True):
+            torch.testing.assert_close(b, a)
+    except AssertionError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -47,10 +74,15 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--lowering", default="eager,inductor",
                         help="how the unit graphs run, one sweep each: eager (FX code), inductor")
+    parser.add_argument("--optimizer", default="none",
+                        help="one sweep each: none (forward and backward), adamw, sgd")
     ns = parser.parse_args(argv)
     lowerings = ns.lowering.split(",")
     if not set(lowerings) <= {"eager", "inductor"}:
         parser.error(f"--lowering: eager, inductor or both, got {ns.lowering}")
+    optimizers = ns.optimizer.split(",")
+    if not set(optimizers) <= set(OPTIMIZERS):
+        parser.error(f"--optimizer: some of {', '.join(OPTIMIZERS)}, got {ns.optimizer}")
     import fxmem
     from fxmem.budget import format_bytes
     from fxmem.distributed import measure_fsdp_step, optimize_fsdp
@@ -65,49 +97,72 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(rank)
     idx, tgt = (torch.randint(0, ns.vocab, (ns.batch, ns.seq), generator=g) for _ in range(2))
 
-    reference = copy.deepcopy(base)
-    for block in reference.blocks:
-        fully_shard(block)
-    fully_shard(reference)
-    torch.manual_seed(1000 + rank)
-    reference(idx, tgt).backward()
-    expected = _grads(reference)
-    del reference
+    def build(name, model):
+        return OPTIMIZERS[name](model.parameters()) if OPTIMIZERS[name] else None
+
+    expected = {}  # per optimizer: each step's gradient shards, then the parameters after them
+    for name in optimizers:
+        reference = copy.deepcopy(base)
+        for block in reference.blocks:
+            fully_shard(block)
+        fully_shard(reference)
+        opt, expected[name] = build(name, reference), []
+        for _ in range(_STEPS if opt else 1):
+            torch.manual_seed(1000 + rank)
+            reference(idx, tgt).backward()
+            expected[name].append(_grads(reference))
+            if opt:
+                opt.step()
+            reference.zero_grad(set_to_none=True)
+        expected[name].append([p.to_local().clone() for p in reference.parameters()])
+        del reference, opt
 
     rows, report, bounds = [], "", {}
-    for lowering, fraction in ((lo, float(f)) for lo in lowerings
-                               for f in ns.fractions.split(",")):
+    for lowering, name, fraction in ((lo, o, float(f)) for lo in lowerings for o in optimizers
+                                     for f in ns.fractions.split(",")):
         options = dict(lowering=lowering, time_limit=5.0)
-        if lowering not in bounds:
+        torch._dynamo.reset()  # each model compiles the blocks' forward anew: past Dynamo's
+        # recompile limit (8) the blocks would run uncompiled, unplanned (optimize_fsdp raises)
+        if (lowering, name) not in bounds:
+            probe = copy.deepcopy(base)
             try:
-                optimize_fsdp(copy.deepcopy(base), 1, **options)(idx, tgt)
+                optimize_fsdp(probe, 1, optimizer=build(name, probe), **options)(idx, tgt)
                 raise AssertionError("a 1-byte budget planned")
             except fxmem.BudgetError as err:
-                bounds[lowering] = err.floor, err.unoptimized
-        floor, top = bounds[lowering]
+                bounds[lowering, name] = err.floor, err.unoptimized
+            del probe
+        floor, top = bounds[lowering, name]
         budget = int(floor + fraction * (top - floor))
         model = copy.deepcopy(base)
-        model = optimize_fsdp(model, budget, units=model.blocks, **options)
-        for _ in range(2):  # plans and compiles; FSDP2's lazy initialisation
+        opt = build(name, model)
+        model = optimize_fsdp(model, budget, units=model.blocks, optimizer=opt, **options)
+        for _ in range(2):  # plans and compiles; FSDP2's lazy initialisation (no optimizer step)
             model(idx, tgt).backward()
             model.zero_grad(set_to_none=True)
 
         def step():
             torch.manual_seed(1000 + rank)
-            model(idx, tgt).backward()
+            loss = model(idx, tgt)
+            loss.backward()
+            if opt is not None:
+                opt.step()
 
-        measured = measure_fsdp_step(step, model, [idx, tgt]).peak
-        equal = True
-        for a, b in zip(expected, _grads(model)):
-            try:
-                torch.testing.assert_close(b, a)
-            except AssertionError:
-                equal = False
+        peaks = []
+        for k in range(_STEPS if opt else 1):
+            peaks.append(measure_fsdp_step(step, model, [idx, tgt], optimizer=opt).peak)
+            if k == 0:  # from the same parameters as FSDP2's
+                equal = _equal(expected[name][0], _grads(model))
+            model.zero_grad(set_to_none=True)
+        moved = None
+        if opt is not None:
+            moved = max(float((a - b.to_local()).abs().max())
+                        for a, b in zip(expected[name][-1], model.parameters()))
         fsdp = model.fxmem_fsdp
-        rows.append((rank, lowering, fraction, budget, fsdp.predicted_peak, measured,
-                     fsdp.plan.solution.num_recomputed, equal))
+        rows.append((rank, lowering, name, fraction, budget, fsdp.predicted_peak, peaks[-1],
+                     peaks[0] if opt else None, fsdp.plan.solution.num_recomputed, equal,
+                     moved))
         report = fsdp.report()
-        del model
+        del model, opt
     print(f"rank {rank} of {world} (gloo): last budget's report\n{report}", flush=True)
     gathered = [None] * world
     dist.all_gather_object(gathered, (rows, report))
@@ -115,26 +170,41 @@ def main(argv=None) -> int:
         lines = ["# FSDP2 (fully_shard) over fxmem, per-rank budget", "",
                  f"`torchrun --nproc-per-node {world} bench/fsdp_gpt.py --fractions "
                  f"{ns.fractions} --layers {ns.layers} --d-model {ns.d_model} --batch {ns.batch}"
-                 f" --seq {ns.seq} --vocab {ns.vocab} --lowering {ns.lowering}` (gloo, cpu, "
+                 f" --seq {ns.seq} --vocab {ns.vocab} --lowering {ns.lowering} --optimizer "
+                 f"{ns.optimizer}` (gloo, cpu, "
                  f"torch {torch.__version__}); GPT {ns.layers} layers, d_model {ns.d_model}, "
                  f"vocabulary {ns.vocab}, dropout 0.1, batch {ns.batch} x {ns.seq} per rank; "
                  f"fully_shard on each block and the root, each block compiled with fxmem (its "
                  f"graph run as FX code, eager, or lowered through Inductor, its plan made with "
                  f"the memory model of that lowering); one step (forward and backward) measured "
-                 f"per budget. "
-                 + "; ".join(f"{lo}: floor {format_bytes(f)}, unoptimised peak "
-                             f"{format_bytes(t)} per rank" for lo, (f, t) in bounds.items())
+                 f"per budget without an optimizer; with one (passed to optimize_fsdp, its state "
+                 f"and step() in the budget), forward, backward and optimizer.step() measured "
+                 f"twice: 'measured' is the second step (the state held from the start, the "
+                 f"step predicted), 'first step' the first (the state allocated inside it); "
+                 f"'gradients equal' compares the (first) step's gradient shards with FSDP2's "
+                 f"(torch.testing.assert_close's fp32 tolerance), 'parameters after' gives the "
+                 f"largest difference of the parameter shards after the {_STEPS} steps from "
+                 f"FSDP2's with the same optimizer (AdamW lr 1e-3, weight decay 0.1: its first "
+                 f"update, lr * m / (sqrt(v) + eps), is about lr * sign(gradient), so a gradient "
+                 f"near eps = 1e-8 that differs by fp32 rounding moves its parameter by up to a "
+                 f"fraction of lr). "
+                 + "; ".join(f"{lo}{'' if o == 'none' else ' + ' + o}: floor {format_bytes(f)}, "
+                             f"unoptimised peak {format_bytes(t)} per rank"
+                             for (lo, o), (f, t) in bounds.items())
                  + ".", "",
-                 "| rank | lowering | fraction | budget | predicted | measured | within | error "
-                 "| recomputed | gradients equal FSDP2's |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| rank | lowering | optimizer | fraction | budget | predicted | measured "
+                 "| within | error | recomputed | gradients equal FSDP2's | first step "
+                 "| parameters after |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for part, _ in gathered:
-            for r, lo, f, b, p, m, k, eq in part:
-                lines.append(f"| {r} | {lo} | {f} | {b} | {p} | {m} | "
-                             f"{'yes' if m <= b else 'NO'} | {100 * (p - m) / m:+.2f}% | {k} | "
-                             f"{'yes' if eq else 'NO'} |")
-        lines += ["", f"Rank 0's report at the last budget ({lowerings[-1]}):", "", "```",
-                  gathered[0][1], "```"]
+            for r, lo, o, f, b, p, m, first, k, eq, moved in part:
+                within = m <= b and (first is None or first <= b)
+                lines.append(f"| {r} | {lo} | {o} | {f} | {b} | {p} | {m} | "
+                             f"{'yes' if within else 'NO'} | {100 * (p - m) / m:+.2f}% | {k} | "
+                             f"{'yes' if eq else 'NO'} | {'-' if first is None else first} | "
+                             f"{'-' if moved is None else f'{moved:.2g}'} |")
+        lines += ["", f"Rank 0's report at the last budget ({lowerings[-1]}, optimizer "
+                  f"{optimizers[-1]}):", "", "```", gathered[0][1], "```"]
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "fsdp_gpt.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines[:len(rows) * world + 6]))
