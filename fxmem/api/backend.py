@@ -41,7 +41,7 @@ from fxmem.api.graph_breaks import compiled_inside_eager_code, session_for, warn
 from fxmem.levers.precision.backend_casts import (autocast_graph, backend_precision,
                                                   tracing_with_casts)
 from fxmem.levers.precision.casts import ComputeCasts, casts_for
-from fxmem.levers.precision.fallback import combined_error
+from fxmem.levers.precision.fallback import check_stored_bits, combined_error
 from fxmem.levers.precision.lever import PrecisionLever
 from fxmem.planning.options import PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes, plan_joint
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 BUDGET_ENV = "FXMEM_BUDGET"  # the budget of a torch.compile call given no options
 _OPTION_KEYS = {"budget", "allow", "strategy", "lowering", "time_limit", "safety_margin",
-                "optimizer", "exact_random", "cost", "precision"}
+                "optimizer", "exact_random", "cost", "precision", "stored_bits"}
 
 
 class PlanLog:
@@ -284,6 +284,7 @@ def options_from_mapping(options: Mapping[str, Any] | None
         safety_margin=None if options.get("safety_margin") is None
         else float(options["safety_margin"]),  # None: default_margin, once the device is known
         cost=options.get("cost", "roofline"), lowering=options.get("lowering", "inductor"),
+        store_8bit=check_stored_bits(options.get("stored_bits", 16), allow) == 8,
     )
     return (plan_options, StepContext.of_optimizer(state, step),
             bool(options.get("exact_random", True)))

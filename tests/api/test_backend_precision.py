@@ -89,3 +89,12 @@ def test_fp16_and_precision_without_the_lever_are_refused():
         _compiled_step(model, args, {"budget": 1 << 40, "allow": LOW, "precision": "fp16"})
     with pytest.raises(Exception, match="allow it with"):
         _compiled_step(model, args, {"budget": 1 << 40, "precision": "bf16"})
+
+
+def test_stored_bits_8_through_the_backend_lowers_the_bf16_floor(floors):
+    _, low = floors
+    eight = _backend_floor({"allow": LOW, "precision": "bf16", "stored_bits": 8})
+    assert eight < low, (eight, low)
+    model, args, _ = make_tiny_gpt()
+    with pytest.raises(Exception, match="stored_bits=8 stores"):
+        _compiled_step(model, args, {"budget": 1 << 40, "stored_bits": 8})

@@ -35,7 +35,8 @@ import torch
 import torch.fx
 
 
-__all__ = ["EightBit", "BLOCK", "can_quantise", "offer_8bit", "unwind_8bit", "free_nodes"]
+__all__ = ["EightBit", "BLOCK", "can_quantise", "offer_8bit", "unwind_8bit", "free_nodes",
+           "interior_nodes"]
 
 BLOCK = 128  # values per scale: the scale adds 4 / BLOCK bytes a value (3%)
 _A = torch.ops.aten
@@ -114,6 +115,14 @@ def offer_8bit(graph: torch.fx.Graph, low: torch.fx.Node, restored: torch.fx.Nod
     graph.erase_node(restored)
     nbytes = q.meta["val"].numel() + 4 * scale.meta["val"].numel()
     return EightBit(q.name, scale.name, tuple(fwd.names), tuple(bwd.names), nbytes)
+
+
+def interior_nodes(offers) -> frozenset[str]:
+    """The quantisation's nodes other than the codes and the scale, for every value offered in
+    8 bits: never worth saving (the codes hold the same rounding in fewer bytes), so the solver
+    need not decide them."""
+    return frozenset(name for e in offers if e is not None for name in e.forward
+                     if name not in (e.q, e.scale))
 
 
 def free_nodes(offers) -> frozenset[str]:

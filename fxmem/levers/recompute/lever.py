@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
+
 from fxmem.cost.model import compute_time, graph_costs, profile_costs, spec_for
 from fxmem.graph.capture import CapturedStep
 from fxmem.levers.base import Lever, register
@@ -53,7 +55,7 @@ class RecomputeLever(Lever):
         solver may store in fewer bits (:func:`fxmem.levers.precision.stored.offer_stored_low`),
         whose low copies are candidates that cost their casts' time to save."""
         from fxmem.levers.precision.stored import save_costs
-        from fxmem.levers.precision.stored_8bit import free_nodes
+        from fxmem.levers.precision.stored_8bit import free_nodes, interior_nodes
 
         spec = self.options.device_spec or spec_for(step.device)
         costs = profile_costs(step.gm, step.device) if self.options.cost == "profile" \
@@ -62,13 +64,16 @@ class RecomputeLever(Lever):
         free = free_nodes(s.eight_bit for s in stored_low)  # 8 bits: priced as storing's
         if free:
             fused_cost = functools.partial(_unless_free, free=free, cost=fused_cost)
-        return build_problem(step, costs, save_cost=save_costs(stored_low, costs),
+        pmap = build_problem(step, costs, save_cost=save_costs(stored_low, costs),
                              saveable=frozenset(s.value for s in stored_low),
                              constant=context.constant,
                              epilogue=context.epilogue_points,
                              backward_constant=context.backward_constant, replay_random=True,
                              lowering=self.options.lowering,
                              fused_cost=fused_cost)
+        if not free:
+            return pmap
+        return _eight_bit_terms(pmap, free, interior_nodes(s.eight_bit for s in stored_low))
 
     def solve(self, problem, target: int) -> RecomputeSolution:
         """The least predicted recompute time under ``target`` bytes, by the strategy asked."""
@@ -106,3 +111,19 @@ class RecomputeLever(Lever):
 def _unless_free(node, *, free: frozenset[str], cost) -> float:
     """``cost(node)``, or 0 for a node whose time is charged elsewhere."""
     return 0.0 if node.name in free else cost(node)
+
+
+def _eight_bit_terms(pmap: ProblemMap, free: frozenset[str],
+                     interior: frozenset[str]) -> ProblemMap:
+    """``pmap`` with the ``free`` candidates' recomputation holding no memory -- a plan never
+    runs the 8-bit quantisation in the backward (where the codes are not saved, the backward
+    reads the bf16 copy or the value itself instead, :func:`~fxmem.levers.precision.
+    stored_8bit.unwind_8bit`), so the bytes it would hold there must not steer the solver away
+    from those choices -- and the ``interior`` ones never saved (fewer decisions)."""
+    p = pmap.problem
+    mask = np.array([name in free for name in p.names], dtype=bool)
+    inner = np.array([name in interior for name in p.names], dtype=bool) & ~p.must_save
+    problem = dataclasses.replace(p, again_size=np.where(mask, 0, p.again_size),
+                                  transient=np.where(mask, 0, p.transient),
+                                  never_save=p.never_save | inner)
+    return dataclasses.replace(pmap, problem=problem)
