@@ -35,13 +35,16 @@ Predicted time: :func:`fxmem.planning.joint.plan_seconds` (roofline per op, no f
 
 **Does time rise with the budget?** For consecutive budgets the per-round ratio of the larger
 budget's time to the smaller's: a rise is flagged when the median ratio is above 1 and a sign
-test over the rounds gives p < 0.05 (not noise), and it is put down to the planner when the
-predicted time rose too, to the cost model when only the measured one did.
+test over the rounds gives p < 0.05 (not noise), and it is put down to the policy when the larger
+budget's plan is less lossy (lossy levers only as far as the budget needs, even where faster), to
+the planner when the predicted time rose too, to the cost model when only the measured one did.
 
 Writes ``bench/results/<out>.{md,json,png}`` (default ``joint_sweep``).
 
-    python bench/joint_sweep.py                       # ~15-30 min on 2 shared CPU cores
-    python bench/joint_sweep.py --budgets 3 --front-points 3 --rounds 3 --size tiny   # smoke
+    python bench/joint_sweep.py      # 39 min (20 min of CPU) on 2 cores shared at load 5-9
+    python bench/joint_sweep.py --budgets 2 --front-points 3 --rounds 3 --size tiny \
+        --densities 0.05 --out smoke                  # a smoke run: 11 min on the same machine
+    python bench/joint_sweep.py --rewrite             # the .md and .png again from the .json
 """
 
 from __future__ import annotations
@@ -111,6 +114,12 @@ def describe(s: tuple, recomputed: int | None = None) -> str:
     return ", ".join(parts)
 
 
+def lossiness(s) -> tuple:
+    """The ladder's order of a plan's settings, as :attr:`JointPoint.lossiness`."""
+    _, bf16, density = s
+    return (0.0 if density is None else 1.0 - density, bool(bf16))
+
+
 def ranks(xs: list[float]) -> list[float]:
     """Average ranks (1-based), ties sharing the mean rank."""
     order = sorted(range(len(xs)), key=lambda i: xs[i])
@@ -174,7 +183,11 @@ def rises(rows: list[dict], who: str, alpha: float = 0.05) -> list[dict]:
     """For consecutive budgets (ascending) with ``who``'s plan timed at both: the step-time
     change, flagged ``rise`` when the median per-round ratio (larger budget / smaller) is above 1
     with a sign-test p below ``alpha``; ``cause``: ``planner`` when the predicted time rose too,
-    ``cost model`` when only the measured time rose, ``noise`` when the rise is not significant."""
+    ``cost model`` when only the measured time rose, ``noise`` when the rise is not significant,
+    ``re-plan`` when the exploration predicted a fall but the joint's choices, planned again with
+    their settings forced, predict a rise,
+    ``policy`` when the larger budget's plan is less lossy (lossy levers are used only as far as
+    the budget needs, even where they are faster)."""
     timed = [r for r in sorted(rows, key=lambda r: r["budget"])
              if (r.get(who) or {}).get("seconds")]
     out = []
@@ -184,6 +197,9 @@ def rises(rows: list[dict], who: str, alpha: float = 0.05) -> list[dict]:
         ratios = [b["seconds"][i] / a["seconds"][i] for i in range(n)]
         ratio = statistics.median(ratios)
         p = sign_test(sum(x > 1 for x in ratios), n)
+        explored = [None, None]  # the exploration's predicted times of the joint's choices
+        if who == "joint" and lo.get("joint_point") and hi.get("joint_point"):
+            explored = [lo["joint_point"]["seconds"], hi["joint_point"]["seconds"]]
         same = a.get("settings") == b.get("settings") and a.get("recomputed") == b.get(
             "recomputed")
         rise = ratio > 1 and p < alpha
@@ -193,13 +209,20 @@ def rises(rows: list[dict], who: str, alpha: float = 0.05) -> list[dict]:
                 cause = "noise"
             elif same:
                 cause = "noise (the same plan)"
+            elif lossiness(b["settings"]) < lossiness(a["settings"]):
+                cause = "policy (a less lossy plan once the budget allows it)"
+            elif explored[0] is not None and explored[1] > explored[0] * 1.0001:
+                cause = "planner (the exploration's predicted time rose too)"
             elif b["predicted_seconds"] > a["predicted_seconds"] * 1.0001:
-                cause = "planner"
+                cause = ("re-plan (the exploration predicted a fall; the same settings planned "
+                         "again predict a rise)" if explored[0] is not None else "planner")
             else:
                 cause = "cost model"
         out.append({"from": lo["budget"], "to": hi["budget"], "median_ratio": ratio,
                     "p": p, "rounds": n, "rise": rise, "cause": cause, "same_plan": same,
-                    "predicted_ratio": b["predicted_seconds"] / a["predicted_seconds"]})
+                    "predicted_ratio": b["predicted_seconds"] / a["predicted_seconds"],
+                    "explored_ratio": (explored[1] / explored[0] if explored[0] is not None
+                                       else None)})
     return out
 
 
@@ -347,8 +370,15 @@ def run(ns) -> dict:
         say(f"  optimize: {opt.error or describe(plan_settings(opt.summary), opt.summary['recomputed'])}"
             f" ({opt.build_seconds:.0f} s)")
         w = gpt_decoder(**size)
-        e = explore(w["model"], *w["args"], budget=b, allow=ALL, time_limit=ns.time_limit,
-                    progress=False, floors=False, densities=ns.densities)
+        try:
+            e = explore(w["model"], *w["args"], budget=b, allow=ALL, time_limit=ns.time_limit,
+                        progress=False, floors=False, densities=ns.densities)
+        except Exception as exc:  # recorded; the sweep goes on
+            traceback.print_exc()
+            row.update(joint_error=f"explore: {type(exc).__name__}: {exc}", joint_point=None,
+                       _joint=None)
+            rows.append(row)
+            continue
         del w
         say(f"  explore: {len(e.points)} points in {e.seconds:.0f} s; chosen "
             f"{e.chosen.levers if e.chosen else None}")
@@ -450,6 +480,8 @@ def verdicts(res: dict) -> dict:
     failed = [(r["budget"], who) for r in res["sweep"] for who in ("optimize", "joint")
               if (r.get(who) or {}).get("error")]
     v["peak_within"] = bool(measured) and not res["violations"] and not failed
+    v["peak_within_where_planned"] = bool(measured) and not res["violations"]
+    v["budgets_without_plan"] = failed
     for who in ("optimize", "joint"):
         v[f"time_no_rise_{who}"] = not any(x["rise"] for x in res["rises"][who])
         v[f"time_no_rise_strict_{who}"] = not any(x["median_ratio"] > 1
@@ -479,8 +511,15 @@ def markdown(meta: dict, res: dict) -> str:
           "```", f["message"].strip(), "```", ""]
     md += ["## Verdicts", ""]
     md.append(f"- Measured peak at or under the budget at every budget (both plans): "
-              f"**{'yes' if v['peak_within'] else 'NO'}**"
-              + (f" -- violations: {res['violations']}" if res["violations"] else ""))
+              f"**{'yes' if v['peak_within'] else 'NO'}**: measured over the budget: "
+              f"{len(res['violations'])} of {sum(1 for r in res['sweep'] for w in ('optimize', 'joint') if (r.get(w) or {}).get('measured_peak') is not None)} "
+              f"plans measured"
+              + (" (" + "; ".join(f"{x['plan']} at {_mib(x['budget'])} MiB: "
+                                  f"{_mib(x['measured_peak'])} MiB" for x in res["violations"])
+                 + ")" if res["violations"] else "")
+              + (f"; no plan made (BudgetError or failure) at: "
+                 + ", ".join(f"{w} at {_mib(b)} MiB" for b, w in v["budgets_without_plan"])
+                 if v["budgets_without_plan"] else ""))
     for who, name in (("optimize", "`fxmem.optimize` (the user's route)"),
                       ("joint", "the joint planner's choice (`explore`)")):
         flagged = [x for x in res["rises"][who] if x["median_ratio"] > 1]
@@ -490,7 +529,10 @@ def markdown(meta: dict, res: dict) -> str:
                   f"significant or not: {len(flagged)}"
                   + ("; " + "; ".join(f"{_mib(x['from'])} -> {_mib(x['to'])} MiB: x"
                                       f"{x['median_ratio']:.3f} (p={x['p']:.3g}, predicted x"
-                                      f"{x['predicted_ratio']:.3f}, cause: {x['cause']})"
+                                      f"{x['predicted_ratio']:.3f}"
+                                      + (f", explored x{x['explored_ratio']:.3f}"
+                                         if x.get("explored_ratio") else "")
+                                      + f", cause: {x['cause']})"
                                       for x in flagged) if flagged else "") + ")")
     if "front_ranking_agrees" in v:
         fr = res["front"]
@@ -519,15 +561,21 @@ def markdown(meta: dict, res: dict) -> str:
                           f"| | | | | | |")
                 continue
             if m is None:
-                md.append(f"| {_mib(r['budget'])} | {who} | no point fits | | | | | | |")
+                md.append(f"| {_mib(r['budget'])} | {who} | "
+                          f"{r.get('joint_error') or 'no point fits'} | | | | | | |")
                 continue
             if m.get("error"):
                 md.append(f"| {_mib(r['budget'])} | {who} | **failed**: {m['error']} "
                           f"| | | | | | |")
                 continue
             x = ratio[who].get(r["budget"])
+            levers = m["levers"]
+            if who == "joint" and r.get("joint_point"):
+                jp = r["joint_point"]
+                levers += (f" (as explored: {jp['recomputed']} recomputed, "
+                           f"{_mib(jp['peak'])} MiB, {_ms(jp['seconds'])} ms)")
             rr = f"x{x['median_ratio']:.3f} (p={x['p']:.2g})" if x else ""
-            md.append(f"| {_mib(r['budget'])} | {who} | {m['levers']} | "
+            md.append(f"| {_mib(r['budget'])} | {who} | {levers} | "
                       f"{_mib(m['predicted_peak'])} | {_mib(m['measured_peak'])} | "
                       f"{'yes' if m['within_budget'] else '**NO**'} | "
                       f"{_ms(m['predicted_seconds'])} | {_ms(m['median_seconds'])} | {rr} |")
@@ -591,25 +639,30 @@ def plot(res: dict, path: Path) -> None:
     b = [r["budget"] / MiB for r in sweep]
     ax = axes[0]
     ax.plot(b, b, "k--", label="budget")
-    for who, mk in (("optimize", "o"), ("joint", "s")):
+    for who, mk, color in (("optimize", "o", "tab:blue"), ("joint", "s", "tab:orange")):
         pts = [(r["budget"] / MiB, r[who]["measured_peak"] / MiB) for r in sweep
                if (r.get(who) or {}).get("measured_peak")]
         if pts:
-            ax.plot(*zip(*pts), mk + "-", label=f"{who}: measured peak", alpha=0.8)
+            ax.plot(*zip(*pts), mk + "-", color=color, label=f"{who}: measured peak", alpha=0.8)
     ax.axhline(res["eager_peak"] / MiB, color="grey", ls=":", label="eager fp32 peak")
     ax.set_xlabel("budget (MiB)")
     ax.set_ylabel("measured peak (MiB)")
     ax.set_title("measured peak against the budget")
+    failed = [r["budget"] / MiB for r in sweep
+              if any((r.get(w) or {}).get("error") for w in ("optimize", "joint"))]
+    if failed:
+        ax.scatter(failed, failed, marker="x", s=80, color="tab:red", zorder=5,
+                   label="no plan made")
     ax.legend(fontsize="small")
     ax = axes[1]
-    for who, mk in (("optimize", "o"), ("joint", "s")):
+    for who, mk, color in (("optimize", "o", "tab:blue"), ("joint", "s", "tab:orange")):
         pts = [(r["budget"] / MiB, 1e3 * r[who]["median_seconds"],
                 1e3 * r[who]["predicted_seconds"]) for r in sweep
                if (r.get(who) or {}).get("median_seconds")]
         if pts:
             x, y, pr = zip(*pts)
-            ax.plot(x, y, mk + "-", label=f"{who}: measured (median)")
-            ax.plot(x, pr, mk + ":", alpha=0.6, label=f"{who}: predicted")
+            ax.plot(x, y, mk + "-", color=color, label=f"{who}: measured (median)")
+            ax.plot(x, pr, mk + ":", color=color, alpha=0.5, label=f"{who}: predicted")
     ax.set_xlabel("budget (MiB)")
     ax.set_ylabel("step time (ms)")
     ax.set_title("step time against the budget")
@@ -655,7 +708,19 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-limit", type=float, default=3.0)
     p.add_argument("--out", default="joint_sweep")
+    p.add_argument("--rewrite", action="store_true",
+                   help="rewrite <out>.md and .png from <out>.json (nothing run)")
     ns = p.parse_args(argv)
+    if ns.rewrite:
+        data = json.loads((RESULTS / f"{ns.out}.json").read_text())
+        meta = {k: data.pop(k) for k in ("command", "date", "torch", "python", "cpu", "threads",
+                                         "time_limit", "densities", "total_seconds", "notes")
+                if k in data}
+        data.pop("verdicts", None)
+        data.pop("out", None)
+        data["rises"] = {who: rises(data["sweep"], who) for who in ("optimize", "joint")}
+        write(meta, data, ns.out)
+        return 0
     if ns.budgets < 2:
         p.error("--budgets must be at least 2")
     res = run(ns)

@@ -69,3 +69,10 @@ def test_report_says_no(tmp_path, monkeypatch):
     assert "at or under the budget at every budget (both plans): **NO**" in md
     assert "| 10.00 | optimize | x | 11.00 | 11.00 | **NO** |" in md
     assert json.loads((tmp_path / "t.json").read_text())["verdicts"]["peak_within"] is False
+
+
+def test_a_less_lossy_plan_is_the_policy():
+    rows = [{"budget": 10, "optimize": plan(9, [1.0] * 7, 1.0, settings=(1, False, 0.05))},
+            {"budget": 12, "optimize": plan(11, [1.5] * 7, 1.2, settings=(1, False, None))}]
+    (r,) = js.rises(rows, "optimize")
+    assert r["rise"] and r["cause"].startswith("policy")
