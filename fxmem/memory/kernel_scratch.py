@@ -6,9 +6,13 @@ accumulators for reduced-precision inputs and contiguous copies -- sizes that fo
 block sizes, the thread count and the dtype (on this build, for a (8, 8, 256, 64) fp32 step the
 backward holds 4.5 MB beyond its 12.6 MB of gradients; in bf16 the forward holds 4.5 MB beyond its
 output). bf16 matrix products on the CPU (oneDNN) pack their operands in buffers of the same
-allocator (a (2048, 8192) x (8192, 512) product: 6.6 MB). Rather than copy those rules, :func:`measured_scratch` runs the op once on tensors of
-the node's shapes and dtypes and measures, with the allocator, what it holds beyond its outputs at
-its peak; the answer is cached per shape, dtype, arguments and thread count.
+allocator (a (2048, 8192) x (8192, 512) product: 6.6 MB), and so do bf16 convolutions beyond the
+weight reorders fp32's are known to make (WRN-16-2's 128-channel 3x3 gradient at batch 64,
+channels-last: 1.26 MB, where fp32's holds its two weight copies, 0.59 MB). Rather than copy those
+rules, :func:`measured_scratch` runs the op once on tensors of the node's shapes and dtypes (and
+channels-last, for the convolutions Inductor's layout optimisation runs so) and measures, with the
+allocator, what it holds beyond its outputs at its peak; the answer is cached per shape, dtype,
+arguments and thread count.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.fx
 
 from fxmem.graph.torch_compat import UNSET_FAKE_TEMPORARILY, is_op_overload
 
-__all__ = ["measured_scratch", "MEASURED_OPS"]
+__all__ = ["measured_scratch", "measures", "MEASURED_OPS"]
 
 log = logging.getLogger(__name__)
 _CACHE: dict = {}  # (op, argument specs, threads) -> bytes measured
@@ -28,10 +32,14 @@ MEASURED_OPS = frozenset({
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+    "aten::convolution", "aten::convolution_backward",
 })
 # matrix products hold scratch only in reduced precision on the CPU (oneDNN packs its operands
-# through PyTorch's allocator; MKL's fp32 GEMM does not allocate there)
-_REDUCED_ONLY = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+# through PyTorch's allocator; MKL's fp32 GEMM does not allocate there); fp32 convolutions'
+# scratch is a rule of fxmem.memory.storages.scratch_bytes (their weight reorders)
+_REDUCED_ONLY = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                           "aten::convolution", "aten::convolution_backward"})
+_CONVOLUTIONS = frozenset({"aten::convolution", "aten::convolution_backward"})
 
 
 def _spec(x):
@@ -46,19 +54,41 @@ def _spec(x):
     return None
 
 
-def measured_scratch(node: torch.fx.Node, device: torch.device) -> int:
+def _reduced(args) -> bool:
+    return any(a[0] == "tensor" and a[3] in (torch.bfloat16, torch.float16) for a in args)
+
+
+def measures(node: torch.fx.Node) -> bool:
+    """Whether :func:`measured_scratch` measures ``node``'s op (on the CPU): the attention
+    kernels, and matrix products and convolutions in reduced precision."""
+    if node.op != "call_function" or not is_op_overload(node.target):
+        return False
+    name = node.target._schema.name
+    return name in MEASURED_OPS and (name not in _REDUCED_ONLY
+                                     or _reduced(tuple(_spec(a) for a in node.args)))
+
+
+def _channels_last(spec):
+    """A 4-D tensor's spec with channels-last strides (how Inductor runs a convolution)."""
+    if spec[0] != "tensor" or len(spec[1]) != 4:
+        return spec
+    n, c, h, w = spec[1]
+    return ("tensor", spec[1], (h * w * c, 1, w * c, c), spec[3])
+
+
+def measured_scratch(node: torch.fx.Node, device: torch.device, *,
+                     channels_last: bool = False) -> int:
     """Bytes ``node``'s op holds beyond its outputs at its peak, measured on ``device`` (CPU,
-    for the ops of :data:`MEASURED_OPS`); 0 for other ops, or when it cannot be measured."""
-    if (device.type != "cpu" or node.op != "call_function" or not is_op_overload(node.target)
-            or node.target._schema.name not in MEASURED_OPS):
+    for the ops :func:`measures`); 0 for other ops, or when it cannot be measured.
+    ``channels_last``: a convolution's 4-D tensors are measured channels-last."""
+    if device.type != "cpu" or not measures(node):
         return 0
     args = tuple(_spec(a) for a in node.args)
     kwargs = tuple(sorted((k, _spec(v)) for k, v in node.kwargs.items()))
     if any(a is None for a in args) or any(v is None for _, v in kwargs):
         return 0
-    if node.target._schema.name in _REDUCED_ONLY and not any(
-            a[0] == "tensor" and a[3] in (torch.bfloat16, torch.float16) for a in args):
-        return 0
+    if channels_last and node.target._schema.name in _CONVOLUTIONS:
+        args = tuple(_channels_last(a) for a in args)
     key = (node.target, args, kwargs, torch.get_num_threads())
     if key not in _CACHE:
         scratch = _measure(*key)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx
 
-from fxmem.memory.kernel_scratch import MEASURED_OPS, measured_scratch
+from fxmem.memory.kernel_scratch import measured_scratch, measures
 from fxmem.graph.capture import CapturedStep, Role
 from fxmem.graph.ops import tensors, value_nbytes
 from fxmem.graph.torch_compat import is_op_overload, storage_key
@@ -80,8 +80,8 @@ def scratch_bytes(node: torch.fx.Node, device: torch.device, *, channels_last: b
     op they wrap. A microbatch's read of the whole batch's draws
     (:mod:`fxmem.passes.microbatch_draws`) unpacks a mask's bits a byte a value, on any device
     (counted for every read: a uniform or normal draw's, which copies, holds less). The CPU
-    flash-attention kernels' blocks and accumulators are measured once per shape
-    (:mod:`fxmem.memory.kernel_scratch`)."""
+    flash-attention kernels' blocks and accumulators, and reduced-precision matrix products' and
+    convolutions' buffers, are measured once per shape (:mod:`fxmem.memory.kernel_scratch`)."""
     if node.op == "call_function" and is_op_overload(node.target) \
             and node.target._schema.name == "fxmem::microbatch_draw":
         return -(-math.prod(node.args[1]) // 8) * 8  # its part's bits, a byte each (padded)
@@ -92,8 +92,8 @@ def scratch_bytes(node: torch.fx.Node, device: torch.device, *, channels_last: b
         target, args = args[0], args[1:]  # run_and_save_rng_state(op, *args)
     elif not is_op_overload(target) and len(args) > 1 and is_op_overload(args[1]):
         target, args = args[1], args[2:]  # run_with_rng_state(state, op, *args)
-    if target is node.target and is_op_overload(target) and target._schema.name in MEASURED_OPS:
-        return measured_scratch(node, device)  # the CPU attention kernels' blocks, measured
+    if target is node.target and measures(node):  # attention's blocks, oneDNN's packing
+        return measured_scratch(node, device, channels_last=channels_last)
     if target is torch.ops.aten.convolution_backward.default and len(args) > 2:
         if channels_last:  # oneDNN works on channels-last tensors in place; it reorders the weight
             return 2 * value_nbytes(args[2])
