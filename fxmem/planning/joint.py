@@ -15,19 +15,24 @@ with those settings forced (``OptimizedModule.plan_for``: recomputation chosen b
 top, when ``"recompute"`` is allowed), and keeps every point: its levers, the planner's predicted
 peak, its predicted step time (:func:`plan_seconds`), whether it changes numerics, whether it fits.
 
-**What is planned per combination.** Each combination is planned from scratch, as
-``fxmem.optimize`` would plan it: the step's Dynamo+AOTAutograd capture (and, for k > 1, the
-microbatch lever's capture of the whole batch), then the planner under the budget. A combination
-that fits is planned again under a 1-byte budget for its floor (the :class:`BudgetError`'s, with
+**What is planned per combination.** Each combination is captured once, as ``fxmem.optimize``
+would capture it (``plan_for`` with its settings forced: the step's Dynamo+AOTAutograd capture,
+and for k > 1 the microbatch lever's decision), and planned under the budget. A combination that
+fits is planned again under a 1-byte budget for its floor (the :class:`BudgetError`'s, with
 ``floors=True``); one that does not fit has its floor from that error and is planned once more
 with no limit (nothing recomputed), so the point says what the combination costs with enough
-memory. Shared: the microbatch lever's batch analysis (one capture of the whole step) and the deep
-copy of the model the densities are tried on. Within one precision and density, larger k are not
-planned once a k fits with nothing recomputed (the microbatch lever's rule: a larger k only adds
-per-op overhead; the points it would give are slower). Solver time limits are ``time_limit``
-seconds per solve. So each combination costs one to three plans: on GPT-2 small (124M
-parameters, batch 8 x 256, Inductor, 2 shared CPU cores) 19-61 s each, a capture of about 15 s and
-the planner's rounds; its 8 combinations took 417 s (678 s with ``floors``).
+memory. Those further plans reuse the capture: the planner's preparation of its joint graph
+(:class:`~fxmem.planning.planner.PreparedJoint`: the graph labelled, stored-low casts offered,
+the recompute problem built, the unoptimised step realised; none of it depends on the budget)
+is planned under the other budget, as a fresh capture would be planned. Shared across
+combinations (:mod:`fxmem.planning.reuse`): the microbatch lever's batch analysis (one make_fx
+capture of the whole step per precision and density, not one per k and plan) and, per density,
+the deep copy of the model sparsified once (its layers' kernels timed once) for all its k and
+precisions. Within one precision and density, larger k are not planned once a k fits with
+nothing recomputed (the microbatch lever's rule: a larger k only adds per-op overhead; the
+points it would give are slower). Solver time limits are ``time_limit`` seconds per solve.
+``bench/joint_planning_time.py`` times it on GPT-2 small (124M parameters) with all four levers,
+phase by phase (``bench/results/joint_planning_time.md``).
 
 **The choice.** The fastest point that fits; lossy points only when no exact one fits; among points
 within 1% of the fastest, the least lossy (the ladder's order: bf16 compute, then sparser weights),
@@ -39,6 +44,7 @@ combination's floor was not searched, ``floors=False``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -137,16 +143,21 @@ def forced(k: int, precision: str, density: float | None, allow: Iterable[str]) 
                 precision=None if precision == "fp32" else precision, sparse_density=density)
 
 
-def plan_seconds(plan, spec: DeviceSpec | None = None) -> float:
+def plan_seconds(plan, spec: DeviceSpec | None = None, *, microbatches: int | None = None
+                 ) -> float:
     """A plan's predicted step time (seconds): the roofline cost (:func:`fxmem.cost.model.
     graph_costs`) of every op of its forward and backward graphs -- recomputed ops are in the
     backward graph -- times k for a step split into k microbatches (the first microbatch's graphs:
     a smaller last one is counted as a full one). Not counted: the optimizer's step, and the
-    kernel fusion Inductor does (every op is priced as its own kernel)."""
+    kernel fusion Inductor does (every op is priced as its own kernel). ``microbatches``: k,
+    for a plan that does not say (one made by :meth:`~fxmem.planning.planner.PreparedJoint.plan`
+    directly); by default the plan's own (1 when it has no microbatch report)."""
     graphs = [plan.graphs["forward"], plan.graphs["backward"]]
     if spec is None:
         spec = plan.options.device_spec or spec_for(_device(graphs[0]))
-    k = len(plan.microbatch.sizes) if plan.microbatch is not None else 1
+    k = microbatches
+    if k is None:
+        k = len(plan.microbatch.sizes) if plan.microbatch is not None else 1
     return k * sum(sum(graph_costs(gm, spec).values()) for gm in graphs)
 
 
@@ -190,58 +201,37 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
     """Plan ``model``'s step on these inputs (``kwargs`` are the model's) under ``budget`` for
     every combination of the allowed levers' settings, and choose one (see the module's
     docstring). The model and the optimizer are left as they were. ``progress``: a tqdm bar."""
-    from fxmem.api.optimize import optimize
+    from fxmem.planning import reuse
 
     t0 = time.perf_counter()
     budget = parse_budget(budget)
     allow = check_allow(allow)
     precisions = ("fp32", "bf16") if "precision" in allow else ("fp32",)
-    ks, skipped = _microbatch_counts(model, args, kwargs, allow, lowering, loss_fn)
-    dens: list[float | None] = [None]
-    copy_of = None
-    if "sparse" in allow:
-        from fxmem.levers.sparse.density import eligible_layers
+    with reuse.session():
+        with reuse.scope(("fp32", None)):  # the dense fp32 step's analysis serves its k > 1
+            ks, skipped = _microbatch_counts(model, args, kwargs, allow, lowering, loss_fn)
+        dens: list[float | None] = [None]
+        copy_of = None
+        if "sparse" in allow:
+            from fxmem.levers.sparse.density import eligible_layers
 
-        if eligible_layers(model):
-            dens += sorted({float(d) for d in densities}, reverse=True)
-            # one deep copy for every density: plan_for sparsifies it and puts it back
-            copy_of = copy.deepcopy((model, optimizer))
-        else:
-            skipped.append("sparse: no layer to sparsify (nn.Linear, nn.Conv2d; the first and "
-                           "last weight layers stay dense)")
-    variants = [(precision, d) for d in dens for precision in precisions]  # the ladder's order
-    bar = _bar(progress, len(variants) * len(ks))
-
-    def plan(k: int, precision: str, density: float | None, limit: int):
-        on, opt = (model, optimizer) if density is None else copy_of
-        module = optimize(on, limit, optimizer=opt, loss_fn=loss_fn, lowering=lowering,
-                          time_limit=time_limit, **forced(k, precision, density, allow))
-        return module.plan_for(*args, **kwargs)
-
-    points: list[JointPoint] = []
-    for precision, density in variants:
-        for i, k in enumerate(ks):
-            name = f"k={k} {precision}" + (f" density {density:g}" if density else "")
-            if bar is not None:
-                bar.set_postfix_str(name)
-            try:
-                point = _point(plan, k, precision, density, budget, floors)
-            except FxmemError as exc:  # a split the step refuses, a capture that fails
-                skipped.append(f"{name}: {str(exc).splitlines()[0]}")
-                point = None
-            if bar is not None:
-                bar.update(1)
-            if point is None:
-                continue
-            points.append(point)
-            log.info("fxmem joint planner: %s: peak %s, %.4g s, %s", name,
-                     format_bytes(point.peak), point.seconds, "fits" if point.fits else "over")
-            if point.fits and not point.recomputed and i + 1 < len(ks):
-                skipped.append(f"{precision}" + (f" density {density:g}" if density else "")
-                               + f": k > {k} not planned (k={k} fits with nothing recomputed)")
-                if bar is not None:
-                    bar.update(len(ks) - i - 1)
-                break
+            if eligible_layers(model):
+                dens += sorted({float(d) for d in densities}, reverse=True)
+                # one deep copy for every density, sparsified at each in turn and put back
+                copy_of = copy.deepcopy((model, optimizer))
+            else:
+                skipped.append("sparse: no layer to sparsify (nn.Linear, nn.Conv2d; the first "
+                               "and last weight layers stay dense)")
+        bar = _bar(progress, len(dens) * len(precisions) * len(ks))
+        points: list[JointPoint] = []
+        for density in dens:  # the ladder's order: each density, fp32 then bf16
+            with _weights(model, optimizer, copy_of, density, args, kwargs) as weights:
+                for precision in precisions:
+                    with reuse.scope((precision, density)):
+                        points += _variant(weights, precision, density, ks, allow, budget,
+                                           floors, skipped, bar, dict(
+                                               loss_fn=loss_fn, lowering=lowering,
+                                               time_limit=time_limit), args, kwargs)
     if bar is not None:
         bar.close()
     known = [p.floor for p in points]
@@ -251,21 +241,113 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
                             skipped=tuple(skipped), seconds=time.perf_counter() - t0)
 
 
-def _point(plan, k: int, precision: str, density: float | None, budget: int,
-           floors: bool) -> JointPoint:
-    """One combination: planned under the budget; its floor; with no limit when it does not fit."""
-    def point(p, fits: bool, floor: int | None) -> JointPoint:
-        return JointPoint(k, precision, density, int(p.predicted_peak), plan_seconds(p), fits,
-                          floor, len(p.record.recomputed))
+class _Weights:
+    """The model and optimizer a density's combinations are planned on, or why there are
+    none (``error``: the model could not be sparsified at that density)."""
 
+    def __init__(self, model, optimizer, error: str | None = None):
+        self.model, self.optimizer, self.error = model, optimizer, error
+
+
+@contextlib.contextmanager
+def _weights(model, optimizer, copy_of, density: float | None, args, kwargs):
+    """The user's model for dense weights; for a density, the deep copy sparsified at it once
+    for all its combinations (as ``optimize(sparse_density=...)`` sparsifies it for each plan:
+    :func:`fxmem.levers.sparse.fallback._sparsify_in_place`, each layer's kernel timed on the
+    whole batch's input) and put back afterwards."""
+    if density is None:
+        yield _Weights(model, optimizer)
+        return
+    from fxmem.levers.sparse import fallback
+
+    on, opt = copy_of
+    if fallback.sparse_layers(on):  # as optimize(sparse_density=...) refuses it
+        raise ValueError(f"sparse_density={density:g}: the model has sparse layers already "
+                         "(fxmem.sparsify); leave sparse_density out")
     try:
-        at_budget = plan(k, precision, density, budget)
-    except BudgetError as err:
-        return point(plan(k, precision, density, _NO_LIMIT), False, err.floor)
+        undo = fallback._sparsify_in_place(on, density, opt, (tuple(args), dict(kwargs)))
+    except FxmemError as exc:
+        yield _Weights(on, opt, str(exc).splitlines()[0])
+        return
+    try:
+        yield _Weights(on, opt)
+    finally:
+        undo()
+
+
+def _variant(weights: _Weights, precision: str, density: float | None, ks: list[int], allow,
+             budget: int, floors: bool, skipped: list, bar, options: dict, args, kwargs
+             ) -> list[JointPoint]:
+    """The points of one precision and density, k = 1 first."""
+    from fxmem.api.optimize import optimize
+
+    def plan(k: int, limit: int):
+        # the weights are sparsified already: the density is not forced again
+        module = optimize(weights.model, limit, optimizer=weights.optimizer, **options,
+                          **forced(k, precision, None, allow))
+        return module.plan_for(*args, **kwargs)
+
+    points = []
+    for i, k in enumerate(ks):
+        name = f"k={k} {precision}" + (f" density {density:g}" if density else "")
+        if bar is not None:
+            bar.set_postfix_str(name)
+        point = None
+        if weights.error is not None:
+            skipped.append(f"{name}: {weights.error}")
+        else:
+            try:
+                point = _point(plan, k, precision, density, budget, floors,
+                               lambda stage, name=name: bar is not None
+                               and bar.set_postfix_str(f"{name}: {stage}"))
+            except FxmemError as exc:  # a split the step refuses, a capture that fails
+                skipped.append(f"{name}: {str(exc).splitlines()[0]}")
+        if bar is not None:
+            bar.update(1)
+        if point is None:
+            continue
+        points.append(point)
+        log.info("fxmem joint planner: %s: peak %s, %.4g s, %s", name,
+                 format_bytes(point.peak), point.seconds, "fits" if point.fits else "over")
+        if point.fits and not point.recomputed and i + 1 < len(ks):
+            skipped.append(f"{precision}" + (f" density {density:g}" if density else "")
+                           + f": k > {k} not planned (k={k} fits with nothing recomputed)")
+            if bar is not None:
+                bar.update(len(ks) - i - 1)
+            break
+    return points
+
+
+def _point(plan, k: int, precision: str, density: float | None, budget: int,
+           floors: bool, stage=lambda stage: None) -> JointPoint:
+    """One combination: planned under the budget; its floor; with no limit when it does not fit.
+    The step is captured once: the floor's and the no-limit plan are the same capture planned
+    under those budgets (:class:`~fxmem.planning.planner.PreparedJoint`)."""
+    from fxmem.planning import reuse
+
+    def point(p, fits: bool, floor: int | None) -> JointPoint:
+        return JointPoint(k, precision, density, int(p.predicted_peak),
+                          plan_seconds(p, microbatches=k), fits, floor, len(p.record.recomputed))
+
+    stage("capture and plan under the budget")
+    with reuse.recording() as prepared:
+        try:
+            at_budget, error = plan(k, budget), None
+        except BudgetError as err:
+            at_budget, error = None, err
+    again = prepared[0] if len(prepared) == 1 else None
+
+    def replan(limit: int):
+        return again.plan(limit) if again is not None else plan(k, limit)
+
+    if error is not None:
+        stage("with no limit")
+        return point(replan(_NO_LIMIT), False, error.floor)
     floor = None
     if floors:
+        stage("its floor")
         try:
-            plan(k, precision, density, 1)
+            replan(1)
             floor = 1  # a 1-byte budget met: nothing is held
         except BudgetError as err:
             floor = err.floor

@@ -40,8 +40,8 @@ from fxmem.planning.options import LEVERS, PlanOptions, StepContext, default_mar
 from fxmem.solver import save_all
 from fxmem.solver.result import RecomputeSolution
 
-__all__ = ["Plan", "PlanOptions", "StepContext", "plan_joint", "default_margin", "LEVERS",
-           "optimizer_bytes"]
+__all__ = ["Plan", "PlanOptions", "StepContext", "plan_joint", "prepare_joint", "PreparedJoint",
+           "default_margin", "LEVERS", "optimizer_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,31 @@ def plan_joint(
 ) -> Plan:
     """Plan ``joint`` (an AOTAutograd joint graph) under ``options.budget``, with what
     ``context`` holds beyond the graph."""
+    prepared = prepare_joint(joint, num_fwd_outputs=num_fwd_outputs,
+                             static_input_indices=static_input_indices, options=options,
+                             context=context)
+    from fxmem.planning.reuse import note_prepared
+
+    note_prepared(prepared)  # the joint planner plans it again under other budgets
+    return prepared.plan()
+
+
+def prepare_joint(
+    joint: torch.fx.GraphModule,
+    *,
+    num_fwd_outputs: int,
+    static_input_indices: set[int] | frozenset[int],
+    options: PlanOptions,
+    context: StepContext = StepContext(),
+) -> PreparedJoint:
+    """What planning ``joint`` does before it looks at the budget (steps 1-2 up to the problem,
+    and the unoptimised step realised): a :class:`PreparedJoint` to plan under any budget."""
     t0 = time.perf_counter()
     unapplied = set(options.allow) & set(NOT_BUILT)  # precision and sparse act at capture (the
     # step under autocast, the model's layers sparsified), so the joint graph holds what they did
     if unapplied:
         log.info("levers %s are not built yet; the plan does not use them", sorted(unapplied))
-    offered = ()
+    offered, before = (), None
     if options.store_low is not None:  # the precision lever: saved values may be stored low
         before = {"joint": joint.code}
         offered = offer_stored_low(joint, num_fwd_outputs, options.store_low,
@@ -103,37 +122,91 @@ def plan_joint(
                            static_input_indices=static_input_indices)
     if options.safety_margin is None:
         options = dataclasses.replace(options, safety_margin=options.margin_for(step.device))
-    lever = RecomputeLever(options)
-    pmap = lever.analyse(step, context, stored_low=offered)
+    pmap = RecomputeLever(options).analyse(step, context, stored_low=offered)
+    prepared = PreparedJoint(joint, num_fwd_outputs, options, context, step, offered, before,
+                             pmap)
+    prepared.base = prepared.realise(save_all(pmap.problem, options.budget))
+    prepared.seconds = time.perf_counter() - t0
+    return prepared
 
-    def realise(solution: RecomputeSolution) -> Realised:
-        applied = lever.apply(StepGraphs(num_fwd_outputs, joint=joint),
-                              lever.decision(pmap, solution, step))
+
+_REALISED_KEPT = 8  # realised decisions a PreparedJoint keeps (a fitting round, the floor's
+# passes and its descent often meet a decision again)
+
+
+@dataclasses.dataclass(eq=False)
+class PreparedJoint:
+    """A joint graph ready to plan under any budget: labelled, the stored-low casts offered, the
+    recompute problem built (costs, storage table, linear model: none depends on the budget) and
+    the unoptimised step realised (``base``). ``plan(budget)`` is the rest of
+    :func:`plan_joint`; the joint planner (:mod:`fxmem.planning.joint`) plans one capture under
+    the budget, for its floor and with no limit. A decision is realised once (``realise`` keeps
+    what each of the last few saved sets gave: the passes and the simulation are deterministic)."""
+
+    joint: torch.fx.GraphModule
+    num_fwd_outputs: int
+    options: PlanOptions  # the safety margin resolved
+    context: StepContext
+    step: object  # fxmem.graph.capture.CapturedStep
+    offered: tuple
+    before: dict | None  # the joint graph's code before the stored-low casts were offered
+    pmap: object  # fxmem.levers.recompute.problem.ProblemMap
+    base: Realised | None = None
+    seconds: float = 0.0  # spent preparing
+    _realised: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def realise(self, solution: RecomputeSolution) -> Realised:
+        """The graphs ``solution``'s decision gives and their simulated memory."""
+        key = solution.decision.saved.tobytes()
+        done = self._realised.get(key)
+        if done is not None:
+            self._realised[key] = self._realised.pop(key)  # the most recent last
+            return Realised(solution, done.applied, done.timeline)
+        options, offered = self.options, self.offered
+        lever = RecomputeLever(options)
+        applied = lever.apply(StepGraphs(self.num_fwd_outputs, joint=self.joint),
+                              lever.decision(self.pmap, solution, self.step))
         if offered:  # a value whose low copy is not saved is read as it is, not rounded
             stored = unwind_unsaved(applied.graphs.forward, applied.graphs.backward, offered)
             details = record_stored(stored, len(offered), options.store_low)
             unwound = {s.low for s in offered} - {s.low for s in stored}
             record = dataclasses.replace(applied.record, recomputed=tuple(
                 n for n in applied.record.recomputed if n not in unwound))
-            pass_record = PassRecord(STORED_LOW, details.summary(), details, before,
+            pass_record = PassRecord(STORED_LOW, details.summary(), details, self.before,
                                      {"forward": applied.graphs.forward.code,
                                       "backward": applied.graphs.backward.code})
             applied = Applied(applied.graphs, (*applied.records, pass_record), record)
-        storages = plan_storages(step, applied.graphs.forward, applied.graphs.backward,
-                                 num_fwd_outputs=num_fwd_outputs, lowering=options.lowering)
-        return Realised(solution, applied, simulate(
+        storages = plan_storages(self.step, applied.graphs.forward, applied.graphs.backward,
+                                 num_fwd_outputs=self.num_fwd_outputs, lowering=options.lowering)
+        context = self.context
+        realised = Realised(solution, applied, simulate(
             storages, constant=context.constant, epilogue=context.epilogue_points,
             backward_constant=context.backward_constant))
+        self._realised[key] = realised
+        if len(self._realised) > _REALISED_KEPT:  # each holds its graphs: the oldest goes
+            del self._realised[next(iter(self._realised))]
+        return realised
 
-    base = realise(save_all(pmap.problem, options.budget))
-    chosen = _choose(pmap, lever, realise, base, options)
-    graphs = {"joint": joint, "forward": chosen.applied.graphs.forward,
-              "backward": chosen.applied.graphs.backward}
-    return Plan(options=options, context=context, solution=chosen.solution,
-                record=chosen.applied.record, predicted_peak=chosen.peak,
-                unoptimized_peak=base.peak, timeline=chosen.timeline, graphs=graphs,
-                candidates=pmap.problem.num_candidates, plan_seconds=time.perf_counter() - t0,
-                solver_calls=lever.solves, provenance=chosen.applied.records)
+    def plan(self, budget: int | None = None) -> Plan:
+        """The plan under ``budget`` (default: the options' own); a BudgetError with the floor
+        when none fits."""
+        t0 = time.perf_counter()
+        options = self.options
+        base = self.base
+        if budget is not None and budget != options.budget:
+            options = dataclasses.replace(options, budget=int(budget))
+            base = Realised(save_all(self.pmap.problem, options.budget), base.applied,
+                            base.timeline)
+        lever = RecomputeLever(options)
+        chosen = _choose(self.pmap, lever, self.realise, base, options)
+        graphs = {"joint": self.joint, "forward": chosen.applied.graphs.forward,
+                  "backward": chosen.applied.graphs.backward}
+        return Plan(options=options, context=self.context, solution=chosen.solution,
+                    record=chosen.applied.record, predicted_peak=chosen.peak,
+                    unoptimized_peak=base.peak, timeline=chosen.timeline, graphs=graphs,
+                    candidates=self.pmap.problem.num_candidates,
+                    plan_seconds=self.seconds + time.perf_counter() - t0,
+                    solver_calls=lever.solves, provenance=chosen.applied.records)
 
 
 def _choose(pmap, lever: RecomputeLever, realise, base: Realised, options: PlanOptions) -> Realised:

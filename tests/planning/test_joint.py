@@ -22,21 +22,42 @@ def _tiny():
     return model, args, torch.optim.AdamW(model.parameters())
 
 
+class _Calls:
+    """Counts the calls of the functions it wraps (installed with a MonkeyPatch)."""
+
+    def __init__(self, monkeypatch, *targets):
+        self.n = {}
+        for owner, name in targets:
+            fn = getattr(owner, name)
+
+            def counted(*a, _fn=fn, _name=name, **kw):
+                self.n[_name] = self.n.get(_name, 0) + 1
+                return _fn(*a, **kw)
+
+            monkeypatch.setattr(owner, name, counted)
+
+
 @pytest.fixture(scope="module")
 def floors():
     """Every combination of (recompute, sparse at density 0.1) under a 1-byte budget: none fits,
-    so each one's floor comes from its BudgetError; and what the model held before."""
+    so each one's floor comes from its BudgetError; and what the model held before; and how many
+    times the step was captured and the model sparsified."""
+    from fxmem.api.optimize import OptimizedModule
+    from fxmem.levers.sparse import fallback
+
     model, args, opt = _tiny()
     params = dict(model.named_parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     groups = [list(g["params"]) for g in opt.param_groups]
-    e = explore(model, *args, budget=1, allow=("recompute", "sparse"), densities=(0.1,),
-                optimizer=opt, **FAST)
-    return model, args, opt, e, (params, state, groups)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _Calls(mp, (OptimizedModule, "_plan_once"), (fallback, "_sparsify_in_place"))
+        e = explore(model, *args, budget=1, allow=("recompute", "sparse"), densities=(0.1,),
+                    optimizer=opt, **FAST)
+    return model, args, opt, e, (params, state, groups), calls.n
 
 
 def test_the_floor_is_the_smallest_of_every_combination(floors):
-    *_, e, _ = floors
+    *_, e, _, _ = floors
     assert e.chosen is None and len(e.points) == 2
     assert all(p.floor is not None and not p.fits for p in e.points)
     assert e.floor == min(p.floor for p in e.points)
@@ -48,7 +69,7 @@ def test_the_floor_is_the_smallest_of_every_combination(floors):
 
 
 def test_the_users_model_and_optimizer_are_left_as_they_were(floors):
-    model, _, opt, _, (params, state, groups) = floors
+    model, _, opt, _, (params, state, groups), _ = floors
     assert dict(model.named_parameters()) == params  # the same Parameter objects
     assert all(a is b for a, b in zip(model.parameters(), params.values()))
     after = model.state_dict()
@@ -59,7 +80,7 @@ def test_the_users_model_and_optimizer_are_left_as_they_were(floors):
 
 
 def test_a_budget_only_a_lossy_combination_meets_picks_it(floors):
-    model, args, opt, e0, _ = floors
+    model, args, opt, e0, _, _ = floors
     exact = next(p for p in e0.points if p.exact)
     budget = (exact.floor + e0.floor) // 2  # under the exact floor, well over the sparse one
     e = explore(model, *args, budget=budget, allow=("recompute", "sparse"), densities=(0.1,),
@@ -82,6 +103,35 @@ def test_exact_is_chosen_over_lossy_when_both_fit():
     assert e.floor is None  # the floors of combinations that fit were not searched
     assert e.optimize_kwargs() == dict(allow=("recompute",), microbatches=None, precision=None,
                                        sparse_density=None)
+
+
+def test_each_combination_is_captured_once_and_each_density_sparsified_once(floors):
+    *_, e, _, calls = floors
+    # a combination over the budget: planned under it (its floor) and with no limit, from one
+    # capture; the density's combinations share one sparsified copy of the model
+    assert len(e.points) == 2 and calls == {"_plan_once": 2, "_sparsify_in_place": 1}
+
+
+def test_replanning_a_capture_gives_what_planning_from_scratch_gives(monkeypatch):
+    """k=2 under a 1-byte budget: its point's floor and no-limit peak, from one capture and one
+    batch analysis, equal two fresh plans' (a 1-byte budget and none)."""
+    import fxmem
+    from fxmem.budget import BudgetError
+    from fxmem.levers.microbatch import lever
+
+    model, args, _ = make_tiny_gpt(n_layer=1, seq=16, batch=2, vocab=64, d_model=32)
+    calls = _Calls(monkeypatch, (lever, "capture_step"))
+    e = explore(model, *args, budget=1, allow=("recompute", "microbatch"), **FAST)
+    assert [p.microbatches for p in e.points] == [1, 2] and not any(p.fits for p in e.points)
+    assert calls.n == {"capture_step": 1}  # the whole batch's analysis, shared by k=2's plans
+    split = e.points[1]
+    fresh = dict(lowering="eager", time_limit=1.0, allow=("recompute",), microbatches=2)
+    with pytest.raises(BudgetError) as err:
+        fxmem.optimize(model, 1, **fresh).plan_for(*args)
+    assert split.floor == err.value.floor
+    unlimited = fxmem.optimize(model, 2**62, **fresh).plan_for(*args)
+    assert (split.peak, split.recomputed) == (unlimited.predicted_peak,
+                                              len(unlimited.record.recomputed))
 
 
 def _p(seconds, *, peak=100, precision="fp32", density=None, fits=True, k=1):
@@ -107,7 +157,7 @@ def test_the_choice_rule_and_the_front():
 
 
 def test_the_front_holds_the_chosen_point_and_the_table_and_png_are_written(floors, tmp_path):
-    model, args, opt, e0, _ = floors
+    model, args, opt, e0, _, _ = floors
     budget = int(1.02 * max(p.peak for p in e0.points))  # every combination fits
     e = explore(model, *args, budget=budget, allow=("recompute", "sparse"), densities=(0.1,),
                 optimizer=opt, floors=False, **FAST)

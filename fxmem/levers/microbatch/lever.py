@@ -79,10 +79,22 @@ class MicrobatchLever(Lever):
         self.hint: str | None = None  # why a step over the budget was not split (decide)
 
     def analyse(self, leaves, spec) -> tuple[Any, BatchAnalysis]:
-        """The whole batch's captured step and its batch analysis."""
-        args, kwargs = pytree.tree_unflatten(leaves, spec)
-        whole = capture_step(self.model, args, kwargs, loss_fn=self.loss_fn)
-        return whole, analyze_batch(whole, self.batch_dims, exact_random=self.exact_random)
+        """The whole batch's captured step and its batch analysis (traced once per scope of a
+        joint exploration, :mod:`fxmem.planning.reuse`: the same for every microbatch count)."""
+        from fxmem.planning.reuse import memoised
+
+        def analysed():
+            args, kwargs = pytree.tree_unflatten(leaves, spec)
+            whole = capture_step(self.model, args, kwargs, loss_fn=self.loss_fn)
+            return whole, analyze_batch(whole, self.batch_dims, exact_random=self.exact_random)
+
+        inputs = tuple((id(x), tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor)
+                       else repr(x) for x in leaves)
+        autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                         for d in ("cpu", "cuda"))
+        key = (id(self.model), id(self.loss_fn), repr(self.batch_dims), self.exact_random,
+               repr(spec), inputs, autocast)
+        return memoised("microbatch batch analysis", key, analysed)
 
     def decide(self, leaves, spec, slots, context: StepContext) -> MicrobatchDecision | None:
         """The split to run (None: the whole batch at once), chosen with recomputation under the
