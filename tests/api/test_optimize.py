@@ -76,9 +76,13 @@ def test_rng_is_left_as_eager_leaves_it(tiny_gpt, budget_between):
     model, args, kwargs = tiny_gpt(dropout=0.2)
     grads_of(model, model, *args, **kwargs, seed=3)
     after_eager = torch.random.get_rng_state()
-    budget = budget_between(model, args, fraction=0.05, time_limit=BOUNDS_TIME_LIMIT,
+    # checkpointing the blocks recomputes their dropout at any budget under the peak; the ILP
+    # near the floor did too, but its time-limited floor moved with the machine's load (a CI
+    # run planned 2.46 MiB where the bounds had found 2.26)
+    budget = budget_between(model, args, fraction=0.5, time_limit=BOUNDS_TIME_LIMIT,
                             **EAGER_RECOMPUTE)
-    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT, strategy="checkpoint-blocks",
+                        **EAGER_RECOMPUTE)
     om(*args)  # plan
     grads_of(model, om, *args, **kwargs, seed=3)
     assert om.plan.record.replayed, "the plan should recompute some dropout"
