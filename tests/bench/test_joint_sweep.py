@@ -71,8 +71,14 @@ def test_report_says_no(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "t.json").read_text())["verdicts"]["peak_within"] is False
 
 
-def test_a_less_lossy_plan_is_the_policy():
+def test_a_slower_less_lossy_plan_is_the_policy():
     rows = [{"budget": 10, "optimize": plan(9, [1.0] * 7, 1.0, settings=(1, False, 0.05))},
-            {"budget": 12, "optimize": plan(11, [1.5] * 7, 1.2, settings=(1, False, None))}]
-    (r,) = js.rises(rows, "optimize")
-    assert r["rise"] and r["cause"].startswith("policy")
+            {"budget": 12, "optimize": plan(11, [1.5] * 7, 1.2, settings=(1, False, None))},
+            {"budget": 14, "optimize": plan(13, [2.0] * 7, 1.1, settings=(1, False, 0.5)),
+             "joint_same_as_optimize": True, "joint": plan(15, [2.0] * 7, 1.1)}]
+    r = js.rises(rows, "optimize")
+    assert r[0]["rise"] and r[0]["cause"].startswith("policy")
+    assert r[1]["rise"] and r[1]["cause"] == "cost model"  # more lossy, predicted faster
+    rows[1]["optimize"]["predicted_seconds"] = 0.9  # less lossy but predicted faster
+    assert js.rises(rows, "optimize")[0]["cause"].startswith("cost model")
+    assert js.violations(rows) == []  # over, but the joint row stands for optimize's: not counted
