@@ -91,10 +91,27 @@ def test_fp16_and_precision_without_the_lever_are_refused():
         _compiled_step(model, args, {"budget": 1 << 40, "precision": "bf16"})
 
 
-def test_stored_bits_8_through_the_backend_lowers_the_bf16_floor(floors):
-    _, low = floors
-    eight = _backend_floor({"allow": LOW, "precision": "bf16", "stored_bits": 8})
-    assert eight < low, (eight, low)
+def test_stored_bits_8_through_the_backend_lowers_the_bf16_floor():
+    """A tiny GPT whose cross-entropy's log-probabilities (vocabulary 4096) hold its floor,
+    planned as Inductor runs it: 8-bit storage lowers bf16 storage's floor by about 11%
+    through fxmem.optimize (tests/levers/precision/test_stored_8bit.py); through the backend
+    by more than 3% (the floors are time-limited solves: a margin, not a byte count)."""
+    def floor(bits):
+        model, args, _ = make_tiny_gpt(dropout=0.0, vocab=4096)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="fxmem", options={
+            "budget": 1, "time_limit": 5, "lowering": "inductor", "allow": LOW,
+            "precision": "bf16", "stored_bits": bits})
+        with pytest.raises(Exception) as info:
+            fxmem.loss_from_output(compiled(*args)).backward()
+        err = info.value
+        while err is not None and not isinstance(err, fxmem.BudgetError):
+            err = err.__cause__ or err.__context__
+        assert err is not None and err.floor, info.value
+        return err.floor
+
+    low, eight = floor(16), floor(8)
+    assert eight < 0.97 * low, (eight, low)
     model, args, _ = make_tiny_gpt()
     with pytest.raises(Exception, match="stored_bits=8 stores"):
         _compiled_step(model, args, {"budget": 1 << 40, "stored_bits": 8})
