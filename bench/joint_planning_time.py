@@ -163,9 +163,10 @@ def run(ns) -> dict:
     load0 = os.getloadavg()
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     try:
-        e = explore(model, budget=ns.budget, allow=ALL_LEVERS, optimizer=optimizer,
+        e = explore(model, budget=ns.budget, allow=ns.levers, optimizer=optimizer,
                     lowering=ns.lowering, time_limit=ns.time_limit, floors=ns.floors,
-                    progress=not ns.no_progress, **kwargs)
+                    progress=not ns.no_progress, **({"search": ns.search} if ns.search else {}),
+                    **kwargs)
     finally:
         timer.uninstall()
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -183,7 +184,8 @@ def run(ns) -> dict:
         "parameters": n_params,
         "config": dict(layers=ns.layers, embd=ns.embd, heads=ns.heads, batch=ns.batch,
                        seq=ns.seq, vocab=ns.vocab, budget=parse_budget(ns.budget),
-                       lowering=ns.lowering, time_limit=ns.time_limit, floors=ns.floors),
+                       lowering=ns.lowering, time_limit=ns.time_limit, floors=ns.floors,
+                       levers=list(ns.levers), search=ns.search or "all"),
         "seconds": wall, "cpu_seconds": cpu, "explore_seconds": e.seconds,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "phases": phases, "calls": timer.calls, "not_timed": missing,
@@ -230,6 +232,8 @@ def write_markdown(runs: dict, path: Path) -> None:
                   f"{r['date']}, torch {r['torch']}, {r['cpu']} ({r['cores']} cores, "
                   f"{r['threads']} torch threads), {r['parameters'] / 1e6:.1f}M parameters, "
                   f"batch {c['batch']} x {c['seq']}, budget {c['budget'] / MiB:.0f} MiB, "
+                  f"levers {', '.join(c.get('levers', ALL_LEVERS))}, "
+                  f"search {c.get('search', 'all')}, "
                   f"floors {'searched' if c['floors'] else 'not searched'}; "
                   f"load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}.", "",
                   f"Command: `{r['command']}`", "",
@@ -249,26 +253,35 @@ def write_markdown(runs: dict, path: Path) -> None:
         if r["skipped"]:
             lines += [""] + [f"- not planned: {s}" for s in r["skipped"]]
         lines.append("")
-    if len(labels) >= 2:
-        a, b = runs[labels[0]], runs[labels[-1]]
-        lines += [f"## {labels[0]} against {labels[-1]}", "",
+    pairs = [(a, "after" + a[len("before"):]) for a in labels if a.startswith("before")]
+    for la, lb in [(a, b) for a, b in pairs if b in runs]:
+        a, b = runs[la], runs[lb]
+        lines += [f"## {la} against {lb}", "",
                   f"Wall: {a['seconds']:.1f} s -> {b['seconds']:.1f} s "
                   f"({a['seconds'] / b['seconds']:.1f}x); CPU: {a['cpu_seconds']:.1f} s -> "
-                  f"{b['cpu_seconds']:.1f} s.", "",
-                  "| combination | peak MiB | ms | fits | floor MiB |", "|---|---|---|---|---|"]
+                  f"{b['cpu_seconds']:.1f} s ({a['cpu_seconds'] / b['cpu_seconds']:.1f}x). "
+                  "Per phase (s): " + ", ".join(
+                      f"{k} {a['phases'].get(k, 0):.1f} -> {b['phases'].get(k, 0):.1f}"
+                      for k in dict.fromkeys([*a["phases"], *b["phases"]])) + ".", "",
+                  "| combination | peak MiB | ms | fits | floor MiB | recomputed |",
+                  "|---|---|---|---|---|---|"]
         pb = {_key(p): p for p in b["points"]}
         cells = (lambda v: f"{v['peak'] / MiB:.2f}", lambda v: f"{1e3 * v['seconds']:.2f}",
                  lambda v: "yes" if v["fits"] else "no",
-                 lambda v: f"{v['floor'] / MiB:.2f}" if v["floor"] else "-")
+                 lambda v: f"{v['floor'] / MiB:.2f}" if v["floor"] else "-",
+                 lambda v: str(v["recomputed"]))
+        same = 0
         for p in a["points"]:
             q = pb.get(_key(p))
             row = []
             for f in cells:
                 x, y = f(p), None if q is None else f(q)
                 row.append(x if y is None or x == y else f"{x} -> {y}")
+            same += q is not None and all(f(p) == f(q) for f in cells)
             lines.append(f"| {_key(p)} | " + " | ".join(row) + " |"
-                         + ("" if q is not None else " (not in the second run)"))
-        lines += ["", f"Chosen: {a['chosen']} -> {b['chosen']}; floor: "
+                         + ("" if q is not None else f" (not in {lb})"))
+        lines += ["", f"{same} of {len(a['points'])} points identical (to the byte, the "
+                  f"0.01 ms and the count). Chosen: {a['chosen']} -> {b['chosen']}; floor: "
                   f"{(a['floor'] or 0) / MiB:.2f} -> {(b['floor'] or 0) / MiB:.2f} MiB.", ""]
     path.write_text("\n".join(lines))
 
@@ -284,14 +297,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--budget", default="3GiB")
+    parser.add_argument("--levers", default=",".join(ALL_LEVERS),
+                        help="the levers allowed (default: all four)")
     parser.add_argument("--lowering", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--time-limit", type=float, default=3.0)
     parser.add_argument("--no-floors", dest="floors", action="store_false")
+    parser.add_argument("--search", choices=["all", "needed"], default=None,
+                        help="explore's search (default: its own, 'all'; a checkout before "
+                             "the option has only 'all')")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / NAME),
                         help="results path without suffix (.json and .md are written)")
     ns = parser.parse_args(argv)
     ns.heads = ns.heads or max(1, ns.embd // 64)
+    ns.levers = tuple(ns.levers.split(","))
     sys.path.insert(0, str(ROOT))  # bench.workloads
     if ns.src:
         sys.path.insert(0, str(Path(ns.src).resolve()))

@@ -271,7 +271,8 @@ def _explore(ns: argparse.Namespace, workload, budget: int):
 
     return explore(workload.model, *workload.args, budget=budget, allow=_allow(ns),
                    optimizer=workload.optimizer, loss_fn=workload.loss_fn, lowering=ns.lowering,
-                   time_limit=ns.time_limit, floors=ns.floors, **workload.kwargs)
+                   time_limit=ns.time_limit, floors=ns.floors, search=ns.search,
+                   progress=not ns.no_progress, **workload.kwargs)
 
 
 def _pareto(exploration, ns: argparse.Namespace, workload) -> str:
@@ -326,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
                    "budget)")
     q.add_argument("--time-limit", type=float, default=3.0, metavar="S",
                    help="with --alternatives: the solver's time limit per solve (default 3 s)")
+    q.add_argument("--search", default="all", choices=["all", "needed"],
+                   help="with --alternatives: plan every combination (all, default), or the "
+                        "lossy ones only when no exact one fits (needed: the same choice, "
+                        "fewer alternatives)")
+    q.add_argument("--no-progress", action="store_true",
+                   help="with --alternatives: no progress bar (by default a tqdm bar on "
+                        "stderr counts the combinations planned)")
     r = sub.add_parser("inspect", help="write a plan's graphs, passes and memory to a folder")
     _planning_arguments(r)
     r.add_argument("--out", required=True, metavar="DIR", help="the folder to write to")

@@ -192,50 +192,85 @@ def pareto_front(points: Iterable[JointPoint]) -> tuple[JointPoint, ...]:
     return tuple(sorted(front, key=lambda p: (p.peak, p.seconds)))
 
 
+SEARCHES = ("all", "needed")
+
+
 def explore(model: torch.nn.Module, *args, budget: int | str,
             allow: Iterable[str] = EXACT_LEVERS, optimizer: torch.optim.Optimizer | None = None,
             loss_fn: Callable[..., torch.Tensor] | None = None, lowering: str = "inductor",
             time_limit: float = 3.0, progress: bool = True,
-            densities: Iterable[float] = DENSITIES, floors: bool = True,
+            densities: Iterable[float] = DENSITIES, floors: bool = True, search: str = "all",
             **kwargs) -> JointExploration:
     """Plan ``model``'s step on these inputs (``kwargs`` are the model's) under ``budget`` for
     every combination of the allowed levers' settings, and choose one (see the module's
-    docstring). The model and the optimizer are left as they were. ``progress``: a tqdm bar."""
+    docstring). The model and the optimizer are left as they were. ``progress``: a tqdm bar.
+    ``search="needed"`` plans the lossy combinations only when no exact one fits (the choice is
+    the same: a lossy point is chosen only then; the front and the floor are then those of the
+    exact combinations, the floor None); ``"all"`` (default) plans every combination."""
     from fxmem.planning import reuse
 
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     t0 = time.perf_counter()
     budget = parse_budget(budget)
     allow = check_allow(allow)
     precisions = ("fp32", "bf16") if "precision" in allow else ("fp32",)
+    bar = _bar(progress, len(precisions))  # its total is known once the k are
+    lossy_skipped = False
     with reuse.session():
+        if bar is not None and "microbatch" in allow:
+            bar.set_postfix_str("the batch analysis (microbatch counts)")
         with reuse.scope(("fp32", None)):  # the dense fp32 step's analysis serves its k > 1
             ks, skipped = _microbatch_counts(model, args, kwargs, allow, lowering, loss_fn)
         dens: list[float | None] = [None]
-        copy_of = None
         if "sparse" in allow:
             from fxmem.levers.sparse.density import eligible_layers
 
             if eligible_layers(model):
                 dens += sorted({float(d) for d in densities}, reverse=True)
-                # one deep copy for every density, sparsified at each in turn and put back
-                copy_of = copy.deepcopy((model, optimizer))
             else:
                 skipped.append("sparse: no layer to sparsify (nn.Linear, nn.Conv2d; the first "
                                "and last weight layers stay dense)")
-        bar = _bar(progress, len(dens) * len(precisions) * len(ks))
+        if bar is not None:
+            bar.total = len(dens) * len(precisions) * len(ks)
+            bar.refresh()
         points: list[JointPoint] = []
+
+        def enough() -> bool:  # the exact combinations come first in the ladder's order
+            return search == "needed" and any(p.exact and p.fits for p in points)
+
+        copy_of = None  # one deep copy for every density, sparsified at each in turn, put back
         for density in dens:  # the ladder's order: each density, fp32 then bf16
-            with _weights(model, optimizer, copy_of, density, args, kwargs) as weights:
+            if enough():
+                lossy_skipped = True
+                break
+            if density is not None and copy_of is None:
+                copy_of = copy.deepcopy((model, optimizer))
+            if bar is not None and density is not None:
+                bar.set_postfix_str(f"density {density:g}: sparsifying (kernels timed)")
+            with reuse.scope(("weights", density)), \
+                    _weights(model, optimizer, copy_of, density, args, kwargs) as weights:
                 for precision in precisions:
+                    if enough():
+                        lossy_skipped = True
+                        break
                     with reuse.scope((precision, density)):
                         points += _variant(weights, precision, density, ks, allow, budget,
                                            floors, skipped, bar, dict(
                                                loss_fn=loss_fn, lowering=lowering,
                                                time_limit=time_limit), args, kwargs)
+            if lossy_skipped:
+                break
+    if lossy_skipped:
+        lossy = [n for n, on in (("bf16 compute", len(precisions) > 1),
+                                 ("sparse weights", len(dens) > 1)) if on]
+        skipped.append(f"{' and '.join(lossy)}: not planned (search='needed': an exact "
+                       "combination fits, so the choice is exact)")
     if bar is not None:
+        bar.update(bar.total - bar.n)
         bar.close()
     known = [p.floor for p in points]
-    floor = min(known) if known and None not in known else None
+    floor = min(known) if known and None not in known and not lossy_skipped else None
     return JointExploration(budget=budget, allow=tuple(sorted(allow)), points=tuple(points),
                             front=pareto_front(points), chosen=choose(points), floor=floor,
                             skipped=tuple(skipped), seconds=time.perf_counter() - t0)

@@ -103,6 +103,13 @@ def test_exact_is_chosen_over_lossy_when_both_fit():
     assert e.floor is None  # the floors of combinations that fit were not searched
     assert e.optimize_kwargs() == dict(allow=("recompute",), microbatches=None, precision=None,
                                        sparse_density=None)
+    # search="needed": an exact combination fits, so the lossy ones are not planned; the same
+    # choice
+    needed = explore(model, *args, budget=10**9, allow=("recompute", "microbatch", "precision"),
+                     optimizer=opt, floors=False, search="needed", **FAST)
+    assert [p.precision for p in needed.points] == ["fp32"] and needed.chosen == e.chosen
+    assert any("bf16 compute: not planned (search='needed'" in s for s in needed.skipped)
+    assert needed.floor is None
 
 
 def test_each_combination_is_captured_once_and_each_density_sparsified_once(floors):

@@ -167,7 +167,18 @@ def choose_kernel(layer: SparseLayer, input_shape: tuple[int, ...], *, repeats: 
     """Set ``layer``'s kernel to the faster of those it supports on this input shape, measured
     (``layer.kernel_times`` keeps the seconds of each); returns the kernel chosen."""
     kernels = KERNELS if isinstance(layer, SparseLinear) else ("dense",)
-    times = time_kernels(layer, kernels, input_shape, repeats=repeats)
+    if isinstance(layer, SparseLinear):  # a joint exploration times each configuration once
+        # (GPT-2's 12 blocks hold 4 of them): fxmem.planning.reuse
+        from fxmem.planning.reuse import memoised
+
+        values = layer.values
+        key = (type(layer).__name__, layer.weight_shape, layer.nnz, layer.bias is not None,
+               tuple(input_shape), values.dtype, values.device, values.requires_grad,
+               kernels, repeats)
+        times = dict(memoised("sparse kernel times", key, lambda: time_kernels(
+            layer, kernels, input_shape, repeats=repeats)))
+    else:
+        times = time_kernels(layer, kernels, input_shape, repeats=repeats)
     best = min(times, key=times.get)
     layer.set_kernel(best)
     layer.kernel_times = times
