@@ -211,7 +211,9 @@ def test_fxmem_plan_prints_the_alternatives_and_writes_the_front(tmp_path, monke
                      "--alternatives", "--pareto", str(png)]) == 0
     finally:
         sys.modules.pop("hf_joint_factory", None)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "fxmem: planning combinations" in captured.err  # the progress bar (tqdm), on stderr
     assert "chosen by the joint planner:" in out and "(exact)" in out
     report, table = out.split("alternatives under", 1)
     assert "measured peak" in report and "within budget" in report
