@@ -1,10 +1,11 @@
 """How long the joint planner takes on GPT-2 small (124M parameters) with all four levers.
 
 Builds ``transformers.GPT2LMHeadModel(GPT2Config(...))`` from a config (no download; the
-``hf_gpt2`` workload of ``bench/workloads.py`` at 12 layers, n_embd 768, 12 heads: 124.4M
-parameters), batch 8 x 256, AdamW, and times one ``fxmem.planning.joint.explore`` with
-``allow=("recompute", "microbatch", "precision", "sparse")`` under the budget (default 3 GiB,
-Inductor lowering, 3 s per solve, the floors searched as ``explore`` does by default). While it
+``hf_gpt2`` workload of ``bench/workloads.py`` at 12 layers, n_embd 768, 12 heads, GPT-2's
+vocabulary and 256 positions: 123.8M parameters), batch 8 x 256, AdamW, and times one
+``fxmem.planning.joint.explore`` with ``allow=("recompute", "microbatch", "precision",
+"sparse")`` (``--levers``) under the budget (default 3 GiB, Inductor lowering, 3 s per solve, the
+floors searched as ``explore`` does by default; ``--search needed``, ``--no-floors``). While it
 runs, the functions below are wrapped with timers, and each phase is charged the time spent in
 its functions minus the time in the other phases' functions they call (exclusive time; "other"
 is the rest: Python glue, graph copies, tqdm):
@@ -26,13 +27,17 @@ is the rest: Python glue, graph copies, tqdm):
 - ``predicted time``: ``plan_seconds`` (the roofline of a plan's graphs).
 
 Each run is kept in ``bench/results/joint_planning_time.json`` under its ``--label``; the
-Markdown file ``bench/results/joint_planning_time.md`` is written from every run kept there
-(``--src`` runs another checkout's fxmem, e.g. the commit before a change, for the "before").
+Markdown file ``bench/results/joint_planning_time.md`` is written from every run kept there, a
+label ``before-X`` compared point by point with ``after-X`` (``--src`` runs another tree's
+fxmem, e.g. an export of the commit before a change, for the "before"; ``--notes`` keeps a
+paragraph on how the runs were made; ``--rewrite`` writes the Markdown without running).
 
-    python bench/joint_planning_time.py --label after
-    python bench/joint_planning_time.py --label before --src /tmp/fxmem-before
-    python bench/joint_planning_time.py --layers 2 --embd 128 --batch 4 --seq 64 --vocab 2048 \\
-        --label tiny  # a small config to iterate on
+    python bench/joint_planning_time.py --label after-all-levers
+    python bench/joint_planning_time.py --label before-3levers --src /tmp/fxmem-before \
+        --levers recompute,microbatch,precision
+    python bench/joint_planning_time.py --label after-needed --search needed
+    python bench/joint_planning_time.py --layers 2 --embd 128 --batch 4 --seq 64 --vocab 2048 \
+        --label tiny --out /tmp/tiny  # a small config to iterate on
 """
 
 from __future__ import annotations
@@ -214,16 +219,28 @@ def _key(p) -> str:
     return f"k={p['k']} {p['precision']}" + (f" d={p['density']:g}" if p["density"] else "")
 
 
-def write_markdown(runs: dict, path: Path) -> None:
-    lines = [f"# Joint planner time: GPT-2 small (124M), all four levers", ""]
+def write_markdown(runs: dict, path: Path, notes: str = "") -> None:
+    lines = ["# Joint planner time: GPT-2 small (124M), all four levers", ""]
     lines += ["`fxmem.planning.joint.explore` on `GPT2LMHeadModel` built from a config (12 layers, "
-              "n_embd 768, 12 heads, vocabulary 50257: 124.4M parameters; `bench/workloads.py` "
-              "`hf_gpt2`), batch 8 x 256, AdamW, `allow=(recompute, microbatch, precision, "
-              "sparse)`, Inductor lowering, 3 s per solve, floors searched (explore's default). "
-              "Phases are exclusive wall time of the functions named in the script's docstring. "
-              "The machine has 2 CPU cores shared with other workers: the load average (1 min) "
-              "is given before and after each run; CPU seconds count fxmem's process and CBC's.",
-              ""]
+              "n_embd 768, 12 heads, vocabulary 50257, 256 positions: 123.8M parameters; "
+              "`bench/workloads.py` "
+              "`hf_gpt2`), batch 8 x 256, AdamW, Inductor lowering, 3 s per solve; each run's "
+              "levers, search and floors are in its row. Phases are exclusive wall time of the "
+              "functions named in the script's docstring. The machine has 2 CPU cores shared "
+              "with other workers: the load average (1 min) is given before and after each run; "
+              "CPU seconds count fxmem's process and CBC's.", ""]
+    lines += ["| run | levers | search | floors | points | wall s | CPU s | load | chosen | "
+              "floor MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in runs.items():
+        c = r["config"]
+        lines.append(
+            f"| {label} | {', '.join(c.get('levers', ALL_LEVERS))} | {c.get('search', 'all')} | "
+            f"{'yes' if c['floors'] else 'no'} | {len(r['points'])} | {r['seconds']:.1f} | "
+            f"{r['cpu_seconds']:.1f} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} | "
+            f"{r['chosen']} | " + (f"{r['floor'] / MiB:.2f}" if r["floor"] else "-") + " |")
+    lines.append("")
+    if notes:
+        lines += [notes.strip(), ""]
     labels = list(runs)
     for label in labels:
         r = runs[label]
@@ -306,6 +323,10 @@ def main(argv=None) -> int:
                         help="explore's search (default: its own, 'all'; a checkout before "
                              "the option has only 'all')")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--notes", help="Markdown kept with the results and written after the "
+                        "summary table (how the before and after trees were made)")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="write the Markdown from the runs kept, without running")
     parser.add_argument("--out", default=str(RESULTS / NAME),
                         help="results path without suffix (.json and .md are written)")
     ns = parser.parse_args(argv)
@@ -314,14 +335,22 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))  # bench.workloads
     if ns.src:
         sys.path.insert(0, str(Path(ns.src).resolve()))
-    record = run(ns)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     store = out.with_suffix(".json")
-    runs = json.loads(store.read_text()) if store.exists() else {}
-    runs[ns.label] = record
-    store.write_text(json.dumps(runs, indent=1))
-    write_markdown(runs, out.with_suffix(".md"))
+    kept = json.loads(store.read_text()) if store.exists() else {}
+    kept.setdefault("runs", {})
+    if ns.notes is not None:
+        kept["notes"] = ns.notes
+    if ns.rewrite:
+        store.write_text(json.dumps(kept, indent=1))
+        write_markdown(kept["runs"], out.with_suffix(".md"), kept.get("notes", ""))
+        print(f"written: {store}, {out.with_suffix('.md')}")
+        return 0
+    record = run(ns)
+    kept["runs"][ns.label] = record
+    store.write_text(json.dumps(kept, indent=1))
+    write_markdown(kept["runs"], out.with_suffix(".md"), kept.get("notes", ""))
     print(f"{ns.label}: {record['seconds']:.1f} s wall, {record['cpu_seconds']:.1f} CPU s; "
           + ", ".join(f"{k} {v:.1f}" for k, v in record["phases"].items()), flush=True)
     print(f"written: {store}, {out.with_suffix('.md')}")

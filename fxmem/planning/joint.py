@@ -40,6 +40,11 @@ then the fastest, then the smallest. The **front** holds the points no other poi
 beats in peak, time and lossiness at once (strictly beating it in one): it contains the chosen
 point. The **floor** is the smallest floor of any combination planned (None when some fitting
 combination's floor was not searched, ``floors=False``).
+
+**Searching less.** ``search="needed"`` plans the exact combinations first (fp32, dense weights,
+every k) and the lossy ones only when none of them fits: the choice is the same (a lossy point is
+chosen only when no exact one fits), the alternatives and the front are the exact points, and the
+floor is None (the lossy combinations' floors are not searched).
 """
 
 from __future__ import annotations
