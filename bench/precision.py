@@ -336,6 +336,14 @@ def main(argv=None) -> int:
     unknown = (set(ns.workloads.split(",")) | set(ns.reduced)) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {list(WORKLOADS)}")
+    run_all(ns, run_workload, write, argv)
+    return 0
+
+
+def run_all(ns, run_workload, write, argv=None) -> None:
+    """Each of ``ns.workloads`` (comma-separated) through ``run_workload(name, ns)``, one
+    workload's failure reported, not fatal; ``write(results, env, ns.out)`` after each and at
+    the end (with the total time). Inductor's caches are off: every plan compiles afresh."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     torch._functorch.config.enable_autograd_cache = False
     torch._inductor.config.fx_graph_cache = False
@@ -355,8 +363,6 @@ def main(argv=None) -> int:
     env["total_seconds"] = time.perf_counter() - _T0
     write(results, env, ns.out)
     say(f"done in {env['total_seconds']:.0f}s")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

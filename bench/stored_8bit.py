@@ -25,25 +25,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import json
-import platform
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
-import torch._functorch.config
-import torch._inductor.config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fxmem  # noqa: E402
-from bench.environment import cpu_name  # noqa: E402
-from bench.precision import MiB, PRECISE, build, say, step  # noqa: E402
+from bench.precision import MiB, PRECISE, build, run_all, say, step  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -194,24 +188,8 @@ def main(argv=None) -> int:
     unknown = set(ns.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}; choose from {list(WORKLOADS)}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    torch._functorch.config.enable_autograd_cache = False
-    torch._inductor.config.fx_graph_cache = False
-    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "torch": torch.__version__, "cpu": cpu_name(), "threads": torch.get_num_threads(),
-           "python": platform.python_version(),
-           "argv": sys.argv[1:] if argv is None else list(argv)}
-    results = []
-    for name in ns.workloads.split(","):
-        try:
-            results.append(run_workload(name, ns))
-        except Exception as exc:  # noqa: BLE001 - one workload's failure is reported
-            say(f"=== {name}: FAILED {type(exc).__name__}: {exc}")
-            results.append({"workload": name, "error": f"{type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc(limit=10)})
-        write(results, env, ns.out)
+    run_all(ns, run_workload, write, argv)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

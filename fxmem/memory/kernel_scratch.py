@@ -63,9 +63,13 @@ def measures(node: torch.fx.Node) -> bool:
     kernels, and matrix products and convolutions in reduced precision."""
     if node.op != "call_function" or not is_op_overload(node.target):
         return False
-    name = node.target._schema.name
-    return name in MEASURED_OPS and (name not in _REDUCED_ONLY
-                                     or _reduced(tuple(_spec(a) for a in node.args)))
+    return _measured(node.target._schema.name, lambda: tuple(_spec(a) for a in node.args))
+
+
+def _measured(name: str, specs) -> bool:
+    """``specs()``: the op's argument specs, computed only for ops measured in reduced
+    precision alone."""
+    return name in MEASURED_OPS and (name not in _REDUCED_ONLY or _reduced(specs()))
 
 
 def _channels_last(spec):
@@ -81,9 +85,11 @@ def measured_scratch(node: torch.fx.Node, device: torch.device, *,
     """Bytes ``node``'s op holds beyond its outputs at its peak, measured on ``device`` (CPU,
     for the ops :func:`measures`); 0 for other ops, or when it cannot be measured.
     ``channels_last``: a convolution's 4-D tensors are measured channels-last."""
-    if device.type != "cpu" or not measures(node):
+    if device.type != "cpu" or node.op != "call_function" or not is_op_overload(node.target):
         return 0
     args = tuple(_spec(a) for a in node.args)
+    if not _measured(node.target._schema.name, lambda: args):
+        return 0
     kwargs = tuple(sorted((k, _spec(v)) for k, v in node.kwargs.items()))
     if any(a is None for a in args) or any(v is None for _, v in kwargs):
         return 0

@@ -43,6 +43,17 @@ def _graph(low_is_input: bool):
     return torch.fx.GraphModule(torch.nn.Module(), graph), low, restored
 
 
+def _unwound(low_is_input: bool, expected: str):
+    """``_graph``'s module offered in 8 bits, then unwound as a plan that saves the bf16 copy
+    (``low_is_input``) or not; asserts the way it went."""
+    gm, low, restored = _graph(low_is_input)
+    e = offer_8bit(gm.graph, low, restored, {})
+    assert unwind_8bit(gm, e, low.name) == expected
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def _values():
     torch.manual_seed(0)
     x = torch.randn(6, 2 * BLOCK)
@@ -71,11 +82,7 @@ def test_the_quantisation_rounds_within_half_a_step_of_each_blocks_scale():
 
 
 def test_a_plan_that_saves_the_bf16_copy_reads_it_without_the_8bit_rounding():
-    gm, low, restored = _graph(low_is_input=True)
-    e = offer_8bit(gm.graph, low, restored, {})
-    assert unwind_8bit(gm, e, low.name) == "bf16"
-    gm.graph.lint()
-    gm.recompile()
+    gm = _unwound(low_is_input=True, expected="bf16")
     assert not any(n.target in (torch.ops.aten.round.default, torch.ops.aten.amax.default)
                    for n in gm.graph.nodes)
     x = _values().to(torch.bfloat16)
@@ -83,11 +90,7 @@ def test_a_plan_that_saves_the_bf16_copy_reads_it_without_the_8bit_rounding():
 
 
 def test_a_plan_that_keeps_the_value_reads_it_exactly():
-    gm, low, restored = _graph(low_is_input=False)
-    e = offer_8bit(gm.graph, low, restored, {})
-    assert unwind_8bit(gm, e, low.name) == "none"
-    gm.graph.lint()
-    gm.recompile()
+    gm = _unwound(low_is_input=False, expected="none")
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == \
         [torch.ops.aten.mul.Tensor]
     x = _values()
