@@ -9,9 +9,11 @@ here does anything; inside one:
   the step again;
 - :func:`memoised` keeps a value per key within the session's current :func:`scope` -- the
   microbatch lever's batch analysis (the whole batch's step traced once per precision and
-  density, not once per microbatch count), and the sparse kernels' timings (each layer
-  configuration -- shape, non-zeros, input shape -- timed once per density, not once per
-  layer: GPT-2's 12 blocks hold 4 configurations).
+  density, not once per microbatch count).
+
+(The sparse kernels are chosen once per layer configuration for the whole process, not here:
+:func:`fxmem.levers.sparse.kernels.choose_kernel`, so an explored point and the same settings
+built again by ``fxmem.optimize`` run the same kernels.)
 
 A scope names what the keys cannot see: the joint planner opens one per (precision, density),
 whose model (sparsified in place at that density) and autocast state stay the same within it.

@@ -15,6 +15,17 @@ the non-zeros, ``torch.sparse.sampled_addmm``).
 :func:`choose_kernel` times one forward+backward of a layer with each kernel on an input of the
 shape it sees, and keeps the faster: on a CPU the transient dense weight usually wins (MKL's
 dense GEMM against CSR at densities down to a few per cent), so nothing is assumed.
+
+**One choice per layer configuration, per process.** Timings on a shared machine are noisy: two
+kernels within a few per cent of each other would flip between calls, so the same model
+sparsified twice (a joint exploration's combination, then the chosen point built again) could
+run different kernels and so different plans. The choice is therefore made once per layer
+configuration (layer type, weight shape, non-zeros, bias, input shape, dtype, device, whether
+the values train) and kept for the process (:func:`kernel_choices`; :func:`clear_kernel_choices`
+forgets them): every layer of that configuration, in every later sparsification of any model,
+gets the same kernel without being timed again. And the rule is stable under noise: the CSR
+product is taken only when it is faster than the transient dense weight by more than
+:data:`CSR_MARGIN` (10%); within that margin the dense kernel (the default) is kept.
 """
 
 from __future__ import annotations
@@ -27,9 +38,15 @@ import torch
 
 from fxmem.levers.sparse.layers import KERNELS, SparseLayer, SparseLinear
 
-__all__ = ["csr_linear", "choose_kernel", "time_kernel", "time_kernels"]
+__all__ = ["csr_linear", "choose_kernel", "time_kernel", "time_kernels", "preferred_kernel",
+           "kernel_choices", "clear_kernel_choices", "CSR_MARGIN"]
 
 log = logging.getLogger(__name__)
+
+#: The CSR product is chosen only when faster than the transient dense weight by more than this.
+CSR_MARGIN = 0.10
+# layer configuration -> (kernel chosen, seconds per kernel): one choice per process
+_CHOICES: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
 def _no_autocast(t: torch.Tensor):
@@ -163,23 +180,45 @@ def time_kernel(layer: SparseLayer, kernel: str, input_shape: tuple[int, ...], *
                         min_block_s=min_block_s)[kernel]
 
 
-def choose_kernel(layer: SparseLayer, input_shape: tuple[int, ...], *, repeats: int = 5) -> str:
-    """Set ``layer``'s kernel to the faster of those it supports on this input shape, measured
-    (``layer.kernel_times`` keeps the seconds of each); returns the kernel chosen."""
-    kernels = KERNELS if isinstance(layer, SparseLinear) else ("dense",)
-    if isinstance(layer, SparseLinear):  # a joint exploration times each configuration once
-        # (GPT-2's 12 blocks hold 4 of them): fxmem.planning.reuse
-        from fxmem.planning.reuse import memoised
+def preferred_kernel(times: dict[str, float], margin: float = CSR_MARGIN) -> str:
+    """The kernel to run given each one's seconds: ``"csr"`` only when it is faster than
+    ``"dense"`` by more than ``margin`` (a fraction of dense's time), else ``"dense"``; with one
+    of them only, that one."""
+    if "dense" not in times:
+        return min(times, key=lambda k: (times[k], k))
+    csr = times.get("csr")
+    return "csr" if csr is not None and csr < (1.0 - margin) * times["dense"] else "dense"
 
-        values = layer.values
-        key = (type(layer).__name__, layer.weight_shape, layer.nnz, layer.bias is not None,
-               tuple(input_shape), values.dtype, values.device, values.requires_grad,
-               kernels, repeats)
-        times = dict(memoised("sparse kernel times", key, lambda: time_kernels(
-            layer, kernels, input_shape, repeats=repeats)))
-    else:
+
+def kernel_choices() -> dict[tuple, tuple[str, dict[str, float]]]:
+    """The choices made in this process: layer configuration -> (kernel, seconds per kernel)."""
+    return dict(_CHOICES)
+
+
+def clear_kernel_choices() -> None:
+    """Forget the choices made in this process: the next layers are timed again."""
+    _CHOICES.clear()
+
+
+def choose_kernel(layer: SparseLayer, input_shape: tuple[int, ...], *, repeats: int = 5) -> str:
+    """Set ``layer``'s kernel to the one :func:`preferred_kernel` picks from their times on this
+    input shape (``layer.kernel_times`` keeps the seconds of each); returns the kernel chosen.
+    Each layer configuration is timed once per process: a later layer of the same
+    configuration gets the same kernel (see the module's docstring)."""
+    kernels = KERNELS if isinstance(layer, SparseLinear) else ("dense",)
+    if not isinstance(layer, SparseLinear):  # one kernel: timed for the report only
         times = time_kernels(layer, kernels, input_shape, repeats=repeats)
-    best = min(times, key=times.get)
+        best = "dense"
+    else:
+        values = layer.values
+        key = (type(layer).__name__, tuple(layer.weight_shape), int(layer.nnz),
+               layer.bias is not None, tuple(input_shape), values.dtype, values.device,
+               values.requires_grad, kernels)
+        if key not in _CHOICES:
+            times = time_kernels(layer, kernels, input_shape, repeats=repeats)
+            _CHOICES[key] = (preferred_kernel(times), dict(times))
+        best, times = _CHOICES[key]
+        times = dict(times)
     layer.set_kernel(best)
     layer.kernel_times = times
     log.info("kernel for %s on %s: %s (%s)", layer.weight_shape, input_shape, best,

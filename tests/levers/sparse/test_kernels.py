@@ -11,6 +11,17 @@ from fxmem.levers.sparse.sparsify import initial_indices
 from fxmem.levers.sparse.layers import SparseLinear
 
 
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    """Each test times its layers: the choices other tests made in this process are forgotten
+    (and theirs are put back after, so the tests do not depend on their order)."""
+    kept = dict(kernels._CHOICES)
+    kernels.clear_kernel_choices()
+    yield
+    kernels.clear_kernel_choices()
+    kernels._CHOICES.update(kept)
+
+
 @pytest.mark.parametrize("faster", ["dense", "csr"])
 def test_choose_kernel_keeps_the_measured_faster(monkeypatch, faster):
     torch.manual_seed(0)
@@ -48,7 +59,7 @@ def test_sparsify_auto_measures_each_layer_on_the_input_it_sees(tiny_gpt):
     assert torch.equal(torch.random.get_rng_state(), rng)
     for name, layer in model.sparsity.layers.items():
         assert set(layer.kernel_times) == {"dense", "csr"}
-        assert layer.kernel == min(layer.kernel_times, key=layer.kernel_times.get), name
+        assert layer.kernel == kernels.preferred_kernel(layer.kernel_times), name
     rows = {r.name: r for r in model.sparsity.report().layers}
     assert all(r.kernel_times for r in rows.values())
     with pytest.raises(ValueError, match="example_inputs"):
@@ -107,3 +118,33 @@ def test_dense_kernel_backward_under_bf16_autocast():
     out.float().square().sum().backward()
     assert layer.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     assert layer.bias.grad.dtype == torch.float32
+
+
+def test_csr_is_taken_only_when_faster_by_the_margin():
+    assert kernels.preferred_kernel({"dense": 1.0, "csr": 0.85}) == "csr"
+    assert kernels.preferred_kernel({"dense": 1.0, "csr": 0.95}) == "dense"  # within 10%
+    assert kernels.preferred_kernel({"dense": 1.0, "csr": 1.0}) == "dense"  # a tie: the default
+    assert kernels.preferred_kernel({"dense": 1.0, "csr": 0.95}, margin=0.0) == "csr"
+    assert kernels.preferred_kernel({"dense": 1.0}) == "dense"
+
+
+def test_one_choice_per_layer_configuration_per_process(monkeypatch):
+    """A configuration is timed once: a second layer like it (another model, a later
+    sparsification) gets the first one's kernel even if timing again would flip it."""
+    torch.manual_seed(0)
+    answers = iter([{"dense": 2e-3, "csr": 1e-3}, {"dense": 1e-3, "csr": 2e-3}])
+    timed = []
+
+    def fake(layer_, kernels_, shape, **kw):
+        timed.append(shape)
+        return next(answers)
+
+    monkeypatch.setattr(kernels, "time_kernels", fake)
+    layers = [SparseLinear.from_dense(d, initial_indices(d.weight, 20))
+              for d in (nn.Linear(16, 8), nn.Linear(16, 8))]
+    assert [choose_kernel(layer, (4, 16)) for layer in layers] == ["csr", "csr"]
+    assert timed == [(4, 16)] and layers[1].kernel_times == {"dense": 2e-3, "csr": 1e-3}
+    assert choose_kernel(layers[0], (2, 16)) == "dense"  # another input shape: timed
+    assert timed == [(4, 16), (2, 16)] and len(kernels.kernel_choices()) == 2
+    kernels.clear_kernel_choices()
+    assert kernels.kernel_choices() == {}
