@@ -82,7 +82,10 @@ except ImportError:  # pragma: no cover - tqdm is installed in the project's env
     tqdm = None
 
 RESULTS = ROOT / "bench" / "results"
-MODES = ("fp32", "bf16", "sparse80", "sparse90", "sparse80-static", "sparse90-static")
+MODES = ("fp32", "bf16", "bf16-8bit", "sparse80", "sparse90", "sparse80-static",
+         "sparse90-static")
+PRECISION_MODES = ("bf16", "bf16-8bit")
+EIGHT_BIT_MARGIN = 1.02  # the bf16-8bit mode's budget: this times the floor with 8 bits offered
 MODELS = ("lm", "wrn")
 DENSITY = {"sparse80": 0.2, "sparse90": 0.1}
 PRECISION_ALLOW = ("recompute", "microbatch", "precision")
@@ -331,12 +334,18 @@ def run_one(task: Task, mode: str, seed: int, args) -> dict:
                                  "sparse_layers": len(model.sparsity.layers)}
             # counts the step; prunes and regrows every `every`
             return Prepared(model, after_step=model.sparsity.step if dynamic else None)
-        if mode == "bf16":
+        if mode in PRECISION_MODES:
             lowering = (BF16_LOWERING[task.name] if args.bf16_lowering == "per-model"
                         else args.bf16_lowering)
             extra["lowering"] = lowering
-            step_fn = fxmem.optimize(model, args.budget, optimizer=opt, allow=PRECISION_ALLOW,
-                                     precision="bf16", lowering=lowering)
+            budget, bits = args.budget, 16
+            if mode == "bf16-8bit":
+                bits = 8
+                floor = eight_bit_floor(task, model, lowering, seed)
+                budget = int(EIGHT_BIT_MARGIN * floor)
+                extra.update(floor_8bit=floor, budget=budget)
+            step_fn = fxmem.optimize(model, budget, optimizer=opt, allow=PRECISION_ALLOW,
+                                     precision="bf16", lowering=lowering, stored_bits=bits)
             # an OptimizedModule in eval is the model
             return Prepared(step_fn, eval_model=step_fn)
         return Prepared(model)
@@ -344,16 +353,18 @@ def run_one(task: Task, mode: str, seed: int, args) -> dict:
     row = train(task, seed, prepare, label=mode)
     model, step_fn = row.pop("_model"), row.pop("_step_fn")
     row.pop("_optimizer")
-    if mode != "bf16":
+    if mode not in PRECISION_MODES:
         row.pop("loss_dtype")
     row.pop("prepare_s")
     row.pop("train_losses")
     row.update(extra)
-    if mode == "bf16":
+    if mode in PRECISION_MODES:
         report = step_fn.plan.report()
         row["plan_levers"] = next((ln.strip() for ln in report.splitlines()
                                    if ln.startswith("levers used")), None)
         row["plan_head"] = report.splitlines()[0]
+        row["stored_low"] = next((ln.strip() for ln in report.splitlines()
+                                  if ln.strip().startswith("stored-low:")), None)
     if mode.startswith("sparse"):
         report = model.sparsity.report()
         row["sparsity"].update(measured_density=report.density, updates=len(model.sparsity.history),
@@ -362,6 +373,23 @@ def run_one(task: Task, mode: str, seed: int, args) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
+
+
+def eight_bit_floor(task: Task, model: torch.nn.Module, lowering: str, seed: int) -> int:
+    """The smallest budget the bf16-8bit mode's levers reach on the first training batch (the
+    BudgetError of a 1-byte budget), planned on a copy: the model, its optimizer and the RNG are
+    left as they were."""
+    copy = __import__("copy").deepcopy(model)
+    x, y = next(task.batches(torch.Generator().manual_seed(seed + 1)))  # train's first batch
+    rng = torch.get_rng_state()
+    try:
+        fxmem.optimize(copy, 1, optimizer=task.make_optimizer(copy), allow=PRECISION_ALLOW,
+                       precision="bf16", lowering=lowering, stored_bits=8)(x, y)
+    except fxmem.BudgetError as exc:
+        return int(exc.floor)
+    finally:
+        torch.set_rng_state(rng)
+    raise RuntimeError("a 1-byte budget was met")
 
 
 def _diff(task_metric: str, higher_is_better: bool, value: float, base: float) -> dict:
@@ -373,24 +401,30 @@ def _diff(task_metric: str, higher_is_better: bool, value: float, base: float) -
 def _verdicts(rows: list[dict]) -> list[str]:
     lines = []
     by = {(r["model"], r["mode"]): r for r in rows}
-    lm_fp, lm_bf = by.get(("lm", "fp32")), by.get(("lm", "bf16"))
-    if lm_fp and lm_bf and lm_fp.get("status") == lm_bf.get("status") == "ok":
-        rel = 100.0 * abs(lm_bf["val_loss"] - lm_fp["val_loss"]) / lm_fp["val_loss"]
-        lines.append(f"- lm: bf16 validation loss within {MAX_LOSS_REL_PCT}% of fp32's: "
-                     f"**{'holds' if rel <= MAX_LOSS_REL_PCT else 'does not hold'}** "
-                     f"(|{lm_bf['val_loss']:.4f} - {lm_fp['val_loss']:.4f}| / "
-                     f"{lm_fp['val_loss']:.4f} = {rel:.2f}%)")
-    elif lm_bf:
-        lines.append("- lm: bf16 threshold not checked (a run failed or is missing)")
-    w_fp, w_bf = by.get(("wrn", "fp32")), by.get(("wrn", "bf16"))
-    if w_fp and w_bf and w_fp.get("status") == w_bf.get("status") == "ok":
-        drop = w_fp["test_acc"] - w_bf["test_acc"]
-        lines.append(f"- wrn: bf16 test accuracy within {MAX_ACC_DROP_POINTS} points of fp32's: "
-                     f"**{'holds' if drop <= MAX_ACC_DROP_POINTS else 'does not hold'}** "
-                     f"({w_bf['test_acc']:.2f}% vs {w_fp['test_acc']:.2f}%, "
-                     f"{-drop:+.2f} points)")
-    elif w_bf:
-        lines.append("- wrn: bf16 threshold not checked (a run failed or is missing)")
+    for mode in PRECISION_MODES:
+        lm_fp, lm_bf = by.get(("lm", "fp32")), by.get(("lm", mode))
+        if lm_fp and lm_bf and lm_fp.get("status") == lm_bf.get("status") == "ok":
+            rel = 100.0 * abs(lm_bf["val_loss"] - lm_fp["val_loss"]) / lm_fp["val_loss"]
+            lines.append(f"- lm: {mode} validation loss within {MAX_LOSS_REL_PCT}% of fp32's: "
+                         f"**{'holds' if rel <= MAX_LOSS_REL_PCT else 'does not hold'}** "
+                         f"(|{lm_bf['val_loss']:.4f} - {lm_fp['val_loss']:.4f}| / "
+                         f"{lm_fp['val_loss']:.4f} = {rel:.2f}%)")
+        elif lm_bf:
+            lines.append(f"- lm: {mode} threshold not checked (a run failed or is missing)")
+        w_fp, w_bf = by.get(("wrn", "fp32")), by.get(("wrn", mode))
+        if w_fp and w_bf and w_fp.get("status") == w_bf.get("status") == "ok":
+            drop = w_fp["test_acc"] - w_bf["test_acc"]
+            lines.append(f"- wrn: {mode} test accuracy within {MAX_ACC_DROP_POINTS} points of "
+                         f"fp32's: **{'holds' if drop <= MAX_ACC_DROP_POINTS else 'does not hold'}"
+                         f"** ({w_bf['test_acc']:.2f}% vs {w_fp['test_acc']:.2f}%, "
+                         f"{-drop:+.2f} points)")
+        elif w_bf:
+            lines.append(f"- wrn: {mode} threshold not checked (a run failed or is missing)")
+    for r in rows:
+        if r.get("mode") == "bf16-8bit" and r.get("status") == "ok":
+            lines.append(f"- {r['model']}/bf16-8bit planned at {r['budget'] / 2**20:.2f} MiB "
+                         f"({EIGHT_BIT_MARGIN}x its floor with 8 bits offered, "
+                         f"{r['floor_8bit'] / 2**20:.2f} MiB): {r.get('stored_low')}")
     return lines
 
 
@@ -414,7 +448,9 @@ def write_results(meta: dict, tasks: dict[str, Task], rows: list[dict], out: str
            f"digits split seed 0",
            f"- bf16 mode: `fxmem.optimize(model, {meta['budget']!r}, optimizer=opt, "
            f"allow={PRECISION_ALLOW}, precision='bf16', lowering=...)`; lowering per model: "
-           f"{meta['bf16_lowering']}",
+           f"{meta['bf16_lowering']}; bf16-8bit mode: the same with `stored_bits=8` at "
+           f"{EIGHT_BIT_MARGIN}x the floor those levers reach (so that saved values are stored "
+           f"in 8 bits where the budget needs it)",
            f"- sparse modes: `fxmem.sparsify(model, density, optimizer=opt)` (ERK, first/last "
            f"dense, magnitude init) then `model.sparsity.attach(opt, method='rigl' | 'static', "
            f"every=max(1, steps // 10), fraction=0.3, until=int(0.75 * steps))`; "
