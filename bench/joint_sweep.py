@@ -31,7 +31,10 @@ measured with :func:`fxmem.measure_memory` (bytes the model and inputs hold at t
 allocator's events; gradients set to None before) and its step time in ``--rounds`` rounds that
 run every module once each, in a rotated order (paired samples: the ratio of two modules' times
 within a round cancels most of the machine's load drift). Time = the median of the rounds.
-Predicted time: :func:`fxmem.planning.joint.plan_seconds` (roofline per op, no fusion).
+Predicted time: :func:`fxmem.planning.joint.plan_seconds` (:mod:`fxmem.cost.step`: matrix
+products measured once per signature in the process, pointwise ops priced as fused, the
+microbatch loop's costs). ``--prefer``: explore's choice, the fastest point that fits
+(``time``, default) or exact points first (``exact``); ``optimize``'s ladder is exact-first.
 
 **Does time rise with the budget?** For consecutive budgets the per-round ratio of the larger
 budget's time to the smaller's: a rise is flagged when the median ratio is above 1 and a sign
@@ -379,7 +382,7 @@ def run(ns) -> dict:
         w = gpt_decoder(**size)
         try:
             e = explore(w["model"], *w["args"], budget=b, allow=ALL, time_limit=ns.time_limit,
-                        progress=False, floors=False, densities=ns.densities)
+                        progress=False, floors=False, densities=ns.densities, prefer=ns.prefer)
         except Exception as exc:  # recorded; the sweep goes on
             traceback.print_exc()
             row.update(joint_error=f"explore: {type(exc).__name__}: {exc}", joint_point=None,
@@ -514,7 +517,8 @@ def markdown(meta: dict, res: dict) -> str:
           f"{meta['date']}; torch {meta['torch']}; Python {meta['python']}; CPU: {meta['cpu']} "
           f"({meta['threads']} torch thread(s); the machine's 2 cores are shared with other jobs: "
           f"times are paired per round to cancel load drift); lowering Inductor; solver time "
-          f"limit {meta['time_limit']} s; explore's densities {meta['densities']}; total wall "
+          f"limit {meta['time_limit']} s; explore's densities {meta['densities']}, its choice "
+          f"`prefer={meta.get('prefer', 'exact')!r}`; total wall "
           f"time {meta['total_seconds'] / 60:.1f} min.", "",
           f"Workload: bench `gpt_decoder` at `{res['size']}` (dropout 0.1, tied embeddings), "
           f"step = forward + loss + backward (no optimizer), `allow={tuple(res['allow'])}`.", "",
@@ -722,6 +726,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-limit", type=float, default=3.0)
+    p.add_argument("--prefer", choices=("time", "exact"), default="time",
+                   help="explore's choice (fxmem.planning.joint.choose): the fastest point that "
+                        "fits ('time', default), or exact points first ('exact')")
     p.add_argument("--out", default="joint_sweep")
     p.add_argument("--rewrite", action="store_true",
                    help="rewrite <out>.md and .png from <out>.json (nothing run)")
@@ -746,7 +753,7 @@ def main(argv=None) -> int:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
             "threads": ns.threads, "time_limit": ns.time_limit, "densities": list(ns.densities),
-            "total_seconds": time.perf_counter() - _T0}
+            "prefer": ns.prefer, "total_seconds": time.perf_counter() - _T0}
     write(meta, res, ns.out)
     v = verdicts(res)
     say(f"verdicts: {v}")

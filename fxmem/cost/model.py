@@ -93,14 +93,15 @@ def _best_time(fn: Callable[[], Any], device: torch.device, budget_s: float) -> 
 
 
 def calibrate(device: torch.device | str, seconds: float = 1.0) -> DeviceSpec:
-    """Measure ``device``: a square matmul's FLOP/s (fp32; also bf16 and fp16 on CUDA), a large
-    copy's bytes/s (read + written) and a tiny in-place op's time, in about ``seconds``."""
+    """Measure ``device``: a square matmul's FLOP/s (fp32 and bf16; also fp16 on CUDA -- a CPU
+    without fp16 matrix units runs it far slower than fp32, so its fp16 rate would mislead), a
+    large copy's bytes/s (read + written) and a tiny in-place op's time, in about ``seconds``."""
     device = torch.device(device)
     if device.type == "meta" or seconds <= 0:
         raise ValueError(f"cannot calibrate {device} in {seconds} s")
     cuda = device.type == "cuda"
     n = 8192 if cuda else 1024
-    dtypes = (torch.float32, torch.bfloat16, torch.float16) if cuda else (torch.float32,)
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if cuda else ())
     flops: dict[torch.dtype, float] = {}
     for dtype in dtypes:
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))

@@ -36,7 +36,11 @@ phase by phase (``bench/results/joint_planning_time.md``).
 
 **The choice.** The fastest point that fits; lossy points only when no exact one fits; among points
 within 1% of the fastest, the least lossy (the ladder's order: bf16 compute, then sparser weights),
-then the fastest, then the smallest. The **front** holds the points no other point matches or
+then the fastest, then the smallest. With ``prefer="time"`` lossy points compete with exact ones
+on time (the least lossy within 1% of the fastest): the choice's predicted time then never rises
+with the budget, where the exact preference trades a faster lossy point for a slower exact one
+as soon as one fits. Predicted times are :func:`plan_seconds` (:mod:`fxmem.cost.step`: matrix
+products measured on the device, pointwise ops priced as fused, the microbatch loop's costs). The **front** holds the points no other point matches or
 beats in peak, time and lossiness at once (strictly beating it in one): it contains the chosen
 point. The **floor** is the smallest floor of any combination planned (None when some fitting
 combination's floor was not searched, ``floors=False``).
@@ -59,13 +63,14 @@ from collections.abc import Callable, Iterable
 import torch
 
 from fxmem.budget import BudgetError, format_bytes, parse_budget
-from fxmem.cost.model import DeviceSpec, graph_costs, spec_for
+from fxmem.cost.model import DeviceSpec, spec_for
+from fxmem.cost.step import StepCosts, step_seconds
 from fxmem.errors import FxmemError
 from fxmem.graph.torch_compat import pytree
 from fxmem.planning.options import EXACT_LEVERS, PlanOptions, check_allow
 
 __all__ = ["JointPoint", "JointExploration", "explore", "choose", "pareto_front", "plan_seconds",
-           "forced", "format_alternatives", "plot_pareto", "DENSITIES", "TIE"]
+           "forced", "format_alternatives", "plot_pareto", "DENSITIES", "TIE", "PREFER"]
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +153,27 @@ def forced(k: int, precision: str, density: float | None, allow: Iterable[str]) 
                 precision=None if precision == "fp32" else precision, sparse_density=density)
 
 
-def plan_seconds(plan, spec: DeviceSpec | None = None, *, microbatches: int | None = None
-                 ) -> float:
-    """A plan's predicted step time (seconds): the roofline cost (:func:`fxmem.cost.model.
-    graph_costs`) of every op of its forward and backward graphs -- recomputed ops are in the
-    backward graph -- times k for a step split into k microbatches (the first microbatch's graphs:
-    a smaller last one is counted as a full one). Not counted: the optimizer's step, and the
-    kernel fusion Inductor does (every op is priced as its own kernel). ``microbatches``: k,
+def plan_seconds(plan, spec: DeviceSpec | None = None, *, microbatches: int | None = None,
+                 costs: StepCosts | None = None) -> float:
+    """A plan's predicted step time (seconds): :func:`fxmem.cost.step.step_seconds` of its
+    forward and backward graphs -- recomputed ops are in the backward graph -- run once per
+    microbatch (the first microbatch's graphs: a smaller last one is counted as a full one), with
+    the microbatch loop's own costs. Matrix products (and the sparse lever's CSR products) are
+    measured on the plan's device, once per signature in the process; other ops are priced as
+    fused under Inductor lowering (each its own kernel under eager lowering); see
+    :mod:`fxmem.cost.step`. Not counted: the optimizer's step. ``spec``: the roofline for what is
+    not measured (default: the plan's ``device_spec`` or the device's); ``costs``: the pricing
+    (default: :class:`~fxmem.cost.step.StepCosts` for the plan's lowering). ``microbatches``: k,
     for a plan that does not say (one made by :meth:`~fxmem.planning.planner.PreparedJoint.plan`
     directly); by default the plan's own (1 when it has no microbatch report)."""
     graphs = [plan.graphs["forward"], plan.graphs["backward"]]
-    if spec is None:
-        spec = plan.options.device_spec or spec_for(_device(graphs[0]))
+    if costs is None:
+        costs = StepCosts(lowering="inductor" if plan.options.lowering == "inductor" else "eager")
+    spec = spec or costs.spec or plan.options.device_spec or spec_for(_device(graphs[0]))
     k = microbatches
     if k is None:
         k = len(plan.microbatch.sizes) if plan.microbatch is not None else 1
-    return k * sum(sum(graph_costs(gm, spec).values()) for gm in graphs)
+    return step_seconds(graphs, microbatches=k, costs=costs, spec=spec)
 
 
 def _device(gm: torch.fx.GraphModule) -> torch.device:
@@ -174,10 +184,18 @@ def _device(gm: torch.fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def choose(points: Iterable[JointPoint]) -> JointPoint | None:
-    """The point to run (see the module's docstring); None when none fits."""
+PREFER = ("exact", "time")
+
+
+def choose(points: Iterable[JointPoint], prefer: str = "exact") -> JointPoint | None:
+    """The point to run (see the module's docstring); None when none fits. ``prefer="exact"``:
+    lossy points only when no exact one fits; ``"time"``: the fastest point that fits, lossy or
+    not (among those within 1% of it, the least lossy), so the choice's predicted time never
+    rises as the budget grows (more points fit)."""
+    if prefer not in PREFER:
+        raise ValueError(f"prefer must be one of {PREFER}, got {prefer!r}")
     fits = [p for p in points if p.fits]
-    pool = [p for p in fits if p.exact] or fits
+    pool = fits if prefer == "time" else [p for p in fits if p.exact] or fits
     if not pool:
         return None
     fastest = min(p.seconds for p in pool)
@@ -205,17 +223,23 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
             loss_fn: Callable[..., torch.Tensor] | None = None, lowering: str = "inductor",
             time_limit: float = 3.0, progress: bool = True,
             densities: Iterable[float] = DENSITIES, floors: bool = True, search: str = "all",
-            **kwargs) -> JointExploration:
+            prefer: str = "exact", **kwargs) -> JointExploration:
     """Plan ``model``'s step on these inputs (``kwargs`` are the model's) under ``budget`` for
     every combination of the allowed levers' settings, and choose one (see the module's
     docstring). The model and the optimizer are left as they were. ``progress``: a tqdm bar.
     ``search="needed"`` plans the lossy combinations only when no exact one fits (the choice is
     the same: a lossy point is chosen only then; the front and the floor are then those of the
-    exact combinations, the floor None); ``"all"`` (default) plans every combination."""
+    exact combinations, the floor None); ``"all"`` (default) plans every combination.
+    ``prefer``: how the point is chosen (:func:`choose`); ``search="needed"`` needs "exact"."""
     from fxmem.planning import reuse
 
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if prefer not in PREFER:
+        raise ValueError(f"prefer must be one of {PREFER}, got {prefer!r}")
+    if search == "needed" and prefer != "exact":
+        raise ValueError("search='needed' skips the lossy combinations once an exact one fits: "
+                         "it needs prefer='exact'")
     t0 = time.perf_counter()
     budget = parse_budget(budget)
     allow = check_allow(allow)
@@ -277,7 +301,7 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
     known = [p.floor for p in points]
     floor = min(known) if known and None not in known and not lossy_skipped else None
     return JointExploration(budget=budget, allow=tuple(sorted(allow)), points=tuple(points),
-                            front=pareto_front(points), chosen=choose(points), floor=floor,
+                            front=pareto_front(points), chosen=choose(points, prefer), floor=floor,
                             skipped=tuple(skipped), seconds=time.perf_counter() - t0)
 
 

@@ -175,6 +175,8 @@ def test_calibrate_cpu():
     rates = [spec.flops_rate(torch.float32), spec.bytes_per_s, spec.op_overhead_s]
     assert all(math.isfinite(r) and r > 0 for r in rates)
     assert spec.op_overhead_s < 1e-3
+    assert math.isfinite(spec.flops_per_s[torch.bfloat16]) and spec.flops_per_s[torch.bfloat16] > 0
+    assert torch.float16 not in spec.flops_per_s  # on a CPU: fp16 priced at fp32's rate
     with pytest.raises(ValueError):
         calibrate("meta")
 

@@ -153,6 +153,12 @@ def test_the_choice_rule_and_the_front():
     assert choose([_p(1.0, fits=False), bf16, sparse]) is sparse  # the fastest lossy
     assert choose([_p(1.0, fits=False), bf16, _p(0.99, density=0.5)]) is bf16  # least lossy
     assert choose([_p(1.0, fits=False)]) is None
+    # prefer="time": lossy points compete on time; ties (1%) still go to the less lossy
+    assert choose([exact, sparse], prefer="time") is sparse
+    assert choose([exact, bf16], prefer="time") is exact
+    assert choose([_p(0.5, fits=False), exact], prefer="time") is exact
+    with pytest.raises(ValueError, match="prefer"):
+        choose([exact], prefer="fast")
     points = [exact, bf16, sparse, _p(2.0, peak=50, k=2), _p(3.0, peak=60, k=4),
               _p(0.5, peak=500, fits=False)]
     front = pareto_front(points)
@@ -219,3 +225,9 @@ def test_fxmem_plan_prints_the_alternatives_and_writes_the_front(tmp_path, monke
     assert "measured peak" in report and "within budget" in report
     assert "predicted time" in table and "bf16 compute" in table and "\n*" in table
     assert f"Pareto front: {png}" in out and png.stat().st_size > 10_000
+
+
+def test_search_needed_needs_the_exact_preference():
+    model, args, opt = _tiny()
+    with pytest.raises(ValueError, match="prefer='exact'"):
+        explore(model, *args, budget=10**9, search="needed", prefer="time", **FAST)

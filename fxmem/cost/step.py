@@ -1,0 +1,255 @@
+"""Predicted seconds of a whole planned step as it runs lowered: what the joint planner ranks by.
+
+The roofline (:mod:`fxmem.cost.model`) prices every op of a graph as its own kernel at a device's
+nominal rates. That is what the recompute solver needs (the relative cost of running a forward
+op again), but it does not rank whole steps as a CPU runs them through Inductor: bf16 matrix
+products there run about twice as fast as fp32's (a rate the default CPU spec does not have),
+a product on half the rows is not half the time, a CSR product has no FLOP formula at all,
+and Inductor fuses pointwise ops. :func:`step_seconds` therefore prices a step's forward and
+backward graphs as follows (:class:`StepCosts` holds the constants):
+
+- **Matrix products and the like** (every op with a FLOP formula: mm, addmm, bmm, attention,
+  convolutions; and the sparse lever's CSR products): *measured* on the device, once per
+  (op, input shapes, dtypes, strides, other arguments, torch's thread count) in the process
+  (:func:`measured_seconds`; the best of a few calls on random inputs like the traced ones,
+  the CSR products on a random pattern with the layer's non-zeros), so the rate is the one this
+  device reaches at that shape and dtype. The first measurement of a signature is kept for the
+  process: planning stays deterministic within it. Where an op cannot run (the meta device, an
+  error), the roofline's time.
+- **Other ops** (pointwise, reductions, copies, casts): with Inductor lowering, fused: the bytes
+  they write at the spec's bandwidth (the inputs are read from the producer's kernel) and their
+  random numbers, plus ``fused_op_s`` each; with eager lowering, the roofline (own kernel each).
+- **A step split into k microbatches**: k times the first microbatch's graphs; plus, per
+  microbatch, ``microbatch_s`` (the runtime loop: the graphs' calls through Dynamo and
+  AOTAutograd, ``autograd.grad``, slicing the inputs) and ``draw_s`` per random op reading the
+  whole batch's draws (``fxmem::microbatch_draw``: the cache's read and bookkeeping), and for
+  each microbatch after the first the accumulation of the gradients (an ``add_`` over their
+  bytes: read twice, written once).
+
+The constants are from profiles of the bench GPT decoder through Inductor on the 2-core AMD EPYC
+machines (1 torch thread): the microbatch loop's per-microbatch cost beyond its graphs' kernels
+about 1.5 ms (Dynamo's guards, AOTAutograd's wrappers, copies of the inputs' parts), each draw
+read about 0.3 ms (copies and bit shifts), and about 8 us per pointwise ATen op (what the fused
+kernels' time grew by when the same graphs ran twice on half the batch: a kernel's fixed cost,
+shared by the ops fused into it). Not priced: the optimizer's step (the same for every plan of a step), cache effects
+between kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+import time
+from collections.abc import Iterable
+
+import torch
+from torch.fx.node import map_arg
+
+from fxmem.cost.model import (DeviceSpec, _is_free, _materialize, _random_time, _signature,
+                              _tensor_bytes, node_flops, node_time, spec_for)
+from fxmem.graph.ops import node_value, tensors
+from fxmem.graph.torch_compat import pytree
+
+__all__ = ["StepCosts", "step_seconds", "node_step_seconds", "measured_seconds",
+           "clear_measured", "measured_count"]
+
+log = logging.getLogger(__name__)
+
+#: The sparse lever's CSR products (no FLOP formula): measured on a random pattern.
+_CSR_OPS = ("csr_linear", "csr_linear_t", "csr_sddmm")
+_DRAW_OP = "microbatch_draw"
+# signature (with torch's thread count) -> seconds (None: could not run): one per process
+_MEASURED: dict[tuple, float | None] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCosts:
+    """How :func:`step_seconds` prices a step (see the module's docstring). ``spec``: the
+    device's roofline (None: :func:`~fxmem.cost.model.spec_for` the graph's device);
+    ``measure``: time the matrix products on the device (False: the roofline's time);
+    ``lowering``: "inductor" (pointwise ops fused) or "eager" (each op its own kernel)."""
+
+    spec: DeviceSpec | None = None
+    measure: bool = True
+    lowering: str = "inductor"
+    fused_op_s: float = 8e-6
+    microbatch_s: float = 1.5e-3
+    draw_s: float = 3e-4
+
+    def __post_init__(self):
+        if self.lowering not in ("inductor", "eager"):
+            raise ValueError(f"lowering must be 'inductor' or 'eager', got {self.lowering!r}")
+        if min(self.fused_op_s, self.microbatch_s, self.draw_s) < 0:
+            raise ValueError("StepCosts' seconds must not be negative")
+
+
+def clear_measured() -> None:
+    """Forget the ops measured in this process (the next step prices time them again)."""
+    _MEASURED.clear()
+
+
+def measured_count() -> int:
+    """How many distinct op signatures this process has measured."""
+    return len(_MEASURED)
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return getattr(getattr(target, "_schema", None), "name", "").split("::")[-1]
+
+
+def _is_csr(node: torch.fx.Node) -> bool:
+    name = getattr(getattr(node.target, "_schema", None), "name", "")
+    return name.startswith("fxmem_sparse::") and name.split("::")[-1] in _CSR_OPS
+
+
+def _is_draw(node: torch.fx.Node) -> bool:
+    name = getattr(getattr(node.target, "_schema", None), "name", "")
+    return name == f"fxmem::{_DRAW_OP}"
+
+
+def _device_of(node: torch.fx.Node) -> torch.device | None:
+    for t in tensors(node.meta.get("val")):
+        return t.device
+    return None
+
+
+def _pattern(rows: int, cols: int, nnz: int, generator: torch.Generator,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random CSR pattern (crow, col as int32) of ``nnz`` positions in ``rows x cols``,
+    spread evenly over the rows as a magnitude pruning of a random matrix spreads them."""
+    flat = torch.randperm(rows * cols, generator=generator)[:nnz].sort().values
+    row, col = flat // cols, flat % cols
+    crow = torch.zeros(rows + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(row, minlength=rows).cumsum(0)
+    return crow.to(torch.int32).to(device), col.to(torch.int32).to(device)
+
+
+def _csr_args(node: torch.fx.Node, device: torch.device) -> tuple | None:
+    """Valid arguments like the node's (random values on a random pattern of its non-zeros)."""
+    args = map_arg(node.args, node_value)
+    if any(not isinstance(a, torch.Tensor) for a in args if a is not None
+           and not isinstance(a, int)):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    mat = lambda t: _materialize(t, device)  # noqa: E731
+    name = _op_name(node)
+    if name == "csr_linear":  # (x, values, indices, crow, col, out_features)
+        x, values, _, crow, _, out = args
+        rows, cols = int(out), int(x.shape[-1])
+    elif name == "csr_linear_t":  # (grad, values, crow, col, in_features)
+        grad, values, crow, _, cols = args
+        rows, cols = int(grad.shape[-1]), int(cols)
+    else:  # csr_sddmm (grad, x, values, crow, col)
+        grad, x, values, crow, _ = args
+        rows, cols = int(grad.shape[-1]), int(x.shape[-1])
+    nnz = int(values.numel())
+    if crow.numel() != rows + 1 or nnz > rows * cols:
+        return None
+    crow_r, col_r = _pattern(rows, cols, nnz, generator, device)
+    vals = mat(values)
+    if name == "csr_linear":
+        return (mat(x), vals, torch.arange(nnz, device=device, dtype=torch.int32), crow_r,
+                col_r, rows)
+    if name == "csr_linear_t":
+        return (mat(grad), vals, crow_r, col_r, cols)
+    return (mat(grad), mat(x), vals, crow_r, col_r)
+
+
+def _best_seconds(fn, device: torch.device, calls: int = 10, budget_s: float = 0.1) -> float:
+    """The fewest seconds of ``fn`` over ``calls`` calls or more (while ``budget_s`` lasts),
+    after a warm-up: a busy machine only adds time."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+    fn()
+    sync(device)
+    best, n, deadline = float("inf"), 0, time.perf_counter() + budget_s
+    while n < calls or (time.perf_counter() < deadline and n < 50):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+        n += 1
+    return best
+
+
+def measured_seconds(node: torch.fx.Node) -> float | None:
+    """Seconds of one call of ``node``'s op on its device on random inputs like its own (the
+    best of a few calls), measured once per signature in the process; None when it cannot run
+    (the meta device, an unknown signature, an error)."""
+    device = _device_of(node)
+    if device is None or device.type == "meta":
+        return None
+    key = _signature(node)
+    if key is None:
+        return None
+    key = (*key, torch.get_num_threads())
+    if key in _MEASURED:
+        return _MEASURED[key]
+    seconds = None
+    try:
+        with torch.no_grad():
+            if _is_csr(node):
+                args, kwargs = _csr_args(node, device), {}
+                if args is None:
+                    raise ValueError("no valid CSR arguments")
+            else:
+                inputs = map_arg((node.args, node.kwargs), node_value)
+                args, kwargs = pytree.tree_map(lambda x: _materialize(x, device), inputs)
+            seconds = _best_seconds(lambda: node.target(*args, **kwargs), device)
+    except Exception as exc:  # invalid random inputs, no kernel for the device
+        log.debug("cannot measure %s (%s): %s", node.name, node.target, exc)
+    _MEASURED[key] = seconds
+    return seconds
+
+
+def node_step_seconds(node: torch.fx.Node, spec: DeviceSpec, costs: StepCosts) -> float:
+    """Seconds ``node`` adds to a lowered step (see the module's docstring)."""
+    if node.op != "call_function" or node.target is operator.getitem or _is_free(node):
+        return 0.0
+    if _is_draw(node):
+        outs = tensors(node.meta.get("val"))
+        numbers = outs[0].numel() if outs else 0
+        read = sum(map(_tensor_bytes, outs)) / spec.bytes_per_s
+        return costs.draw_s + read + (numbers / spec.random_per_s if spec.random_per_s else 0.0)
+    heavy = _is_csr(node) or node_flops(node) > 0
+    if heavy:
+        seconds = measured_seconds(node) if costs.measure else None
+        return node_time(node, spec) if seconds is None else seconds
+    if costs.lowering == "eager":
+        return node_time(node, spec)
+    written = sum(map(_tensor_bytes, tensors(node.meta.get("val"))))
+    if written == 0 and not _random_time(node, spec):
+        return 0.0
+    return max(written / spec.bytes_per_s, _random_time(node, spec)) + costs.fused_op_s
+
+
+def _gradient_bytes(backward: torch.fx.GraphModule) -> int:
+    """Bytes of the tensors the backward graph returns (the gradients)."""
+    out = next(n for n in backward.graph.nodes if n.op == "output")
+    return sum(map(_tensor_bytes, tensors(map_arg(out.args, node_value))))
+
+
+def step_seconds(graphs: Iterable[torch.fx.GraphModule], *, microbatches: int = 1,
+                 costs: StepCosts = StepCosts(), spec: DeviceSpec | None = None) -> float:
+    """Predicted seconds of a step whose forward and backward graphs (one microbatch's, the
+    backward last) are ``graphs``, run ``microbatches`` times (see the module's docstring).
+    ``spec``: overrides ``costs.spec``."""
+    graphs = list(graphs)
+    if not graphs:
+        return 0.0
+    spec = spec or costs.spec or spec_for(_graph_device(graphs[0]))
+    per = sum(node_step_seconds(n, spec, costs) for gm in graphs for n in gm.graph.nodes)
+    k = max(1, int(microbatches))
+    if k == 1:
+        return per
+    accumulate = 3 * _gradient_bytes(graphs[-1]) / spec.bytes_per_s
+    return k * (per + costs.microbatch_s) + (k - 1) * accumulate
+
+
+def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val.device
+    return torch.device("cpu")
