@@ -1,5 +1,6 @@
 """Shared pytest configuration."""
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,20 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
     _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
+
+def pytest_collection_finish(session):
+    """Freeze what the imports made (torch, fxmem, transformers: some 500k objects) out of the
+    garbage collector's reach: every ``gc.collect()`` -- fxmem.measure_memory calls one per
+    measurement, and planning measures kernel scratch once per op shape -- otherwise walks them
+    all, about a second each on a loaded 2-core machine (a third of a tiny plan's time). Only
+    objects alive after collection are frozen (modules, classes; no test makes a tensor or a
+    model at import), so what the tests make is collected, and seen by ``gc.get_objects()``,
+    as before."""
+    if os.environ.get("FXMEM_TEST_NO_GC_FREEZE"):
+        return
+    gc.collect()
+    gc.freeze()
 
 
 # ---------------------------------------------------------------- shared fixtures
