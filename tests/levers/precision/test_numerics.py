@@ -77,17 +77,27 @@ def test_a_tiny_hf_gpt2_in_bf16_is_within_bf16_tolerance_of_fp32():
     torch.testing.assert_close(out.loss, expected.loss.detach(), rtol=LOSS_RTOL, atol=0)
 
 
+def _split_floor(model, args, **options):
+    """The floor of the step split in two (``fxmem.floor`` takes no ``microbatches``)."""
+    with pytest.raises(fxmem.BudgetError) as err:
+        fxmem.optimize(model, 1, microbatches=2, **options).plan_for(*args)
+    return err.value.floor
+
+
 @pytest.mark.slow
 def test_bf16_with_recompute_and_microbatching_on_top_stays_within_tolerance():
-    """A budget under what the exact levers (recompute, microbatch) reach: bf16 compute with the
-    batch split and recomputation on top; dropout's masks drawn as eager's, so the gradients
-    differ from fp32's by bf16's rounding only."""
+    """A budget under what the exact levers (recompute, microbatch) reach with the batch split in
+    two: bf16 compute with the split and recomputation on top; dropout's masks drawn as eager's,
+    so the gradients differ from fp32's by bf16's rounding only. The split is fixed at 2 (the
+    choice of a split is tests/levers/microbatch's): searched, the two floors and the plan each
+    planned every split, three times the work."""
     model, args, _ = make_tiny_gpt(dropout=0.1, batch=8, vocab=128, seq=128)
     options = {"lowering": "eager", "time_limit": 2.0}
-    exact = fxmem.floor(model, *args, allow=("recompute", "microbatch"), **options)
-    low = fxmem.floor(model, *args, allow=("recompute", "microbatch", "precision"), **options)
+    exact = _split_floor(model, args, allow=("recompute", "microbatch"), **options)
+    low = _split_floor(model, args, allow=("recompute", "microbatch", "precision"),
+                       precision="bf16", **options)
     assert low < exact
-    module = fxmem.optimize(model, (low + exact) // 2,
+    module = fxmem.optimize(model, (low + exact) // 2, microbatches=2,
                             allow=("recompute", "microbatch", "precision"), **options)
     expected = grads_of(model, model, *args)
     got = grads_of(model, module, *args)
