@@ -92,9 +92,12 @@ def wrn_inductor_floor():
 # (175.86 MiB measured = predicted, budget 181.19), but a clean-clone run whose time-limited floor
 # came out lower planned another that measured 182.67 MiB over a 179.68 MiB budget: still a
 # known miss near this floor, not yet found.
+# Not run (run=False): a non-strict xfail passes whether or not the plan holds, so in CI it only
+# cost a minute of a worker (a plan and an Inductor compile of WRN-28-2); run it by hand with
+# ``pytest --runxfail -k 1.02`` when working on that miss.
 NEAR_FLOOR_MISS = pytest.mark.xfail(
     reason="WRN-28-2 at 1.02x its floor through Inductor: some plans measure over the budget "
-           "(182.67 MiB against 179.68 in a clean-clone run)", strict=False)
+           "(182.67 MiB against 179.68 in a clean-clone run)", strict=False, run=False)
 
 
 @pytest.mark.slow
