@@ -20,6 +20,11 @@ Modes:
 - ``all``: ``allow=("recompute", "microbatch", "precision", "sparse")``; for ``wrn`` with
   ``microbatch_coupling="per-microbatch"`` (BatchNorm's batch statistics then come from each
   microbatch: not exact; this mode only).
+- ``all-state``: ``all``, with the optimizer's state in fewer bits as the ``BudgetError`` of
+  ``all`` suggests (the precision lever's third part, a call the user makes since fxmem cannot
+  swap the optimizer a loop steps): ``opt = fxmem.low_bit_optimizer(opt, bits=8)`` for AdamW
+  (torchao's blockwise 8-bit moments), ``bits="bf16"`` for SGD with momentum (torchao has no
+  low-bit SGD), before planning.
 
 **The budget** of a planned mode is the smallest fxmem meets: its floor is the
 :class:`fxmem.BudgetError`'s ``floor`` for a 1-byte budget on the first training batch (planned,
@@ -71,7 +76,8 @@ RESULTS = ROOT / "bench" / "results"
 MiB = 2**20
 EXACT = ("recompute", "microbatch")
 ALL = ("recompute", "microbatch", "precision", "sparse")
-MODES = ("eager", "exact", "all")
+MODES = ("eager", "exact", "all", "all-state")
+LOSSY = ("all", "all-state")
 TARGETS = {"wrn": (60.7, 100.0), "lm": (8.7, 10.0)}  # the report's, and the issue's aim
 # the bench gpt_decoder's model and batch (bench/workloads.py)
 GPT_DECODER = dict(n_layer=6, n_head=8, d_model=512, vocab_size=8192, batch=8, seq=256)
@@ -120,15 +126,19 @@ def planned(name: str, mode: str, ns, info: dict):
     """``prepare`` for :func:`bench.accuracy.train`: the floor on the first batch, then
     ``fxmem.optimize`` at the first margin whose plan fits (planned here, before training)."""
     allow = EXACT if mode == "exact" else tuple(ns.all_allow)
-    coupling = "per-microbatch" if (mode == "all" and name == "wrn") else "refuse"
+    coupling = "per-microbatch" if (mode in LOSSY and name == "wrn") else "refuse"
     task = info["task"]
 
     def prepare(model, opt) -> Prepared:
         x, y = first_batch(task, ns.seed)
+        if mode == "all-state":
+            bits = "bf16" if isinstance(opt, torch.optim.SGD) else 8
+            opt = fxmem.low_bit_optimizer(opt, bits=bits)
+            info["optimizer_state"] = f"{type(opt).__name__} (bits={bits!r})"
         f = find_floor(model, opt, x, y, allow, ns, coupling)
         info.update(allow=list(allow), microbatch_coupling=coupling, floor=f)
         forced = {}
-        if mode == "all" and not ns.search:
+        if mode in LOSSY and not ns.search:
             if f["density"] is not None:
                 forced["sparse_density"] = f["density"]
             if f["bf16"]:
@@ -153,7 +163,7 @@ def planned(name: str, mode: str, ns, info: dict):
             info["attempts"].append({"margin": margin, "budget": budget,
                                      "seconds": time.perf_counter() - t0})
             info.update(margin=margin, budget=budget, module=module, plan=plan)
-            return Prepared(module, eval_model=model)
+            return Prepared(module, eval_model=model, optimizer=opt)
         raise fxmem.BudgetError(f"no plan at margins {ns.margins} of the floor "
                                 f"{f['floor']} B", floor=f["floor"])
 
@@ -286,7 +296,9 @@ def write(meta: dict, rows: list[dict], out: str) -> None:
           "start plus the allocator's events through forward, backward, `opt.step()` and "
           "`opt.zero_grad`). Reduction = eager fp32's measured peak / the mode's measured peak. "
           "`exact` = `allow=(\"recompute\", \"microbatch\")`; `all` = `allow=(\"recompute\", "
-          "\"microbatch\", \"precision\", \"sparse\")`.", ""]
+          "\"microbatch\", \"precision\", \"sparse\")`; `all-state` = `all` with "
+          "`opt = fxmem.low_bit_optimizer(opt, bits=8)` (AdamW; `bits='bf16'` for SGD) before "
+          "planning.", ""]
     names = [n for n in ("wrn", "lm") if any(r["model"] == n for r in rows)]
     md += ["## Memory", "",
            "| workload | mode | budget MiB | predicted MiB | measured MiB | within budget | "
@@ -311,6 +323,8 @@ def write(meta: dict, rows: list[dict], out: str) -> None:
                          f"density {r['density']}" if r.get("density") else "dense"]
                 if r.get("microbatch_coupling") == "per-microbatch":
                     parts.append("BatchNorm per microbatch")
+                if r.get("optimizer_state"):
+                    parts.append("optimizer " + r["optimizer_state"])
                 if r.get("forced"):
                     parts.append("forced " + ", ".join(f"{k}={v!r}"
                                                        for k, v in r["forced"].items()))
