@@ -35,6 +35,58 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+# ---------------------------------------------------------------- scheduling (make test)
+# ``--dist loadscope`` keeps a module on one worker, and xdist hands the modules out by how many
+# tests they hold (most first): the few-test heavy modules (a minute or more each on 2 cores) went
+# last, so one worker ran them for minutes after the other had finished. These go first, longest
+# first (a clean-clone run's durations, after the gc freeze above); the rest follow in xdist's
+# order. A worker is given its next module only when it has one test left (xdist gave it at three
+# left, so a worker took a heavy module while the other was about to be idle).
+HEAVY_MODULES = (
+    "tests/test_bench_workloads.py",
+    "tests/test_bench_workloads_inductor.py",
+    "tests/api/test_defaults.py",
+    "tests/levers/precision/test_fp16.py",
+    "tests/levers/microbatch/test_exact_random.py",
+    "tests/api/test_backend_precision.py",
+    "tests/api/test_optimize.py",
+    "tests/planning/test_joint.py",
+    "tests/levers/precision/test_numerics.py",
+    "tests/api/test_estimate.py",
+    "tests/test_gpu_check.py",
+    "tests/distributed/test_gloo_ranks.py",
+    "tests/integrations/test_huggingface.py",
+)
+
+
+def heavy_first(scopes):
+    """The next scope to hand out of ``scopes`` (xdist's queue order): the first of
+    ``HEAVY_MODULES`` still queued, else xdist's next."""
+    rank = {m: i for i, m in enumerate(HEAVY_MODULES)}
+    return min(enumerate(scopes), key=lambda e: (rank.get(e[1], len(rank)), e[0]))[1]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None  # xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class HeavyFirst(LoadScopeScheduling):
+        def _assign_work_unit(self, node):
+            self.workqueue.move_to_end(heavy_first(list(self.workqueue)), last=False)
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node):
+            # a worker runs a test once it knows the next one (or is told to stop), so the
+            # next module goes out with one test left, not none
+            if (not node.shutting_down and self.workqueue
+                    and self._pending_of(self.assigned_work[node]) > 1):
+                return
+            super()._reschedule(node)
+
+    return HeavyFirst(config, log)
+
+
 # ---------------------------------------------------------------- shared fixtures
 # Session-scoped factories (plain functions in tests.helpers), so hypothesis tests may use them.
 
