@@ -349,6 +349,10 @@ def _ddp_rank(rank: int, world: int, init_file: str, results: str) -> None:
     try:
         from fxmem.distributed import optimize_ddp
 
+        # as tests/conftest.py does in pytest's processes: the imports' objects out of the
+        # collector's walk (planning's kernel-scratch measurements each gc.collect())
+        gc.collect()
+        gc.freeze()
         model, (idx, tgt), _ = make_tiny_gpt(**TINY)  # the same weights and batch on each rank
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         ddp = optimize_ddp(model, "1GiB", allow=ALLOW, precision="fp16", loss_fn=_huge_loss,
