@@ -1,8 +1,9 @@
 """fxmem.optimize's defaults keep the design's promise (issue 17): the exact levers (recompute and
 microbatch) and Inductor lowering, with ``BudgetError.floor`` the smallest peak over every allowed
-lever; dropout split exactly (the microbatches read the whole batch's masks), and a step that
-cannot be split exactly (BatchNorm; dropout with exact_random=False) run whole with a
-BudgetError that says whether a split would have fitted and how to allow it."""
+lever; dropout split exactly (the microbatches read the whole batch's masks: HF BERT at a quarter
+of its eager peak, tests/levers/microbatch/test_exact_random.py), and a step that cannot be split
+exactly (BatchNorm; dropout with exact_random=False) run whole with a BudgetError that says
+whether a split would have fitted and how to allow it."""
 
 import inspect
 
@@ -79,18 +80,6 @@ def test_the_floor_with_microbatching_is_the_smallest_budget_that_plans():
     assert plan.microbatch is not None and len(plan.microbatch.sizes) > 1
     with pytest.raises(fxmem.BudgetError):
         fxmem.optimize(model, int(floor * 0.95), **options).plan_for(**kwargs)
-
-
-def test_dropout_is_split_by_default_exactly():
-    """The microbatches read the whole batch's dropout masks: exact, so the default splits the
-    step at a quarter of its peak (whole floor 33% of the peak)."""
-    model, kwargs = _bert()
-    options = dict(lowering="eager", time_limit=2.0)
-    eager = fxmem.optimize(model, "10GiB", **options).plan_for(**kwargs).unoptimized_peak
-    plan = fxmem.optimize(model, eager // 4, **options).plan_for(**kwargs)
-    assert len(plan.microbatch.sizes) > 1
-    assert any("read the whole batch's values" in n for n in plan.microbatch.notes)
-    assert plan.provenance[0].name == "microbatch-draws"
 
 
 @pytest.mark.slow

@@ -170,9 +170,10 @@ def test_draws_along_other_dims_and_without_a_batch_dim_are_eagers():
     assert [(d.dim, d.rows) for d in draws] == [(1, 1), (0, 4), (None, 1)]
 
 
+# Through Inductor (a compile each): the uneven split here; HF BERT split through Inductor is the
+# quarter-of-its-peak test below (its split chosen by the defaults)
 @pytest.mark.parametrize("lowering,batch,k", [
     ("eager", 4, 2), ("eager", 5, 3),
-    pytest.param("inductor", 4, 2, marks=pytest.mark.slow),
     pytest.param("inductor", 5, 3, marks=pytest.mark.slow)])
 def test_tiny_gpt_split_equals_eager(lowering, batch, k):
     model, args, _ = make_tiny_gpt(batch=batch, seq=16)
@@ -194,10 +195,7 @@ def _bert(batch, layers=2, seq=16):
         "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-@pytest.mark.parametrize("lowering,batch,k", [
-    ("eager", 4, 2), ("eager", 5, 3),
-    pytest.param("inductor", 4, 2, marks=pytest.mark.slow),
-    pytest.param("inductor", 5, 3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("lowering,batch,k", [("eager", 4, 2), ("eager", 5, 3)])
 def test_hf_bert_split_equals_eager(lowering, batch, k):
     model, kwargs = _bert(batch)
     expected, state = _eager(model, **kwargs)
@@ -227,16 +225,23 @@ def test_recomputed_draws_at_a_tight_budget_are_eagers(lowering):
 @pytest.mark.slow
 def test_hf_bert_at_a_quarter_of_its_eager_peak_fits_with_the_defaults():
     """4 layers, hidden 64, batch 8 x 64 tokens, default dropout: fxmem.optimize's defaults
-    (Inductor, recompute and microbatch) split it exactly under 25% of its eager peak."""
+    (Inductor, recompute and microbatch) split it exactly under 25% of its eager peak (the whole
+    batch's floor is about 33% of it), the microbatches reading the whole batch's draws: loss,
+    gradients and the generator after the step are eager's (test_hf_bert_split_equals_eager's
+    checks, through Inductor)."""
     model, kwargs = _bert(8, layers=4, seq=64)
     expected, eager_peak = measured_grads(model, model, (), kwargs)
+    state = torch.get_rng_state()
     budget = eager_peak // 4
     om = fxmem.optimize(model, budget, time_limit=5.0)
     got, peak = measured_grads(model, om, (), kwargs)
     assert_same_grads(expected, got)
+    assert torch.equal(torch.get_rng_state(), state)  # the generator ends where eager's does
     plan = om.plan
     print(f"BERT: eager peak {eager_peak} B, budget {budget} B, predicted "
           f"{plan.predicted_peak} B, measured {peak} B, k={len(plan.microbatch.sizes)}")
     assert plan.options.lowering == "inductor" and len(plan.microbatch.sizes) > 1
+    assert any("read the whole batch's values" in n for n in plan.microbatch.notes)
+    assert plan.provenance[0].name == "microbatch-draws"
     assert peak <= budget
     assert measured_step_peak(model, om, (), kwargs) <= budget  # and in steady state
