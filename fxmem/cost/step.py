@@ -16,6 +16,9 @@ backward graphs as follows (:class:`StepCosts` holds the constants):
   device reaches at that shape and dtype. The first measurement of a signature is kept for the
   process: planning stays deterministic within it. Where an op cannot run (the meta device, an
   error), the roofline's time.
+- **Indexing ops Inductor does not fuse on a CPU** (``index_put``, ``index``, ``gather``: the
+  sparse lever's transient dense weight and its values' gradient, an embedding's backward):
+  measured the same way, their indices random within the indexed sizes.
 - **Other ops** (pointwise, reductions, copies, casts): with Inductor lowering, fused: the bytes
   they write at the spec's bandwidth (the inputs are read from the producer's kernel) and their
   random numbers, plus ``fused_op_s`` each; with eager lowering, the roofline (own kernel each).
@@ -55,10 +58,16 @@ __all__ = ["StepCosts", "step_seconds", "node_step_seconds", "measured_seconds",
            "clear_measured", "measured_count"]
 
 log = logging.getLogger(__name__)
+aten = torch.ops.aten
 
 #: The sparse lever's CSR products (no FLOP formula): measured on a random pattern.
 _CSR_OPS = ("csr_linear", "csr_linear_t", "csr_sddmm")
 _DRAW_OP = "microbatch_draw"
+#: Indexing ops Inductor runs as fallback kernels on a CPU (an accumulating index_put sorts its
+#: indices: the sparse lever's transient dense weight, an embedding's backward), not fused:
+#: measured like the products, on random valid indices.
+_INDEXING = {aten.index_put.default, aten.index.Tensor, aten.gather.default,
+             aten._unsafe_masked_index_put_accumulate.default}
 # signature (with torch's thread count) -> seconds (None: could not run): one per process
 _MEASURED: dict[tuple, float | None] = {}
 
@@ -157,6 +166,30 @@ def _csr_args(node: torch.fx.Node, device: torch.device) -> tuple | None:
     return (mat(grad), mat(x), vals, crow_r, col_r)
 
 
+def _index_args(node: torch.fx.Node, device: torch.device) -> tuple[tuple, dict]:
+    """Arguments like an indexing node's, its index tensors random within the indexed sizes
+    (zeros would send every element to one place)."""
+    args, kwargs = pytree.tree_map(lambda x: _materialize(x, device),
+                                   map_arg((node.args, node.kwargs), node_value))
+    args = list(args)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randomised(t, bound: int):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dtype == torch.bool:
+            return t
+        return torch.randint(0, max(1, bound), t.shape, generator=generator, device=device,
+                             dtype=t.dtype)
+
+    shape = args[0].shape
+    if node.target == aten.gather.default:  # (self, dim, index)
+        args[2] = randomised(args[2], shape[args[1]])
+    else:  # index / index_put / masked index put: (self, [mask,] indices, ...)
+        at = 2 if node.target == aten._unsafe_masked_index_put_accumulate.default else 1
+        args[at] = [randomised(t, shape[i]) if i < len(shape) else t
+                    for i, t in enumerate(args[at])]
+    return tuple(args), kwargs
+
+
 def _best_seconds(fn, device: torch.device, calls: int = 10, budget_s: float = 0.1) -> float:
     """The fewest seconds of ``fn`` over ``calls`` calls or more (while ``budget_s`` lasts),
     after a warm-up: a busy machine only adds time."""
@@ -193,6 +226,8 @@ def measured_seconds(node: torch.fx.Node) -> float | None:
                 args, kwargs = _csr_args(node, device), {}
                 if args is None:
                     raise ValueError("no valid CSR arguments")
+            elif node.target in _INDEXING:
+                args, kwargs = _index_args(node, device)
             else:
                 inputs = map_arg((node.args, node.kwargs), node_value)
                 args, kwargs = pytree.tree_map(lambda x: _materialize(x, device), inputs)
@@ -212,7 +247,7 @@ def node_step_seconds(node: torch.fx.Node, spec: DeviceSpec, costs: StepCosts) -
         numbers = outs[0].numel() if outs else 0
         read = sum(map(_tensor_bytes, outs)) / spec.bytes_per_s
         return costs.draw_s + read + (numbers / spec.random_per_s if spec.random_per_s else 0.0)
-    heavy = _is_csr(node) or node_flops(node) > 0
+    heavy = _is_csr(node) or node.target in _INDEXING or node_flops(node) > 0
     if heavy:
         seconds = measured_seconds(node) if costs.measure else None
         return node_time(node, spec) if seconds is None else seconds

@@ -100,3 +100,21 @@ def test_the_meta_device_is_not_measured():
     mm = _one(gm, aten.mm.default)
     assert measured_seconds(mm) is None
     assert node_step_seconds(mm, cpu_spec(), StepCosts()) == node_time(mm, cpu_spec())
+
+
+def test_an_accumulating_index_put_is_measured_on_valid_indices(monkeypatch):
+    """Inductor does not fuse it on a CPU (the sparse lever's transient dense weight): timed,
+    its indices random within the indexed size, not all zeros."""
+    def densify(values, indices):
+        return values.new_zeros(64).index_put([indices], values, accumulate=True)
+
+    gm = _graph(densify, torch.randn(16), torch.arange(16))
+    node = _one(gm, aten.index_put.default)
+    seen = []
+    real = step_costs._best_seconds
+    monkeypatch.setattr(step_costs, "_index_args", lambda n, d, _f=step_costs._index_args: (
+        seen.append(_f(n, d)) or seen[-1]))
+    monkeypatch.setattr(step_costs, "_best_seconds", lambda fn, device, **kw: real(fn, device))
+    assert measured_seconds(node) > 0
+    (_, [index], _, _), _ = seen[0]
+    assert index.min() >= 0 and index.max() < 64 and index.unique().numel() > 1
