@@ -90,10 +90,11 @@ def without_dropout():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,k", [("gpt_decoder", 2), ("gpt_decoder", 3), ("hf_gpt2", 3)])
+@pytest.mark.parametrize("name,k", [("gpt_decoder", 3), ("hf_gpt2", 3)])
 def test_bench_workload_microbatched_equals_the_whole_batch(name, k, without_dropout):
-    """Loss and gradients of k microbatches (batch 8: even for 2, [3, 3, 2] for 3) equal the
-    whole batch's. Dropout is off: a microbatch draws other masks than the whole batch does."""
+    """Loss and gradients of k microbatches (batch 8: [3, 3, 2]) equal the whole batch's.
+    Dropout is off: a microbatch draws other masks than the whole batch does. The uneven split
+    only (an even one is the tiny models' in tests/levers/microbatch and tests/api)."""
     if name == "hf_gpt2":
         pytest.importorskip("transformers")
     import fxmem
