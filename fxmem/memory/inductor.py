@@ -381,8 +381,12 @@ def channels_last_copies(gm: torch.fx.GraphModule, *, layout_optimized: bool | N
     When Inductor optimises the layout of a graph with convolutions, each convolution requires
     channels-last input and weight; a graph input in another layout (a contiguous 4-d tensor
     whose channels are not already innermost, e.g. a 3x3 weight; 1x1 weights already are) gets
-    a channels-last copy. ``layout_optimized``: :func:`optimizes_layout` of ``gm``, if the caller
-    has decided it already.
+    a channels-last copy. So does one that ``gm`` returns (the forward saves it for the
+    backward) and that leads to a convolution through other ops
+    (``GraphLowering.find_nodes_prefer_channels_last``): Inductor gives such an output
+    channels-last strides (``run_node``'s output layout) -- an fp32 3x3 weight the backward casts
+    to bf16 again, where the forward's bf16 copy of it is not saved, is copied and saved so.
+    ``layout_optimized``: :func:`optimizes_layout` of ``gm``, if the caller has decided it already.
     """
     if layout_optimized is None:
         layout_optimized = optimizes_layout(gm)
@@ -397,6 +401,20 @@ def channels_last_copies(gm: torch.fx.GraphModule, *, layout_optimized: bool | N
             if (isinstance(val, torch.Tensor) and val.dim() == 4
                     and not val.is_contiguous(memory_format=torch.channels_last)):
                 copied.append(arg.name)
+    returned = set(gm.graph.output_node().all_input_nodes)
+    saved = [n for n in gm.graph.nodes if n.op == "placeholder" and n in returned
+             and n.name not in copied and isinstance(n.meta.get("val"), torch.Tensor)
+             and n.meta["val"].dim() == 4 and n.meta["val"].is_contiguous()
+             and not n.meta["val"].is_contiguous(memory_format=torch.channels_last)]
+    if saved:
+        try:  # called with a stand-in for GraphLowering: see torch_compat
+            prefer = torch_compat.nodes_prefer_channels_last(gm)
+        except TorchCompatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Inductor's heuristic on a graph it would not see
+            log.debug("find_nodes_prefer_channels_last failed (%s); assuming copies", exc)
+            prefer = set(saved)  # the copies: the side of more memory
+        copied.extend(n.name for n in saved if n in prefer)
     return copied
 
 
