@@ -74,7 +74,7 @@ from fxmem.graph.ops import aliases_input, base_name, is_pointwise, is_view, ten
 from fxmem.memory.simulation import StepStorages
 
 __all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
-           "pool_buffers", "is_fallback", "kernel_groups", "free_after_kernel_groups", "contiguous_values",
+           "pool_buffers", "kernel_groups", "free_after_kernel_groups", "contiguous_values",
            "same_index_reads"]
 
 log = logging.getLogger(__name__)
@@ -128,16 +128,8 @@ class _Body:
     heavy: bool
 
 
-def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device,
-                   copies: dict[str, list[str]] | None = None) -> dict[str, Lowered]:
-    """How Inductor lowers each ``call_function`` node of ``gm`` (getitems excluded).
-
-    ``copies`` (filled when given): values realised only for two or more custom ops that
-    Inductor has no lowering for yet, with those ops. Inductor makes a custom op's fallback (and
-    so its need for realised inputs) when it lowers the op's first node, after the values it
-    reads: such a value stays a loop body, and each custom op requires its strides of it
-    (``ExternKernel.require_strides``), which copies a loop body into a buffer of its own for
-    every reader (``copy_input``)."""
+def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, Lowered]:
+    """How Inductor lowers each ``call_function`` node of ``gm`` (getitems excluded)."""
     # Inductor's thresholds, read from its config now (torch_compat.inductor_thresholds)
     limits = torch_compat.inductor_thresholds(device.type)
     kinds: dict[str, Lowered] = {}
@@ -168,18 +160,7 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device,
                 found.append(user)
         return found
 
-    lowered_custom: set = set()  # custom ops whose first node Inductor has lowered by now
-
-    def unregistered(user: torch.fx.Node) -> bool:
-        target = user.target
-        return (user.op == "call_function" and torch_compat.is_op_overload(target)
-                and not torch._library.utils.is_builtin(target)
-                and target not in lowered_custom and target not in torch_compat.LOWERINGS())
-
     for node in gm.graph.nodes:
-        if node.op == "call_function" and torch_compat.is_op_overload(node.target) \
-                and not torch._library.utils.is_builtin(node.target):
-            lowered_custom.add(node.target)
         kind = kinds.get(node.name)
         if kind not in (Lowered.INLINED, Lowered.VIEW):
             continue
@@ -192,24 +173,16 @@ def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device,
         if kind is not Lowered.INLINED:
             continue
         users = consumers(node)
-
-        def realises(u: torch.fx.Node) -> bool:
-            return (u.op != "call_function" or u.target is operator.getitem
-                    or kinds.get(u.name) in (Lowered.EXTERN, Lowered.KERNEL)
-                    and not _computes_into_output(u, device))
-
-        otherwise = (
+        must_realise = (
             node.name in outputs
+            or any(u.op != "call_function" or u.target is operator.getitem
+                   or kinds.get(u.name) in (Lowered.EXTERN, Lowered.KERNEL)
+                   and not _computes_into_output(u, device) for u in users)
             or len(body.reads) > limits.max_reads
             or (len(set(users)) > 1 and ((device.type == "cpu" and body.heavy)
                                          or len(body.reads) > limits.reuse_reads
                                          or body.ops > limits.max_ops))
         )
-        must_realise = otherwise or any(realises(u) for u in users)
-        custom = [u for u in dict.fromkeys(users) if unregistered(u)]
-        if copies is not None and not otherwise and len(custom) > 1 and not any(
-                realises(u) for u in users if u not in custom):
-            copies[node.name] = [u.name for u in custom]
         if must_realise:
             kinds[node.name] = Lowered.KERNEL
             bodies[node.name] = _Body(reads={node.name}, ops=0, heavy=False)
@@ -419,9 +392,7 @@ def channels_last_copies(gm: torch.fx.GraphModule, *, layout_optimized: bool | N
 
 
 def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequence,
-                 writes_out: Sequence[bool], returns_tuple: Sequence[bool],
-                 fallback: Sequence[bool] | None = None,
-                 device: torch.device | None = None) -> StepStorages:
+                 writes_out: Sequence[bool], returns_tuple: Sequence[bool]) -> StepStorages:
     """``storages`` (already lowered) with Inductor's buffer pool.
 
     A buffer a graph makes and frees can be reused once dead, keyed by ``keys_of[s]`` (dtype and
@@ -431,13 +402,7 @@ def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequ
     returns several tensors (``returns_tuple[i]``: ``convolution_backward``, the RNG-replay
     wrappers), views of its tuple to Inductor. A buffer is taken from the pool when Inductor
     allocates it: outputs of its own kernels, and of extern kernels it calls with ``out=``
-    (``writes_out[i]`` for op ``i``).
-
-    The pool's key holds the buffer's alignment: on the CPU Inductor takes every graph input as
-    unaligned, and so the output of a fallback kernel (``fallback[i]``: a ``FallbackKernel``,
-    such as a custom op) that reads one, and a buffer a kernel writes in place of one
-    (:attr:`~fxmem.memory.simulation.StepStorages.unaligned`): no allocation reuses them, they
-    are freed when they die."""
+    (``writes_out[i]`` for op ``i``)."""
     keys: dict[int, object] = {}
     recipients: set[int] = set()
     for i, created in enumerate(storages.creates):
@@ -449,29 +414,7 @@ def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequ
             keys[s] = keys_of[s]
             if kinds[i] in (Lowered.KERNEL, Lowered.REDUCTION) or writes_out[i]:
                 recipients.add(s)
-    if device is None or device.type != "cpu":
-        return dataclasses.replace(storages, reuse_keys=keys,
-                                   pool_recipients=frozenset(recipients))
-    start = storages.backward_start
-    inputs = set(storages.resident) | {  # the backward's inputs: what the forward made for it
-        s for i in range(start) for s in storages.creates[i]} & {
-        s for i in range(start, len(storages.creates)) for s in storages.reads[i]}
-    unaligned: set[int] = set()
-    for i, created in enumerate(storages.creates):
-        if fallback is not None and fallback[i] and not returns_tuple[i] and any(
-                r in inputs or r in unaligned for r in storages.reads[i]):
-            unaligned.update(created)
-    return dataclasses.replace(storages, reuse_keys=keys, pool_recipients=frozenset(recipients),
-                               unaligned=frozenset(unaligned), inputs_unaligned=True)
-
-
-def is_fallback(node: torch.fx.Node) -> bool:
-    """Whether Inductor runs ``node``'s op as a ``FallbackKernel``: an op it has no lowering for
-    (a custom op) or one it falls back to ATen for; not the extern kernels it calls itself
-    (matrix products, convolutions) nor higher-order ops."""
-    target = node.target
-    return torch_compat.is_op_overload(target) and (
-        target in torch_compat.FALLBACKS() or target not in torch_compat.LOWERINGS())
+    return dataclasses.replace(storages, reuse_keys=keys, pool_recipients=frozenset(recipients))
 
 
 def kernel_groups(kinds: Sequence[Lowered], backward_start: int) -> tuple[int, ...]:

@@ -13,12 +13,8 @@ plan's forward and backward graphs alike.
    writes into a dying input only if it reads it at the index it writes (:func:`inplace_storages`);
 3. a gradient a kernel computes in place of a value Inductor keeps contiguous (or of a
    gradient computed so) is copied channels-last for each convolution backward that reads it;
-4. a value realised only for custom ops Inductor has not lowered yet is copied for each of them
-   (:func:`~fxmem.memory.inductor.lowering_kinds`' ``copies``);
-5. Inductor's buffer pool (:func:`~fxmem.memory.inductor.pool_buffers`), which on the CPU does
-   not reuse unaligned buffers (graph inputs, and what is made in place of or from one by a
-   fallback kernel);
-6. on the CPU, the C++ backend frees what dies in a kernel group after the whole group.
+4. Inductor's buffer pool (:func:`~fxmem.memory.inductor.pool_buffers`);
+5. on the CPU, the C++ backend frees what dies in a kernel group after the whole group.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ from fxmem.memory.inductor import (
     free_after_kernel_groups,
     lower_storages,
     lowering_kinds,
-    is_fallback,
     pool_buffers,
     same_index_reads,
 )
@@ -81,51 +76,12 @@ def lower_table(table: StorageTable, *, layout_optimized: bool,
                               inplace=inplace_storages(table))
     if layout_optimized:
         storages = _channels_last_gradients(table, storages, kinds, reuse_key)
-    storages = _custom_op_copies(table, storages, reuse_key)
     writes_out = [node is None or node.target in _OUT_EXTERNS for node in table.op_nodes]
     returns_tuple = [node is not None and isinstance(node.meta.get("val"), (tuple, list))
                      for node in table.op_nodes]
-    fallback = [node is not None and kinds[i] is Lowered.EXTERN and is_fallback(node)
-                for i, node in enumerate(table.op_nodes)]
-    storages = pool_buffers(storages, kinds, reuse_key, writes_out, returns_tuple, fallback,
-                            table.device)
+    storages = pool_buffers(storages, kinds, reuse_key, writes_out, returns_tuple)
     storages = free_after_kernel_groups(storages, kinds, table.device)
     return dataclasses.replace(table, storages=storages, reuse_key=tuple(reuse_key))
-
-
-def _custom_op_copies(table: StorageTable, storages: StepStorages,
-                      reuse_key: list) -> StepStorages:
-    """A value that Inductor realises for no reader but custom ops it has not lowered yet is
-    copied into a buffer of its own for each of them (:func:`~fxmem.memory.inductor.lowering_kinds`'
-    ``copies``): the value's storage stands for the first copy, each further reader reads a copy
-    made with it."""
-    index = {(g, node.name): i for i, (node, g) in enumerate(zip(table.op_nodes, table.op_graph))
-             if node is not None}
-    creates, reads = list(storages.creates), list(storages.reads)
-    nbytes, category = list(storages.nbytes), list(storages.category)
-    creator = {s: i for i, made in enumerate(creates) for s in made}
-    for g, gm in enumerate(table.graphs):
-        copies: dict[str, list[str]] = {}
-        lowering_kinds(gm, table.device, copies)
-        for name, users in copies.items():
-            for s in table.graph_storages[g].get(name, ())[:1]:
-                j = creator.get(s)
-                if j is None:
-                    continue
-                for user in users[1:]:
-                    i = index.get((g, user))
-                    if i is None or s not in reads[i]:
-                        continue
-                    copy = len(nbytes)
-                    nbytes.append(nbytes[s])
-                    category.append(Category.TEMPORARIES)
-                    reuse_key.append(reuse_key[s])
-                    creates[j] = creates[j] + (copy,)
-                    reads[i] = tuple(sorted(copy if r == s else r for r in reads[i]))
-    if len(nbytes) == len(storages.nbytes):
-        return storages
-    return dataclasses.replace(storages, creates=tuple(creates), reads=tuple(reads),
-                               nbytes=tuple(nbytes), category=tuple(category))
 
 
 def _with_layout_copies(table: StorageTable, reuse_key: list) -> StorageTable:

@@ -74,14 +74,6 @@ class StepStorages:
     # per op: the op after which the storages that die at it are freed (empty: the op itself).
     # An input an op takes over (``accumulates``) still passes to it at its own op.
     release_after: tuple[int, ...] = ()
-    # the pool's keys hold alignment too (Inductor's ``buffer_reuse_key``): an unaligned buffer
-    # is pooled under a key no allocation asks for, so it is freed when it dies. On the CPU
-    # Inductor assumes every graph input unaligned (``should_assume_input_aligned``), and so a
-    # buffer a kernel writes in place of one (``make_inplace``) and a fallback kernel's output
-    # read from one: ``unaligned`` holds the fallback outputs; ``inputs_unaligned`` says the
-    # graphs' inputs (the backward's, made by the forward) are, and what takes one over in place
-    unaligned: frozenset[int] = frozenset()
-    inputs_unaligned: bool = False
 
     def __post_init__(self):
         n = len(self.op_names)
@@ -254,15 +246,12 @@ def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int,
                 frees_at: Mapping[int, Sequence[int]], nbytes: np.ndarray) -> dict[int, int]:
     """Which created storage takes over which dead storage's bytes: an accumulation into an input
     that dies at that op, else (with ``reuse_keys``) a pooled buffer of its key freed earlier in
-    the same graph (last freed, first reused, as Inductor's wrapper pops its pool). Not
-    modelled: Inductor declines a reuse that would hold a buffer above its own estimate of the
-    graph's peak (``AllocateLine.should_reuse_buffer``); the model reuses it, holding more."""
+    the same graph (last freed, first reused, as Inductor's wrapper pops its pool)."""
     takes: dict[int, int] = {}
     taken_over: set[int] = set()
     pools: dict[object, list[int]] = {}
     bw_start = _backward_position(step, order)
     made_in_fw = {s for t, op in enumerate(order[:bw_start]) for s in step.creates[op]}
-    unaligned = set(step.unaligned)  # never reused from the pool (see StepStorages)
     for t, op in enumerate(order):
         if t == bw_start:
             pools.clear()  # the backward is another graph with its own pool
@@ -273,9 +262,6 @@ def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int,
                  and nbytes[a] == nbytes[s] and a not in taken_over),
                 None,
             )
-            if taken is not None and (taken in unaligned or step.inputs_unaligned
-                                      and t >= bw_start and taken in made_in_fw):
-                unaligned.add(s)  # in place of an unaligned buffer: unaligned too
             if taken is None and s in step.pool_recipients and pools.get(step.reuse_keys.get(s)):
                 taken = pools[step.reuse_keys[s]].pop()
             if taken is not None:
@@ -283,7 +269,6 @@ def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int,
                 taken_over.add(taken)
         for s in frees_at.get(t, ()):
             if s in step.reuse_keys and s not in taken_over and s not in step.pinned \
-                    and s not in unaligned \
                     and not (t >= bw_start and s in made_in_fw):  # a backward input
                 pools.setdefault(step.reuse_keys[s], []).append(s)
     return takes
