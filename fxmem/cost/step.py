@@ -55,7 +55,7 @@ from fxmem.graph.ops import node_value, tensors
 from fxmem.graph.torch_compat import pytree
 
 __all__ = ["StepCosts", "step_seconds", "node_step_seconds", "measured_seconds",
-           "clear_measured", "measured_count"]
+           "clear_measured", "measured_count", "graph_device"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -273,7 +273,7 @@ def step_seconds(graphs: Iterable[torch.fx.GraphModule], *, microbatches: int = 
     graphs = list(graphs)
     if not graphs:
         return 0.0
-    spec = spec or costs.spec or spec_for(_graph_device(graphs[0]))
+    spec = spec or costs.spec or spec_for(graph_device(graphs[0]))
     per = sum(node_step_seconds(n, spec, costs) for gm in graphs for n in gm.graph.nodes)
     k = max(1, int(microbatches))
     if k == 1:
@@ -282,7 +282,8 @@ def step_seconds(graphs: Iterable[torch.fx.GraphModule], *, microbatches: int = 
     return k * (per + costs.microbatch_s) + (k - 1) * accumulate
 
 
-def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
+def graph_device(gm: torch.fx.GraphModule) -> torch.device:
+    """The device of ``gm``'s first traced tensor value (the CPU when it has none)."""
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):

@@ -64,7 +64,7 @@ import torch
 
 from fxmem.budget import BudgetError, format_bytes, parse_budget
 from fxmem.cost.model import DeviceSpec, spec_for
-from fxmem.cost.step import StepCosts, step_seconds
+from fxmem.cost.step import StepCosts, graph_device, step_seconds
 from fxmem.errors import FxmemError
 from fxmem.graph.torch_compat import pytree
 from fxmem.planning.options import EXACT_LEVERS, PlanOptions, check_allow
@@ -169,19 +169,11 @@ def plan_seconds(plan, spec: DeviceSpec | None = None, *, microbatches: int | No
     graphs = [plan.graphs["forward"], plan.graphs["backward"]]
     if costs is None:
         costs = StepCosts(lowering="inductor" if plan.options.lowering == "inductor" else "eager")
-    spec = spec or costs.spec or plan.options.device_spec or spec_for(_device(graphs[0]))
+    spec = spec or costs.spec or plan.options.device_spec or spec_for(graph_device(graphs[0]))
     k = microbatches
     if k is None:
         k = len(plan.microbatch.sizes) if plan.microbatch is not None else 1
     return step_seconds(graphs, microbatches=k, costs=costs, spec=spec)
-
-
-def _device(gm: torch.fx.GraphModule) -> torch.device:
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            return val.device
-    return torch.device("cpu")
 
 
 PREFER = ("exact", "time")
