@@ -225,13 +225,7 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
     ``prefer``: how the point is chosen (:func:`choose`); ``search="needed"`` needs "exact"."""
     from fxmem.planning import reuse
 
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-    if prefer not in PREFER:
-        raise ValueError(f"prefer must be one of {PREFER}, got {prefer!r}")
-    if search == "needed" and prefer != "exact":
-        raise ValueError("search='needed' skips the lossy combinations once an exact one fits: "
-                         "it needs prefer='exact'")
+    _check_choice(search, prefer)
     t0 = time.perf_counter()
     budget = parse_budget(budget)
     allow = check_allow(allow)
@@ -243,15 +237,7 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
             bar.set_postfix_str("the batch analysis (microbatch counts)")
         with reuse.scope(("fp32", None)):  # the dense fp32 step's analysis serves its k > 1
             ks, skipped = _microbatch_counts(model, args, kwargs, allow, lowering, loss_fn)
-        dens: list[float | None] = [None]
-        if "sparse" in allow:
-            from fxmem.levers.sparse.density import eligible_layers
-
-            if eligible_layers(model):
-                dens += sorted({float(d) for d in densities}, reverse=True)
-            else:
-                skipped.append("sparse: no layer to sparsify (nn.Linear, nn.Conv2d; the first "
-                               "and last weight layers stay dense)")
+        dens = _densities(model, allow, densities, skipped)
         if bar is not None:
             bar.total = len(dens) * len(precisions) * len(ks)
             bar.refresh()
@@ -295,6 +281,31 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
     return JointExploration(budget=budget, allow=tuple(sorted(allow)), points=tuple(points),
                             front=pareto_front(points), chosen=choose(points, prefer), floor=floor,
                             skipped=tuple(skipped), seconds=time.perf_counter() - t0)
+
+
+def _check_choice(search: str, prefer: str) -> None:
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if prefer not in PREFER:
+        raise ValueError(f"prefer must be one of {PREFER}, got {prefer!r}")
+    if search == "needed" and prefer != "exact":
+        raise ValueError("search='needed' skips the lossy combinations once an exact one fits: "
+                         "it needs prefer='exact'")
+
+
+def _densities(model: torch.nn.Module, allow, densities: Iterable[float],
+               skipped: list[str]) -> list[float | None]:
+    """None (dense), then the densities explored, sparsest last; why none is, in ``skipped``."""
+    dens: list[float | None] = [None]
+    if "sparse" in allow:
+        from fxmem.levers.sparse.density import eligible_layers
+
+        if eligible_layers(model):
+            dens += sorted({float(d) for d in densities}, reverse=True)
+        else:
+            skipped.append("sparse: no layer to sparsify (nn.Linear, nn.Conv2d; the first "
+                           "and last weight layers stay dense)")
+    return dens
 
 
 class _Weights:
