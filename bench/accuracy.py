@@ -64,6 +64,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -379,7 +380,7 @@ def eight_bit_floor(task: Task, model: torch.nn.Module, lowering: str, seed: int
     """The smallest budget the bf16-8bit mode's levers reach on the first training batch (the
     BudgetError of a 1-byte budget), planned on a copy: the model, its optimizer and the RNG are
     left as they were."""
-    copy = __import__("copy").deepcopy(model)
+    copy = deepcopy(model)
     x, y = next(task.batches(torch.Generator().manual_seed(seed + 1)))  # train's first batch
     rng = torch.get_rng_state()
     try:
