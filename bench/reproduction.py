@@ -84,7 +84,7 @@ GPT_DECODER = dict(n_layer=6, n_head=8, d_model=512, vocab_size=8192, batch=8, s
 QUICK_SIZES = {"wrn": dict(batch=8, depth=10, widen_factor=1),
                "lm": dict(n_layer=2, n_head=2, d_model=32, vocab_size=256, batch=4, seq=16,
                           n_val=1)}
-DEFAULT_STEPS = {"wrn": 33, "lm": 40}  # wrn: 3 epochs of 11 batches
+DEFAULT_STEPS = {"wrn": 55, "lm": 40}  # wrn: 5 epochs of 11 batches (bench/accuracy.py's)
 QUICK_STEPS = {"wrn": 2, "lm": 2}
 MEASURE_STEP = 1
 
@@ -190,10 +190,15 @@ def plan_summary(plan) -> dict:
 # ------------------------------------------------------------------------------ one run
 
 
+def _steps_of(mode: str, ns, steps: int) -> int:
+    """The steps a mode runs: ``steps`` when trained, else the planning step and the measured
+    one (memory only)."""
+    return steps if mode in ns.train_modes else MEASURE_STEP + 1
+
+
 def run_mode(name: str, mode: str, ns, steps: int) -> dict:
     trained = mode in ns.train_modes
-    if not trained:  # memory only: the step that plans and compiles, then the measured one
-        steps = MEASURE_STEP + 1
+    steps = _steps_of(mode, ns, steps)
     task = make_task(name, steps, ns.quick)
     info: dict = {"task": task}
     prepare = None if mode == "eager" else planned(name, mode, ns, info)
@@ -423,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-allow", default=",".join(ALL),
                    help="the levers of the 'all' mode (default every lever)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the runs of the results JSON that finished (same workload and "
-                        "mode) and run only the others")
+                   help="keep the runs of the results JSON that finished (same workload, mode "
+                        "and steps; those of workloads or modes not run are kept as they are) "
+                        "and run only the others")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny models, 2 steps")
     p.add_argument("--out", default=None,
                    help="results file stem (default reproduction; reproduction_quick with --quick)")
@@ -458,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     done: set = set()
     if ns.resume and (RESULTS / f"{out}.json").exists():
         old = json.loads((RESULTS / f"{out}.json").read_text())
-        rows = [r for r in old["runs"] if r.get("status") == "ok"]
+        rows = [r for r in old["runs"] if r.get("status") == "ok" and (
+            r["model"] not in names or r["mode"] not in modes
+            or r.get("steps") == _steps_of(r["mode"], ns, steps[r["model"]]))]
         done = {(r["model"], r["mode"]) for r in rows}
         meta["resumed"] = [{"command": old.get("command"), "date": old.get("date"),
                             "runs": sorted(f"{m}/{k}" for m, k in done)}]
