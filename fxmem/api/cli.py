@@ -187,7 +187,8 @@ def _plan(ns: argparse.Namespace) -> int:
     workload = load_workload(ns.factory)
     budget, fraction, unoptimized, before, measured_before = _budget_and_before(
         ns, workload, run_before=bool(ns.plot))
-    exploration = _explore(ns, workload, budget) if ns.alternatives or ns.pareto else None
+    explored = ns.alternatives or ns.pareto or ns.prefer is not None
+    exploration = _explore(ns, workload, budget) if explored else None
     if exploration is not None and exploration.chosen is None:
         from fxmem.planning.joint import format_alternatives
 
@@ -272,7 +273,7 @@ def _explore(ns: argparse.Namespace, workload, budget: int):
     return explore(workload.model, *workload.args, budget=budget, allow=_allow(ns),
                    optimizer=workload.optimizer, loss_fn=workload.loss_fn, lowering=ns.lowering,
                    time_limit=ns.time_limit, floors=ns.floors, search=ns.search,
-                   progress=not ns.no_progress, **workload.kwargs)
+                   prefer=ns.prefer or "exact", progress=not ns.no_progress, **workload.kwargs)
 
 
 def _pareto(exploration, ns: argparse.Namespace, workload) -> str:
@@ -331,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --alternatives: plan every combination (all, default), or the "
                         "lossy ones only when no exact one fits (needed: the same choice, "
                         "fewer alternatives)")
+    q.add_argument("--prefer", choices=["exact", "time"], default=None,
+                   help="how the joint planner chooses (implies --alternatives): exact, the "
+                        "fastest exact combination that fits, lossy ones only when none does "
+                        "(default); time, the fastest that fits, lossy or not (among those "
+                        "within 1%% of it, the least lossy), so the chosen plan's predicted "
+                        "time never rises as the budget grows")
     q.add_argument("--no-progress", action="store_true",
                    help="with --alternatives: no progress bar (by default a tqdm bar on "
                         "stderr counts the combinations planned)")
@@ -340,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-measure", action="store_true",
                    help="plan only (no step run, no memory plot)")
     ns = parser.parse_args(argv)
+    if ns.command == "plan" and ns.prefer == "time" and ns.search == "needed":
+        parser.error("--search needed plans the lossy combinations only when no exact one "
+                     "fits, so it needs --prefer exact")
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING)
     try:
         return {"plan": _plan, "inspect": _inspect, "estimate": _estimate}[ns.command](ns)

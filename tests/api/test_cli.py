@@ -105,3 +105,28 @@ def test_relative_budgets_are_read_by_the_cli_only(capsys):
         fxmem.parse_budget("55%")
     assert main(["plan", "no_such_module_xyz:make", "--budget", "abc%"]) == 2
     assert "percentage of the unoptimised peak" in capsys.readouterr().err
+
+
+def test_plan_prefer_reaches_the_joint_planner_and_is_checked(factory_module, monkeypatch,
+                                                                capsys):
+    """``--prefer time`` runs the joint planner with that choice (``--prefer`` implies
+    ``--alternatives``); with ``--search needed`` it is a usage error, not a traceback."""
+    import fxmem.api.cli as cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_explore(ns, workload, budget):
+        seen.update(prefer=ns.prefer, search=ns.search, budget=budget)
+        raise Stop
+
+    monkeypatch.setattr(cli, "_explore", fake_explore)
+    with pytest.raises(Stop):
+        cli.main(["plan", f"{factory_module}:make", "--budget", "1GiB", "--prefer", "time"])
+    assert seen == {"prefer": "time", "search": "all", "budget": 2**30}
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", f"{factory_module}:make", "--budget", "1GiB", "--prefer", "time",
+                  "--search", "needed"])
+    assert exc.value.code == 2 and "needs --prefer exact" in capsys.readouterr().err
