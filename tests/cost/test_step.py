@@ -103,8 +103,8 @@ def test_the_meta_device_is_not_measured():
 
 
 def test_an_accumulating_index_put_is_measured_on_valid_indices(monkeypatch):
-    """Inductor does not fuse it on a CPU (the sparse lever's transient dense weight): timed,
-    its indices random within the indexed size, not all zeros."""
+    """Where it is measured (eager lowering, an Inductor fallback): timed, its indices random
+    within the indexed size, not all zeros."""
     def densify(values, indices):
         return values.new_zeros(64).index_put([indices], values, accumulate=True)
 
@@ -118,3 +118,82 @@ def test_an_accumulating_index_put_is_measured_on_valid_indices(monkeypatch):
     assert measured_seconds(node) > 0
     (_, [index], _, _), _ = seen[0]
     assert index.min() >= 0 and index.max() < 64 and index.unique().numel() > 1
+
+
+def test_indexing_ops_inductor_lowers_are_priced_as_fused(monkeypatch):
+    """The sparse lever's transient dense weight (an accumulating put, int32 indices) and its
+    values' gradient (an index read), an embedding's backward, a gather: Inductor lowers them to
+    fused loops, so they are priced like pointwise ops (not timed as ATen's kernels, whose
+    accumulating put sorts its indices: 0.37 ms against Inductor's 0.04-0.13 ms per layer on
+    the bench GPT decoder); with eager lowering they are measured."""
+    n = 4096
+    gm = _graph(lambda v, i, g, t, x: (v.new_zeros(n).index_put([i], v, accumulate=True),
+                                       g.reshape(-1)[i], x.gather(1, t)),
+                torch.randn(512), torch.randint(0, n, (512,), dtype=torch.int32),
+                torch.randn(64, 64), torch.randint(0, 4, (8, 2)), torch.randn(8, 4))
+    spec, costs = cpu_spec(), StepCosts()
+    nodes = [_one(gm, t) for t in (aten.index_put.default, aten.index.Tensor,
+                                   aten.gather.default)]
+    assert not any(step_costs.inductor_falls_back(x) for x in nodes)
+    calls = []
+    monkeypatch.setattr(step_costs, "measured_seconds", lambda node: calls.append(node) or 1.0)
+    put, read, gather = (node_step_seconds(x, spec, costs) for x in nodes)
+    assert not calls
+    assert put == pytest.approx(n * 4 / spec.bytes_per_s + costs.fused_op_s)  # bytes written
+    assert read == pytest.approx(512 * 4 / spec.bytes_per_s + costs.fused_op_s)
+    assert gather == pytest.approx(8 * 2 * 4 / spec.bytes_per_s + costs.fused_op_s)
+    eager = StepCosts(lowering="eager")
+    assert [node_step_seconds(x, spec, eager) for x in nodes] == [1.0, 1.0, 1.0]
+
+
+def test_indexing_ops_inductor_runs_as_aten_kernels_are_measured(monkeypatch):
+    """Inductor's own fallbacks: a boolean index, an accumulating put into int64,
+    deterministic algorithms."""
+    mask, x = torch.rand(64) > 0.5, torch.randn(64)
+    gm = _graph(lambda x, m, v, c, i: (x[m], x.index_put([m], v), c.index_put([i], c[:8], True),
+                                       x.index_put([i], x[:8], True)),
+                x, mask, torch.randn(int(mask.sum())), torch.arange(64),
+                torch.randint(0, 64, (8,)))
+    read, put_bool, put_int64, put_float = [x for x in gm.graph.nodes if x.target in (
+        aten.index.Tensor, aten.index_put.default)][-4:]
+    assert all(map(step_costs.inductor_falls_back, (read, put_bool, put_int64)))
+    assert not step_costs.inductor_falls_back(put_float)
+    calls = []
+    monkeypatch.setattr(step_costs, "measured_seconds", lambda node: calls.append(node) or 1.0)
+    spec, costs = cpu_spec(), StepCosts()
+    assert [node_step_seconds(x, spec, costs) for x in (read, put_bool, put_int64)] == [1.0] * 3
+    assert node_step_seconds(put_float, spec, costs) < 1.0
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert step_costs.inductor_falls_back(put_float)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_inductor_runs_no_aten_kernel_for_a_fused_indexing_op():
+    """The rule against Inductor itself: the sparse lever's densify compiled for a CPU runs no
+    ATen indexing kernel; a boolean-indexed put does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fxmem.levers.sparse.functions import densify
+
+    def ran(fn, *args):
+        compiled = torch.compile(fn, backend="inductor", fullgraph=True)
+        compiled(*args)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            compiled(*args)
+        return {e.key for e in prof.key_averages()}
+
+    values, indices = torch.randn(16), torch.randperm(64)[:16].to(torch.int32)
+    gm = _graph(lambda v, i: torch.index_put(v.new_zeros(64), [i], v, accumulate=True),
+                values, indices)  # densify as the step's graphs have it
+    assert not step_costs.inductor_falls_back(_one(gm, aten.index_put.default))
+    assert not {"aten::index_put_", "aten::index_put", "aten::_index_put_impl_"} & ran(
+        lambda v, i: densify(v, i, (8, 8)) * 2.0, values, indices)
+    mask = torch.arange(64) % 3 == 0
+    bool_put = _graph(lambda x, m, v: x.index_put([m], v), torch.randn(64), mask,
+                      torch.randn(int(mask.sum())))
+    assert step_costs.inductor_falls_back(_one(bool_put, aten.index_put.default))
+    assert {"aten::index_put_", "aten::_index_put_impl_"} & ran(
+        lambda x, m, v: x.index_put([m], v) * 2.0, torch.randn(64), mask,
+        torch.randn(int(mask.sum())))
