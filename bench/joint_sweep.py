@@ -736,7 +736,8 @@ def main(argv=None) -> int:
     if ns.rewrite:
         data = json.loads((RESULTS / f"{ns.out}.json").read_text())
         meta = {k: data.pop(k) for k in ("command", "date", "torch", "python", "cpu", "threads",
-                                         "time_limit", "densities", "total_seconds", "notes")
+                                         "time_limit", "densities", "prefer", "total_seconds",
+                                         "notes")
                 if k in data}
         data.pop("verdicts", None)
         data.pop("out", None)
