@@ -90,6 +90,10 @@ EIGHT_BIT_MARGIN = 1.02  # the bf16-8bit mode's budget: this times the floor wit
 MODELS = ("lm", "wrn")
 DENSITY = {"sparse80": 0.2, "sparse90": 0.1}
 PRECISION_ALLOW = ("recompute", "microbatch", "precision")
+# the bf16-8bit mode's levers: without microbatching, whose smaller microbatches lower the floor
+# below where saved values hold it (then no value is stored in 8 bits and the mode would measure
+# bf16 compute again, as a run with PRECISION_ALLOW did: 0 values in 8 bits at 1.02x its floor)
+EIGHT_BIT_ALLOW = ("recompute", "precision")
 BF16_LOWERING = {"lm": "eager", "wrn": "inductor"}  # --bf16-lowering per-model
 # the issue's thresholds for the bf16 mode
 MAX_ACC_DROP_POINTS = 0.5
@@ -345,7 +349,8 @@ def run_one(task: Task, mode: str, seed: int, args) -> dict:
                 floor = eight_bit_floor(task, model, lowering, seed)
                 budget = int(EIGHT_BIT_MARGIN * floor)
                 extra.update(floor_8bit=floor, budget=budget)
-            step_fn = fxmem.optimize(model, budget, optimizer=opt, allow=PRECISION_ALLOW,
+            allow = EIGHT_BIT_ALLOW if mode == "bf16-8bit" else PRECISION_ALLOW
+            step_fn = fxmem.optimize(model, budget, optimizer=opt, allow=allow,
                                      precision="bf16", lowering=lowering, stored_bits=bits)
             # an OptimizedModule in eval is the model
             return Prepared(step_fn, eval_model=step_fn)
@@ -366,6 +371,9 @@ def run_one(task: Task, mode: str, seed: int, args) -> dict:
         row["plan_head"] = report.splitlines()[0]
         row["stored_low"] = next((ln.strip() for ln in report.splitlines()
                                   if ln.strip().startswith("stored-low:")), None)
+        stored = next((r.details for r in step_fn.plan.provenance if r.name == "stored-low"),
+                      None)
+        row["values_8bit"] = len(stored.values_8bit) if stored is not None else 0
     if mode.startswith("sparse"):
         report = model.sparsity.report()
         row["sparsity"].update(measured_density=report.density, updates=len(model.sparsity.history),
@@ -376,6 +384,21 @@ def run_one(task: Task, mode: str, seed: int, args) -> dict:
 # ------------------------------------------------------------------------------ report
 
 
+def baseline_rows(stem: str, tasks: dict[str, Task]) -> list[dict]:
+    """The fp32 rows of ``bench/results/<stem>.json`` for these tasks (same model, same steps),
+    marked as taken from there: the same seeds and batches, so they are the baseline of this
+    run's modes."""
+    old = json.loads((RESULTS / f"{stem}.json").read_text())
+    rows = []
+    for name, task in tasks.items():
+        row = next((r for r in old["runs"] if r.get("model") == name and r.get("mode") == "fp32"
+                    and r.get("status") == "ok" and r.get("steps") == task.steps), None)
+        if row is None:
+            raise SystemExit(f"--baseline {stem}: no fp32 run of {name} at {task.steps} steps")
+        rows.append(dict(row, from_baseline=f"{stem}.json ({old.get('date')})"))
+    return rows
+
+
 def eight_bit_floor(task: Task, model: torch.nn.Module, lowering: str, seed: int) -> int:
     """The smallest budget the bf16-8bit mode's levers reach on the first training batch (the
     BudgetError of a 1-byte budget), planned on a copy: the model, its optimizer and the RNG are
@@ -384,7 +407,7 @@ def eight_bit_floor(task: Task, model: torch.nn.Module, lowering: str, seed: int
     x, y = next(task.batches(torch.Generator().manual_seed(seed + 1)))  # train's first batch
     rng = torch.get_rng_state()
     try:
-        fxmem.optimize(copy, 1, optimizer=task.make_optimizer(copy), allow=PRECISION_ALLOW,
+        fxmem.optimize(copy, 1, optimizer=task.make_optimizer(copy), allow=EIGHT_BIT_ALLOW,
                        precision="bf16", lowering=lowering, stored_bits=8)(x, y)
     except fxmem.BudgetError as exc:
         return int(exc.floor)
@@ -426,6 +449,9 @@ def _verdicts(rows: list[dict]) -> list[str]:
             lines.append(f"- {r['model']}/bf16-8bit planned at {r['budget'] / 2**20:.2f} MiB "
                          f"({EIGHT_BIT_MARGIN}x its floor with 8 bits offered, "
                          f"{r['floor_8bit'] / 2**20:.2f} MiB): {r.get('stored_low')}")
+            if not r.get("values_8bit"):
+                lines.append(f"- **{r['model']}/bf16-8bit stored no value in 8 bits: this run "
+                             "does not measure 8-bit storage**")
     return lines
 
 
@@ -449,9 +475,11 @@ def write_results(meta: dict, tasks: dict[str, Task], rows: list[dict], out: str
            f"digits split seed 0",
            f"- bf16 mode: `fxmem.optimize(model, {meta['budget']!r}, optimizer=opt, "
            f"allow={PRECISION_ALLOW}, precision='bf16', lowering=...)`; lowering per model: "
-           f"{meta['bf16_lowering']}; bf16-8bit mode: the same with `stored_bits=8` at "
-           f"{EIGHT_BIT_MARGIN}x the floor those levers reach (so that saved values are stored "
-           f"in 8 bits where the budget needs it)",
+           f"{meta['bf16_lowering']}; bf16-8bit mode: the same with `stored_bits=8` and "
+           f"`allow={EIGHT_BIT_ALLOW}` at {EIGHT_BIT_MARGIN}x the floor those levers reach (so "
+           f"that saved values are stored in 8 bits where the budget needs it)",
+           *([f"- fp32 rows: taken from `bench/results/{meta['baseline']}.json` (same seeds, "
+              f"batches and steps), not trained in this run"] if meta.get("baseline") else []),
            f"- sparse modes: `fxmem.sparsify(model, density, optimizer=opt)` (ERK, first/last "
            f"dense, magnitude init) then `model.sparsity.attach(opt, method='rigl' | 'static', "
            f"every=max(1, steps // 10), fraction=0.3, until=int(0.75 * steps))`; "
@@ -527,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results file stem (default accuracy, "
                                                 "accuracy_quick with --quick)")
     p.add_argument("--note", action="append", default=[], help="a line for the Notes section")
+    p.add_argument("--baseline", default=None, metavar="STEM",
+                   help="take the fp32 rows (same models and steps) from "
+                        "bench/results/STEM.json instead of training fp32 again")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
@@ -555,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
             "thresholds": {"wrn_acc_points": MAX_ACC_DROP_POINTS,
                            "lm_val_loss_rel_pct": MAX_LOSS_REL_PCT}}
     rows: list[dict] = []
+    if args.baseline:
+        rows += baseline_rows(args.baseline, tasks)
+        modes = [m for m in modes if m != "fp32"]
+        meta["baseline"] = args.baseline
     t0 = time.perf_counter()
     for name, task in tasks.items():
         print(f"== {name}: {task.description}", flush=True)
