@@ -14,8 +14,14 @@ Variables per candidate ``i``: ``save[i]`` (binary), ``need[i]`` and ``again[i]`
 
 The memory rows are many (one per position) and dense, so they are generated lazily: solve with
 the rows at the worst positions of the warm start, evaluate the answer at every position, add the
-violated rows, solve again. CBC (shipped with PuLP) solves; a greedy answer warm-starts it; the
-time limit returns the best feasible answer found, with CBC's optimality gap.
+violated rows, solve again. HiGHS (``highspy``, in this process, through PuLP) solves; where
+``highspy`` is not installed, CBC (shipped with PuLP, a process per solve, warm-started by a greedy
+answer). The time limit returns the best feasible answer found, with the solver's optimality gap.
+
+HiGHS is the default because it plans better and faster: on the bench GPT decoder and WRN-28-2
+(batch 32, AdamW, Inductor lowering, 10 s per solve) it found the same floor as CBC for the GPT and
+a 9% lower one for the WRN (67.0 against 73.9 MB, CBC stopped at its time limit), in 35-45% less
+solver time (40 against 57 s and 27 against 53 s over each step's floor and plan).
 """
 
 from __future__ import annotations
@@ -136,6 +142,31 @@ class _Model:
                 s.setInitialValue(int(decision.saved[i]))
 
     def solve(self, time_limit: float, gap: float) -> tuple[str, Decision | None, float | None]:
+        """``(status, decision, gap)``: status "optimal" (within ``gap``), "feasible" (the
+        time limit's best) or the solver's word for no answer (decision None)."""
+        if _has_highs():
+            return self._solve_highs(time_limit, gap)
+        return self._solve_cbc(time_limit, gap)
+
+    def _decision(self) -> Decision:
+        saved = np.array([s if isinstance(s, int) else (s.value() or 0) > 0.5 for s in self.save])
+        return self.p.normalise(saved)
+
+    def _solve_highs(self, time_limit: float, gap: float):
+        import highspy
+
+        solver = self.pulp.HiGHS(msg=False, timeLimit=max(0.5, float(time_limit)), gapRel=gap,
+                                 threads=1)
+        self.lp.solve(solver)
+        h = self.lp.solverModel
+        status, info = h.getModelStatus(), h.getInfo()
+        if status == highspy.HighsModelStatus.kOptimal:
+            return "optimal", self._decision(), max(0.0, float(info.mip_gap))
+        if info.primal_solution_status != highspy.SolutionStatus.kSolutionStatusFeasible:
+            return h.modelStatusToString(status).lower(), None, None
+        return "feasible", self._decision(), float(info.mip_gap)
+
+    def _solve_cbc(self, time_limit: float, gap: float):
         fd, log_path = tempfile.mkstemp(suffix=".log", prefix="fxmem_cbc_")
         os.close(fd)
         with warnings.catch_warnings():  # the bundled CBC: PuLP 4 moves it to pulp[cbc]
@@ -150,8 +181,25 @@ class _Model:
         name = self.pulp.LpStatus[status]
         if name != "Optimal":  # PuLP says "Optimal" also for a feasible answer at the time limit
             return name.lower(), None, None
-        saved = np.array([s if isinstance(s, int) else (s.value() or 0) > 0.5 for s in self.save])
-        return _cbc_status(text), self.p.normalise(saved), _cbc_gap(text)
+        return _cbc_status(text), self._decision(), _cbc_gap(text)
+
+
+def _has_highs() -> bool:
+    """Whether HiGHS (``pip install highspy``) is there to solve; else CBC does (said once)."""
+    global _HIGHS
+    if _HIGHS is None:
+        try:
+            import highspy  # noqa: F401
+        except ImportError:
+            _HIGHS = False
+            log.info("fxmem: highspy is not installed, so the recompute ILP is solved by CBC "
+                     "(slower, weaker plans at a time limit): pip install highspy")
+        else:
+            _HIGHS = True
+    return _HIGHS
+
+
+_HIGHS: bool | None = None
 
 
 def _cbc_gap(text: str) -> float | None:

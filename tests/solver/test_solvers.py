@@ -221,3 +221,21 @@ def test_ilp_is_optimal_with_pulls_and_transients(problem, fraction):
     assert sol.feasible and sol.peak <= budget
     assert sol.recompute_time == pytest.approx(brute_force(problem, budget), rel=1e-6, abs=1e-12)
     assert min_peak(problem).peak == min(peaks)
+
+
+@pytest.mark.parametrize("solver", ["highs", "cbc"])
+def test_both_solvers_find_the_brute_force_optimum(solver, monkeypatch):
+    """HiGHS (highspy, the default) and CBC (PuLP's, where highspy is not installed) solve the
+    same rows to the same optimum, with the status and gap each reports."""
+    import fxmem.solver.ilp as ilp
+
+    monkeypatch.setattr(ilp, "_HIGHS", solver == "highs")
+    p = chain_problem([300, 120, 500, 80, 260, 410], [0.004, 0.001, 0.009, 0.002, 0.003, 0.006])
+    floor = min(p.peak(p.normalise(np.array(bits)))
+                for bits in itertools.product([False, True], repeat=6))
+    budget = floor + (save_all(p).peak - floor) // 3
+    sol = solve_ilp(p, budget, gap=0.0, time_limit=20)
+    assert sol.status == "optimal" and sol.gap == pytest.approx(0.0, abs=1e-9)
+    assert sol.peak <= budget
+    assert sol.recompute_time == pytest.approx(brute_force(p, budget), rel=1e-6)
+    assert min_peak(p, time_limit=20).peak == floor
