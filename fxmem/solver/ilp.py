@@ -37,6 +37,7 @@ import numpy as np
 import pulp  # a required dependency, imported with fxmem -- see _pulp()
 
 from fxmem.solver.baselines import greedy, save_all
+from fxmem.solver.memo import memoised
 from fxmem.solver.problem import Decision, RecomputeProblem
 from fxmem.solver.result import RecomputeSolution, solution_for
 
@@ -214,6 +215,7 @@ def _cbc_status(text: str) -> str:
     return "optimal" if "Optimal solution found" in text else "feasible"
 
 
+@memoised
 def solve_ilp(
     problem: RecomputeProblem,
     budget: int,
@@ -273,6 +275,7 @@ def solve_ilp(
                         status=status, gap=g)
 
 
+@memoised
 def min_peak(problem: RecomputeProblem, *, time_limit: float = 30.0, gap: float = 0.0
              ) -> RecomputeSolution:
     """The decision with the smallest linear-model peak (the floor of feasible budgets), within

@@ -251,3 +251,19 @@ def test_logging_in_forward_is_no_graph_break():
     expected = grads_of(model, model, x)
     om = fxmem.optimize(model, "1GiB", **EAGER_RECOMPUTE)
     assert_same_grads(expected, grads_of(model, om, x))
+
+
+def test_the_first_call_runs_the_plan_plan_for_showed(tiny_gpt):
+    """plan_for and the first call plan the same step: the same recomputation and prediction
+    (the solver's answer is kept per problem, so a time-limited solve is not redone
+    differently)."""
+    model, args, kwargs = tiny_gpt(dropout=0.1)
+    top = fxmem.optimize(model, "10GiB", **EAGER_RECOMPUTE).plan_for(*args, **kwargs)
+    budget = int(0.8 * top.unoptimized_peak)
+    om = fxmem.optimize(model, budget, time_limit=TIME_LIMIT, **EAGER_RECOMPUTE)
+    shown = om.plan_for(*args, **kwargs)
+    om(*args, **kwargs).backward()
+    ran = om.plan
+    assert ran is not shown and shown.record.recomputed  # planned again, with recomputation
+    assert ran.record.recomputed == shown.record.recomputed
+    assert ran.predicted_peak == shown.predicted_peak <= budget

@@ -239,3 +239,30 @@ def test_both_solvers_find_the_brute_force_optimum(solver, monkeypatch):
     assert sol.peak <= budget
     assert sol.recompute_time == pytest.approx(brute_force(p, budget), rel=1e-6)
     assert min_peak(p, time_limit=20).peak == floor
+
+
+def test_an_identical_problem_gets_the_kept_answer(monkeypatch):
+    """A time-limited solve can end differently each time; the same problem and arguments get
+    the first answer again (plan_for then the call plan the same), a changed one is solved."""
+    import fxmem.solver.ilp as ilp
+    from fxmem.solver.memo import clear_solutions, fingerprint
+
+    calls = []
+    real = ilp._Model.solve
+
+    def counted(self, time_limit, gap):
+        calls.append(len(self.rows))
+        return real(self, time_limit, gap)
+
+    monkeypatch.setattr(ilp._Model, "solve", counted)
+    clear_solutions()
+    p = chain_problem([300, 120, 500, 80], [0.004, 0.001, 0.009, 0.002])
+    budget = save_all(p).peak - 200
+    first = solve_ilp(p, budget, time_limit=5)
+    n = len(calls)
+    assert n > 0 and solve_ilp(p, budget, time_limit=5) is first and len(calls) == n
+    assert solve_ilp(p, budget - 1, time_limit=5) is not first and len(calls) > n
+    same = chain_problem([300, 120, 500, 80], [0.004, 0.001, 0.009, 0.002])
+    other = chain_problem([300, 120, 500, 81], [0.004, 0.001, 0.009, 0.002])
+    assert fingerprint(same) == fingerprint(p) != fingerprint(other)
+    assert min_peak(p, time_limit=5) is min_peak(same, time_limit=5)
