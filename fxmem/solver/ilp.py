@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -197,7 +198,26 @@ def _has_highs() -> bool:
                      "(slower, weaker plans at a time limit): pip install highspy")
         else:
             _HIGHS = True
+            _first_highs_unheard(highspy)
     return _HIGHS
+
+
+def _first_highs_unheard(highspy) -> None:
+    """HiGHS prints a banner to stdout (the C stream) at the process's first ``Highs()``, even
+    with its output off: that first one is made here, with stdout sent to /dev/null."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no file descriptor 1 (an embedding host): banner and all
+        highspy.Highs()
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 _HIGHS: bool | None = None

@@ -266,3 +266,22 @@ def test_an_identical_problem_gets_the_kept_answer(monkeypatch):
     other = chain_problem([300, 120, 500, 81], [0.004, 0.001, 0.009, 0.002])
     assert fingerprint(same) == fingerprint(p) != fingerprint(other)
     assert min_peak(p, time_limit=5) is min_peak(same, time_limit=5)
+
+
+def test_a_solve_prints_nothing():
+    """HiGHS's banner (printed by the C library at a process's first Highs()) does not reach the
+    user's stdout: a fresh process that solves prints only what it prints itself."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        from tests.solver.test_solvers import chain_problem
+        from fxmem.solver import save_all, solve_ilp
+        p = chain_problem([300, 120, 500, 80], [0.004, 0.001, 0.009, 0.002])
+        sol = solve_ilp(p, save_all(p).peak - 200, time_limit=5)
+        print("status", sol.status)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out == "status optimal\n"
