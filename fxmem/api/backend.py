@@ -138,8 +138,13 @@ def _boxed(gm: torch.fx.GraphModule, _example_inputs):
 
 def _compile_keeping_recomputed_in_place(*args, **kwargs):
     """Inductor's ``compile_fx_inner`` (per graph; the backward's runs later, on its first call)
-    with fusion heuristics that leave recomputed ops where the plan put them."""
+    with fusion heuristics that leave recomputed ops where the plan put them, and with the
+    graph's custom ops' fallbacks registered first (``torch_compat.register_custom_fallbacks``):
+    Inductor then lowers the graph the same whatever the process compiled before, as fxmem's
+    memory model of it assumes."""
     compile_fx_inner = torch_compat.COMPILE_FX_INNER()
+    gm = kwargs["gm"] if "gm" in kwargs else args[0]
+    torch_compat.register_custom_fallbacks(gm)
     with keep_recomputed_in_place():
         return compile_fx_inner(*args, **kwargs)
 

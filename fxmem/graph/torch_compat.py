@@ -184,6 +184,18 @@ LOWERINGS = _internal("lowering.lowerings", "torch._inductor.lowering", "lowerin
                       "the memory model of Inductor (which ops it lowers to loop bodies)")
 FALLBACKS = _internal("lowering.fallbacks", "torch._inductor.lowering", "fallbacks",
                       "the memory model of Inductor (which ops are fallback kernels)")
+MAKE_FALLBACK = _internal(
+    "make_fallback", "torch._inductor.lowering", "make_fallback",
+    "registering custom ops' fallbacks before Inductor lowers a graph (process-independent "
+    "lowering)")
+TAG_TO_LAYOUT_CONSTRAINT = _internal(
+    "tag_to_layout_constraint", "torch._inductor.lowering", "tag_to_layout_constraint",
+    "registering custom ops' fallbacks with the layout constraint Inductor gives them")
+GET_LAYOUT_CONSTRAINT_TAG = _internal(
+    "get_layout_constraint_tag", "torch._library.utils", "get_layout_constraint_tag",
+    "registering custom ops' fallbacks with the layout constraint Inductor gives them")
+IS_BUILTIN = _internal("is_builtin", "torch._library.utils", "is_builtin",
+                       "telling custom ops from PyTorch's own")
 NEEDS_REALIZED_INPUTS = _internal(
     "lowering.needs_realized_inputs", "torch._inductor.lowering", "needs_realized_inputs",
     "the memory model of Inductor (which ops read materialised inputs)")
@@ -227,6 +239,32 @@ GROUP_TENSORS_BY_DEVICE_AND_DTYPE = _internal(
 def is_op_overload(target: object) -> bool:
     """Whether an FX node's target is an ATen (or custom) op overload, ``torch.ops.aten.x.y``."""
     return isinstance(target, OP_OVERLOAD())
+
+
+def register_custom_fallbacks(gm: torch.fx.GraphModule) -> tuple:
+    """Registers Inductor's fallback for each custom op of ``gm`` that Inductor has no lowering
+    for yet, as Inductor itself does when it lowers the op's first node (``GraphLowering.
+    call_function``'s implicit fallback, with the layout constraint of the op's tag); returns the
+    ops registered.
+
+    Registered before ``gm`` is lowered, so that Inductor lowers it the same in every process: a
+    fallback registered marks its op as one that needs realised inputs, and Inductor realises a
+    value read by two or more such ops once (``realize_hint``) -- where the op is not registered
+    yet (the first graph of a process to read it), each of its nodes copies the value instead
+    (``require_strides`` of a loop body). Without Inductor's implicit fallbacks
+    (``config.implicit_fallbacks`` off) nothing is registered: Inductor then rejects the op."""
+    if not INDUCTOR_CONFIG().implicit_fallbacks:
+        return ()
+    lowerings, builtin = LOWERINGS(), IS_BUILTIN()
+    made = []
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and is_op_overload(target) and not builtin(target) \
+                and target not in lowerings and target not in made:
+            tag = GET_LAYOUT_CONSTRAINT_TAG()(target, with_default=True)
+            MAKE_FALLBACK()(target, layout_constraint=TAG_TO_LAYOUT_CONSTRAINT()(tag))
+            made.append(target)
+    return tuple(made)
 
 
 def storage_key(storage: torch.UntypedStorage) -> Any:
