@@ -74,7 +74,7 @@ from fxmem.graph.ops import aliases_input, base_name, is_pointwise, is_view, ten
 from fxmem.memory.simulation import StepStorages
 
 __all__ = ["Lowered", "lowering_kinds", "lower_storages", "channels_last_copies", "optimizes_layout",
-           "pool_buffers", "kernel_groups", "free_after_kernel_groups", "contiguous_values",
+           "pool_buffers", "is_fallback", "kernel_groups", "free_after_kernel_groups", "contiguous_values",
            "same_index_reads"]
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,12 @@ class _Body:
 
 
 def lowering_kinds(gm: torch.fx.GraphModule, device: torch.device) -> dict[str, Lowered]:
-    """How Inductor lowers each ``call_function`` node of ``gm`` (getitems excluded)."""
+    """How Inductor lowers each ``call_function`` node of ``gm`` (getitems excluded).
+
+    A custom op is a fallback kernel that reads realised inputs: fxmem registers its fallback
+    before Inductor lowers the graph (``torch_compat.register_custom_fallbacks``), so Inductor
+    realises a value read by several of them once, in every process (left to Inductor, the
+    first graph of a process that reads an op copies such a value for each of its nodes)."""
     # Inductor's thresholds, read from its config now (torch_compat.inductor_thresholds)
     limits = torch_compat.inductor_thresholds(device.type)
     kinds: dict[str, Lowered] = {}
@@ -392,7 +397,9 @@ def channels_last_copies(gm: torch.fx.GraphModule, *, layout_optimized: bool | N
 
 
 def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequence,
-                 writes_out: Sequence[bool], returns_tuple: Sequence[bool]) -> StepStorages:
+                 writes_out: Sequence[bool], returns_tuple: Sequence[bool],
+                 fallback: Sequence[bool] | None = None,
+                 device: torch.device | None = None) -> StepStorages:
     """``storages`` (already lowered) with Inductor's buffer pool.
 
     A buffer a graph makes and frees can be reused once dead, keyed by ``keys_of[s]`` (dtype and
@@ -402,7 +409,14 @@ def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequ
     returns several tensors (``returns_tuple[i]``: ``convolution_backward``, the RNG-replay
     wrappers), views of its tuple to Inductor. A buffer is taken from the pool when Inductor
     allocates it: outputs of its own kernels, and of extern kernels it calls with ``out=``
-    (``writes_out[i]`` for op ``i``)."""
+    (``writes_out[i]`` for op ``i``).
+
+    The pool's key holds the buffer's alignment: on the CPU Inductor takes every graph input as
+    unaligned, and so the output of a fallback kernel (``fallback[i]``: a ``FallbackKernel``,
+    such as a custom op) that reads one
+    (:attr:`~fxmem.memory.simulation.StepStorages.unaligned`): no allocation reuses them, they
+    are freed when they die. (Not what a kernel writes in place of one: it keeps its own name,
+    which Inductor's ``buffer_reuse_key`` reads.)"""
     keys: dict[int, object] = {}
     recipients: set[int] = set()
     for i, created in enumerate(storages.creates):
@@ -414,7 +428,31 @@ def pool_buffers(storages: StepStorages, kinds: Sequence[Lowered], keys_of: Sequ
             keys[s] = keys_of[s]
             if kinds[i] in (Lowered.KERNEL, Lowered.REDUCTION) or writes_out[i]:
                 recipients.add(s)
-    return dataclasses.replace(storages, reuse_keys=keys, pool_recipients=frozenset(recipients))
+    if device is None or device.type != "cpu":
+        return dataclasses.replace(storages, reuse_keys=keys,
+                                   pool_recipients=frozenset(recipients))
+    start = storages.backward_start
+    forward_inputs = set(storages.resident)  # what the step is given: every graph's input
+    backward_inputs = forward_inputs | {  # and what the forward made for the backward
+        s for i in range(start) for s in storages.creates[i]} & {
+        s for i in range(start, len(storages.creates)) for s in storages.reads[i]}
+    unaligned: set[int] = set()
+    for i, created in enumerate(storages.creates):
+        inputs = forward_inputs if i < start else backward_inputs
+        if fallback is not None and fallback[i] and not returns_tuple[i] and any(
+                r in inputs or r in unaligned for r in storages.reads[i]):
+            unaligned.update(created)
+    return dataclasses.replace(storages, reuse_keys=keys, pool_recipients=frozenset(recipients),
+                               unaligned=frozenset(unaligned))
+
+
+def is_fallback(node: torch.fx.Node) -> bool:
+    """Whether Inductor runs ``node``'s op as a ``FallbackKernel``: an op it has no lowering for
+    (a custom op) or one it falls back to ATen for; not the extern kernels it calls itself
+    (matrix products, convolutions) nor higher-order ops."""
+    target = node.target
+    return torch_compat.is_op_overload(target) and (
+        target in torch_compat.FALLBACKS() or target not in torch_compat.LOWERINGS())
 
 
 def kernel_groups(kinds: Sequence[Lowered], backward_start: int) -> tuple[int, ...]:

@@ -12,7 +12,10 @@ channels-last: 1.26 MB, where fp32's holds its two weight copies, 0.59 MB). Rath
 rules, :func:`measured_scratch` runs the op once on tensors of the node's shapes and dtypes (and
 channels-last, for the convolutions Inductor's layout optimisation runs so) and measures, with the
 allocator, what it holds beyond its outputs at its peak; the answer is cached per shape, dtype,
-arguments and thread count.
+arguments and thread count. The CSR sparse product's ops (:mod:`fxmem.levers.sparse.kernels`)
+are measured in every dtype, on a valid CSR pattern of their shapes: ``torch.sparse``'s dense
+results, the transposes and fp32 copies of bf16 operands they make are 1-3x their outputs (a
+(256, 256) x (256, 1024) product at density 0.05: 1.5 MB beyond its 1 MB output).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ MEASURED_OPS = frozenset({
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
     "aten::convolution", "aten::convolution_backward",
+    *("fxmem_sparse::" + op for op in ("csr_linear", "csr_linear_t", "csr_sddmm")),
 })
 # matrix products hold scratch only in reduced precision on the CPU (oneDNN packs its operands
 # through PyTorch's allocator; MKL's fp32 GEMM does not allocate there); fp32 convolutions'
@@ -40,6 +44,13 @@ MEASURED_OPS = frozenset({
 _REDUCED_ONLY = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
                            "aten::convolution", "aten::convolution_backward"})
 _CONVOLUTIONS = frozenset({"aten::convolution", "aten::convolution_backward"})
+# the CSR sparse product's ops (fxmem.levers.sparse.kernels): their arguments' positions of
+# (values, crow, col) and how the CSR weight's column count is read from the arguments
+_CSR_OPS = {
+    "fxmem_sparse::csr_linear": ((1, 3, 4), lambda a: a[0].shape[-1]),
+    "fxmem_sparse::csr_linear_t": ((1, 2, 3), lambda a: a[4]),
+    "fxmem_sparse::csr_sddmm": ((2, 3, 4), lambda a: a[1].shape[-1]),
+}
 
 
 def _spec(x):
@@ -60,7 +71,8 @@ def _reduced(args) -> bool:
 
 def measures(node: torch.fx.Node) -> bool:
     """Whether :func:`measured_scratch` measures ``node``'s op (on the CPU): the attention
-    kernels, and matrix products and convolutions in reduced precision."""
+    kernels, the CSR sparse product's ops, and matrix products and convolutions in reduced
+    precision."""
     if node.op != "call_function" or not is_op_overload(node.target):
         return False
     return _measured(node.target._schema.name, lambda: tuple(_spec(a) for a in node.args))
@@ -119,6 +131,20 @@ def _materialise(spec, generator):
     return spec[1]
 
 
+def _csr_pattern(name: str, args: list) -> None:
+    """A valid CSR pattern in the sparse op's ``crow``/``col`` arguments (materialised as zeros):
+    its values spread evenly over the rows, each row's columns evenly spaced."""
+    (v, r, c), cols = _CSR_OPS[name]
+    nnz, rows = args[v].numel(), args[r].numel() - 1
+    crow = torch.div(torch.arange(rows + 1) * nnz, rows, rounding_mode="floor")
+    counts = (crow[1:] - crow[:-1]).tolist()
+    n_cols = cols(args)
+    col = torch.cat([torch.div(torch.arange(k) * n_cols, max(k, 1), rounding_mode="floor")
+                     for k in counts]) if nnz else torch.zeros(0, dtype=torch.long)
+    args[r] = crow.to(args[r].dtype)
+    args[c] = col.to(args[c].dtype)
+
+
 class _NotMeasured(int):
     """0 bytes, not cached: measured when no measurement runs."""
 
@@ -142,6 +168,8 @@ def _measure_real(op, args, kwargs, threads: int) -> int:
 
     generator = torch.Generator().manual_seed(0)
     real_args = [_materialise(a, generator) for a in args]
+    if op._schema.name in _CSR_OPS:
+        _csr_pattern(op._schema.name, real_args)
     real_kwargs = {k: _materialise(v, generator) for k, v in kwargs}
     inputs = [t for t in real_args if isinstance(t, torch.Tensor)]
     outputs = []

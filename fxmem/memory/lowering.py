@@ -13,7 +13,9 @@ plan's forward and backward graphs alike.
    writes into a dying input only if it reads it at the index it writes (:func:`inplace_storages`);
 3. a gradient a kernel computes in place of a value Inductor keeps contiguous (or of a
    gradient computed so) is copied channels-last for each convolution backward that reads it;
-4. Inductor's buffer pool (:func:`~fxmem.memory.inductor.pool_buffers`);
+4. Inductor's buffer pool (:func:`~fxmem.memory.inductor.pool_buffers`), which on the CPU does
+   not reuse unaligned buffers (graph inputs, and what is made in place of or from one by a
+   fallback kernel);
 5. on the CPU, the C++ backend frees what dies in a kernel group after the whole group.
 """
 
@@ -31,6 +33,7 @@ from fxmem.memory.inductor import (
     free_after_kernel_groups,
     lower_storages,
     lowering_kinds,
+    is_fallback,
     pool_buffers,
     same_index_reads,
 )
@@ -79,7 +82,10 @@ def lower_table(table: StorageTable, *, layout_optimized: bool,
     writes_out = [node is None or node.target in _OUT_EXTERNS for node in table.op_nodes]
     returns_tuple = [node is not None and isinstance(node.meta.get("val"), (tuple, list))
                      for node in table.op_nodes]
-    storages = pool_buffers(storages, kinds, reuse_key, writes_out, returns_tuple)
+    fallback = [node is not None and kinds[i] is Lowered.EXTERN and is_fallback(node)
+                for i, node in enumerate(table.op_nodes)]
+    storages = pool_buffers(storages, kinds, reuse_key, writes_out, returns_tuple, fallback,
+                            table.device)
     storages = free_after_kernel_groups(storages, kinds, table.device)
     return dataclasses.replace(table, storages=storages, reuse_key=tuple(reuse_key))
 

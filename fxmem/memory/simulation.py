@@ -74,6 +74,13 @@ class StepStorages:
     # per op: the op after which the storages that die at it are freed (empty: the op itself).
     # An input an op takes over (``accumulates``) still passes to it at its own op.
     release_after: tuple[int, ...] = ()
+    # the pool's keys hold alignment too (Inductor's ``buffer_reuse_key``): an unaligned buffer
+    # is pooled under a key no allocation asks for, so it is freed when it dies. On the CPU
+    # Inductor assumes every graph input unaligned (``should_assume_input_aligned``), and so the
+    # output of a fallback kernel that reads one (``FallbackKernel.create``'s
+    # ``has_unaligned_input``): ``unaligned`` holds those outputs. A buffer a kernel writes in
+    # place of one keeps its own name, and so Inductor's pool takes it as aligned
+    unaligned: frozenset[int] = frozenset()
 
     def __post_init__(self):
         n = len(self.op_names)
@@ -246,7 +253,9 @@ def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int,
                 frees_at: Mapping[int, Sequence[int]], nbytes: np.ndarray) -> dict[int, int]:
     """Which created storage takes over which dead storage's bytes: an accumulation into an input
     that dies at that op, else (with ``reuse_keys``) a pooled buffer of its key freed earlier in
-    the same graph (last freed, first reused, as Inductor's wrapper pops its pool)."""
+    the same graph (last freed, first reused, as Inductor's wrapper pops its pool). Not
+    modelled: Inductor declines a reuse that would hold a buffer above its own estimate of the
+    graph's peak (``AllocateLine.should_reuse_buffer``); the model reuses it, holding more."""
     takes: dict[int, int] = {}
     taken_over: set[int] = set()
     pools: dict[object, list[int]] = {}
@@ -269,6 +278,7 @@ def _take_overs(step: StepStorages, order: Sequence[int], last_use: Mapping[int,
                 taken_over.add(taken)
         for s in frees_at.get(t, ()):
             if s in step.reuse_keys and s not in taken_over and s not in step.pinned \
+                    and s not in step.unaligned \
                     and not (t >= bw_start and s in made_in_fw):  # a backward input
                 pools.setdefault(step.reuse_keys[s], []).append(s)
     return takes

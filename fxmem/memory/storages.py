@@ -217,19 +217,36 @@ def build_table(
     b = _Builder(device, channels_last)
     envs: list[dict[str, tuple[int, ...]]] = []
     backward_ops: set[int] = set()
+    passed: list[tuple[int, set[int]]] = []  # per later graph: its last op, what it is passed
     for g, gm in enumerate(graphs):
         env: dict[str, tuple[int, ...]] = {}
         envs.append(env)
+        made_before = len(b.nbytes)
+        inputs: set[int] = set()
+        first = len(b.op_nodes)
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 role = roles.get(node.name, Role.BUFFER if node.op == "get_attr" else Role.INPUT)
                 env[node.name] = b.placeholder(node, _RESIDENT_CATEGORY.get(role, Category.INPUTS), g == 0)
+                inputs.update(st for st in env[node.name]
+                              if st < made_before and b.made_by[st] is not None)
             elif node.op == "call_function" and node.target is operator.getitem:
                 b.getitem(node, env)
             elif node.op == "call_function":
                 if is_backward(g, node):
                     backward_ops.add(len(b.op_nodes))
                 b.op(node, g, env)
+        if g and len(b.op_nodes) > first:
+            passed.append((len(b.op_nodes) - 1, inputs))
+    # what an earlier graph made and a later one is passed but does not read lives until that
+    # graph ends: its arguments hold it (Inductor's ``call`` unpacks them and frees only what its
+    # kernels read; a GraphModule's code holds its placeholders)
+    for last, inputs in passed:
+        graph = b.op_graph[last]
+        read = {st for i, r in enumerate(b.reads) if b.op_graph[i] == graph for st in r}
+        unread = inputs - read
+        if unread:
+            b.reads[last] = tuple(sorted(set(b.reads[last]) | unread))
     pinned = {s for g, name in [*held, *gradients, *keep] for s in envs[g][name]}
     storages = StepStorages(
         op_names=tuple(n.name for n in b.op_nodes),

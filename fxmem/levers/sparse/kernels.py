@@ -5,7 +5,8 @@ the CSR weight ``W`` (``torch.sparse.mm``, in the values' dtype: under bf16 cast
 is multiplied in fp32, MKL having no bf16 CSR kernel, and the result cast back to bf16). It is a
 ``torch.library`` custom op with a fake
 kernel, so TorchDynamo, AOTAutograd and ``make_fx`` trace it as one opaque node whose output the
-memory model counts (what ``torch.sparse`` allocates inside it is transient and not modelled). It
+memory model counts, and what ``torch.sparse`` and the dtype casts allocate inside it, measured
+once per shape (:mod:`fxmem.memory.kernel_scratch`). It
 also takes the layer's flat ``indices`` (checked against the values, not otherwise read): a
 buffer the graph does not read is not a graph input, and fxmem's memory model counts what the
 step's graph receives. Its backward is two more such ops: ``csr_linear_t`` (``grad @ W``, by the
@@ -120,9 +121,14 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    # the values' gradient first: it is the last read of x, which then dies before the input's
+    # gradient is made; and the pointwise ops that read the input's gradient (an activation's
+    # backward) come after both extern calls, where Inductor runs them. In the other order
+    # Inductor fuses such ops into the kernel before csr_sddmm (they do not depend on it) --
+    # a reordering fxmem's memory model of Inductor does not follow
     x, values, crow, col = ctx.saved_tensors
-    gx = _csr_linear_t(grad, values, crow, col, x.shape[-1]) if ctx.needs_input_grad[0] else None
     gv = _csr_sddmm(grad, x, values, crow, col) if ctx.needs_input_grad[1] else None
+    gx = _csr_linear_t(grad, values, crow, col, x.shape[-1]) if ctx.needs_input_grad[0] else None
     return gx, gv, None, None, None, None
 
 
