@@ -103,12 +103,13 @@ def first_batch(task, seed: int):
 # ------------------------------------------------------------------------------ floors
 
 
-def find_floor(model, opt, x, y, allow, ns, coupling: str) -> dict:
+def find_floor(model, opt, x, y, allow, ns, coupling: str, microbatches: int | None) -> dict:
     """The BudgetError of a 1-byte budget (planned, nothing run): the floor, the unoptimised peak,
     and -- with every lever -- the density and precision that reached it."""
     t0 = time.perf_counter()
     module = fxmem.optimize(model, 1, optimizer=opt, allow=allow, lowering=ns.lowering,
-                            time_limit=ns.time_limit, microbatch_coupling=coupling)
+                            time_limit=ns.time_limit, microbatch_coupling=coupling,
+                            microbatches=microbatches)
     try:
         module.plan_for(x, y)
     except fxmem.BudgetError as exc:
@@ -127,6 +128,9 @@ def planned(name: str, mode: str, ns, info: dict):
     ``fxmem.optimize`` at the first margin whose plan fits (planned here, before training)."""
     allow = EXACT if mode == "exact" else tuple(ns.all_allow)
     coupling = "per-microbatch" if (mode in LOSSY and name == "wrn") else "refuse"
+    # a forced microbatch count for the lossy modes (--microbatches): BatchNorm then normalises
+    # over batch/k samples, not over the 1 sample the smallest floor may take
+    micro = ns.microbatches.get(name) if mode in LOSSY else None
     task = info["task"]
 
     def prepare(model, opt) -> Prepared:
@@ -135,8 +139,9 @@ def planned(name: str, mode: str, ns, info: dict):
             bits = "bf16" if isinstance(opt, torch.optim.SGD) else 8
             opt = fxmem.low_bit_optimizer(opt, bits=bits)
             info["optimizer_state"] = f"{type(opt).__name__} (bits={bits!r})"
-        f = find_floor(model, opt, x, y, allow, ns, coupling)
-        info.update(allow=list(allow), microbatch_coupling=coupling, floor=f)
+        f = find_floor(model, opt, x, y, allow, ns, coupling, micro)
+        info.update(allow=list(allow), microbatch_coupling=coupling, floor=f,
+                    forced_microbatches=micro)
         forced = {}
         if mode in LOSSY and not ns.search:
             if f["density"] is not None:
@@ -149,7 +154,8 @@ def planned(name: str, mode: str, ns, info: dict):
             budget = int(margin * f["floor"])
             module = fxmem.optimize(model, budget, optimizer=opt, allow=allow,
                                     lowering=ns.lowering, time_limit=ns.time_limit,
-                                    microbatch_coupling=coupling, **forced)
+                                    microbatch_coupling=coupling, microbatches=micro,
+                                    **forced)
             t0 = time.perf_counter()
             try:
                 plan = module.plan_for(x, y)
@@ -292,7 +298,10 @@ def write(meta: dict, rows: list[dict], out: str) -> None:
           f"({meta['threads']} torch threads; the machine's 2 cores are shared with other jobs, "
           f"so times are indicative); lowering `{meta['lowering']}`; seed {meta['seed']}; "
           f"budgets at {meta['margins'][0]}x the floor (then {meta['margins'][1:]} if no plan); "
-          f"total wall time {meta.get('total_wall_s', 0) / 60:.1f} min.", ""]
+          f"total wall time {meta.get('total_wall_s', 0) / 60:.1f} min."
+          + ("".join(f" Forced in the lossy modes of {n}: k={k} microbatches (BatchNorm over "
+                     f"batch/k samples)." for n, k in meta.get("microbatches", {}).items())),
+          ""]
     for res in meta.get("resumed", []):
         md += [f"Resumed: the runs {', '.join(res['runs'])} are those of `{res['command']}` "
                f"({res['date']}).", ""]
@@ -435,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None,
                    help="results file stem (default reproduction; reproduction_quick with --quick)")
     p.add_argument("--note", action="append", default=[], help="a line for the Notes section")
+    p.add_argument("--microbatches", default="", metavar="NAME=K,...",
+                   help="force k microbatches in the lossy modes of these workloads (e.g. "
+                        "wrn=16: BatchNorm over 8 of 128 samples); default: the planner's k")
     ns = p.parse_args(argv)
+    ns.microbatches = {n: int(k) for n, k in (kv.split("=") for kv in ns.microbatches.split(",")
+                                              if kv)}
     ns.margins = [float(m) for m in ns.margins.split(",")]
     ns.all_allow = [a for a in ns.all_allow.split(",") if a]
     names = [n for n in ns.workloads.split(",") if n]
@@ -459,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "seed": ns.seed, "steps": steps,
             "margins": ns.margins, "lowering": ns.lowering, "time_limit": ns.time_limit,
-            "search": ns.search, "notes": ns.note}
+            "search": ns.search, "microbatches": ns.microbatches, "notes": ns.note}
     rows: list[dict] = []
     done: set = set()
     if ns.resume and (RESULTS / f"{out}.json").exists():
