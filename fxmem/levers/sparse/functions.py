@@ -78,11 +78,19 @@ class _SparseConv2d(torch.autograd.Function):
         shape, stride, padding, dilation, groups, has_bias = ctx.conv
         need = ctx.needs_input_grad
         mask = [need[0], need[1], has_bias and need[3]]
+        # in the gradient's dtype, as the linear's backward: under bf16 casts the forward's
+        # convolution (and so grad) is bf16 while x and the dense weight may be fp32; left mixed,
+        # Inductor ran this backward on fp32 copies of its operands (WRN-28-2, bf16 + density
+        # 0.05: 2.4 MB per 8 images more than the memory model's bf16 convolution)
+        dt = grad.dtype
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, densify(values, indices, shape), [shape[0]] if has_bias else None,
+            grad, x.to(dt), densify(values, indices, shape).to(dt),
+            [shape[0]] if has_bias else None,
             list(stride), list(padding), list(dilation), False, [0, 0], groups, mask)
-        gv = _values_grad(gw, indices) if need[1] else None
-        return gx, gv, None, gb if mask[2] else None, None, None, None, None, None
+        gx = gx.to(x.dtype) if need[0] else None
+        gv = _values_grad(gw, indices).to(values.dtype) if need[1] else None
+        gb = gb.to(values.dtype) if mask[2] else None
+        return gx, gv, None, gb, None, None, None, None, None
 
 
 def sparse_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
