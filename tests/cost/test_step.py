@@ -1,6 +1,8 @@
 """A whole step's predicted time (fxmem.cost.step): measured matrix products, fused pointwise ops,
 the microbatch loop's costs."""
 
+import time
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -197,3 +199,17 @@ def test_inductor_runs_no_aten_kernel_for_a_fused_indexing_op():
     assert {"aten::index_put_", "aten::_index_put_impl_"} & ran(
         lambda x, m, v: x.index_put([m], v) * 2.0, torch.randn(64), mask,
         torch.randn(int(mask.sum())))
+
+
+def test_a_call_longer_than_the_budget_is_timed_once_a_short_one_many_times():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.03)
+
+    assert step_costs._best_seconds(slow, torch.device("cpu"), budget_s=0.01) >= 0.03
+    assert len(calls) == 2  # the warm-up and one timed call
+    calls.clear()
+    assert step_costs._best_seconds(lambda: calls.append(1), torch.device("cpu")) < 0.01
+    assert len(calls) == 51  # the warm-up and 50 (the cap) within 0.1 s
