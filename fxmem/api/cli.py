@@ -236,34 +236,41 @@ def _plan(ns: argparse.Namespace) -> int:
                          title=f"{workload.name}: unoptimised vs planned ({ns.lowering})")
         print(f"plot: {path}")
     if ns.json:
-        record = {
-            "name": workload.name,
-            "device": str(measured.device),
-            "lowering": ns.lowering,
-            "budget": plan.budget,
-            "budget_fraction": fraction,
-            "unoptimized_peak": plan.unoptimized_peak,
-            "unoptimized_measured_peak": None if measured_before is None else measured_before.peak,
-            "predicted_peak": plan.predicted_peak,
-            "measured_peak": measured.peak,
-            "within_budget": within,
-            "recomputed": list(plan.record.recomputed),
-            "replayed": list(plan.record.replayed),
-            "seconds": time.perf_counter() - t0,
-        }
-        if exploration is not None:
-            import dataclasses
-
-            record["alternatives"] = [dict(dataclasses.asdict(p), exact=p.exact,
-                                           chosen=p is exploration.chosen)
-                                      for p in exploration.points]
-        with open(ns.json, "w") as f:
-            json.dump(record, f, indent=2)
+        _write_plan_json(ns, workload, plan, measured, measured_before, fraction, within,
+                         exploration, time.perf_counter() - t0)
     if ns.show_graphs:
         for name in ("forward", "backward"):
             print(f"\n# {name} graph\n{plan.graphs[name].code}")
     print(f"({time.perf_counter() - t0:.1f}s)")
     return 0 if within else 1
+
+
+def _write_plan_json(ns: argparse.Namespace, workload, plan, measured, measured_before,
+                     fraction, within: bool, exploration, seconds: float) -> None:
+    """``fxmem plan --json``: the plan's numbers (and the joint planner's points) as JSON."""
+    record = {
+        "name": workload.name,
+        "device": str(measured.device),
+        "lowering": ns.lowering,
+        "budget": plan.budget,
+        "budget_fraction": fraction,
+        "unoptimized_peak": plan.unoptimized_peak,
+        "unoptimized_measured_peak": None if measured_before is None else measured_before.peak,
+        "predicted_peak": plan.predicted_peak,
+        "measured_peak": measured.peak,
+        "within_budget": within,
+        "recomputed": list(plan.record.recomputed),
+        "replayed": list(plan.record.replayed),
+        "seconds": seconds,
+    }
+    if exploration is not None:
+        import dataclasses
+
+        record["alternatives"] = [dict(dataclasses.asdict(p), exact=p.exact,
+                                       chosen=p is exploration.chosen)
+                                  for p in exploration.points]
+    with open(ns.json, "w") as f:
+        json.dump(record, f, indent=2)
 
 
 def _explore(ns: argparse.Namespace, workload, budget: int):
