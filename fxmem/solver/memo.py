@@ -68,7 +68,6 @@ def memoised(solver: F) -> F:
             _KEPT.popitem(last=False)
         return solution
 
-    wrapper.uncached = solver  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 
