@@ -133,25 +133,31 @@ def planned(name: str, mode: str, ns, info: dict):
     micro = ns.microbatches.get(name) if mode in LOSSY else None
     task = info["task"]
 
+    fixed = ns.budgets.get(name) if mode in LOSSY else None  # --budget: MiB, no floor search
+
     def prepare(model, opt) -> Prepared:
         x, y = first_batch(task, ns.seed)
         if mode == "all-state":
             bits = "bf16" if isinstance(opt, torch.optim.SGD) else 8
             opt = fxmem.low_bit_optimizer(opt, bits=bits)
             info["optimizer_state"] = f"{type(opt).__name__} (bits={bits!r})"
-        f = find_floor(model, opt, x, y, allow, ns, coupling, micro)
+        f = None if fixed is not None else find_floor(model, opt, x, y, allow, ns, coupling,
+                                                       micro)
         info.update(allow=list(allow), microbatch_coupling=coupling, floor=f,
                     forced_microbatches=micro)
         forced = {}
-        if mode in LOSSY and not ns.search:
+        if mode in LOSSY and name in ns.densities:
+            forced.update(sparse_density=ns.densities[name], precision="bf16")
+        elif mode in LOSSY and not ns.search and f is not None:
             if f["density"] is not None:
                 forced["sparse_density"] = f["density"]
             if f["bf16"]:
                 forced["precision"] = "bf16"
         info["forced"] = forced
         info["attempts"] = []
-        for margin in ns.margins:
-            budget = int(margin * f["floor"])
+        tries = ([(None, int(fixed * MiB))] if fixed is not None
+                 else [(m, int(m * f["floor"])) for m in ns.margins])
+        for margin, budget in tries:
             module = fxmem.optimize(model, budget, optimizer=opt, allow=allow,
                                     lowering=ns.lowering, time_limit=ns.time_limit,
                                     microbatch_coupling=coupling, microbatches=micro,
@@ -163,13 +169,16 @@ def planned(name: str, mode: str, ns, info: dict):
                 info["attempts"].append({"margin": margin, "budget": budget,
                                          "error": str(exc).splitlines()[0],
                                          "seconds": time.perf_counter() - t0})
-                print(f"   {name}/{mode}: no plan at {margin}x the floor "
-                      f"({budget / MiB:.2f} MiB): {str(exc).splitlines()[0]}", flush=True)
+                where = "the --budget" if margin is None else f"{margin}x the floor"
+                print(f"   {name}/{mode}: no plan at {where} ({budget / MiB:.2f} MiB): "
+                      f"{str(exc).splitlines()[0]}", flush=True)
                 continue
             info["attempts"].append({"margin": margin, "budget": budget,
                                      "seconds": time.perf_counter() - t0})
             info.update(margin=margin, budget=budget, module=module, plan=plan)
             return Prepared(module, eval_model=model, optimizer=opt)
+        if f is None:
+            raise fxmem.BudgetError(f"no plan at the --budget {fixed} MiB", floor=None)
         raise fxmem.BudgetError(f"no plan at margins {ns.margins} of the floor "
                                 f"{f['floor']} B", floor=f["floor"])
 
@@ -300,7 +309,11 @@ def write(meta: dict, rows: list[dict], out: str) -> None:
           f"budgets at {meta['margins'][0]}x the floor (then {meta['margins'][1:]} if no plan); "
           f"total wall time {meta.get('total_wall_s', 0) / 60:.1f} min."
           + ("".join(f" Forced in the lossy modes of {n}: k={k} microbatches (BatchNorm over "
-                     f"batch/k samples)." for n, k in meta.get("microbatches", {}).items())),
+                     f"batch/k samples)." for n, k in meta.get("microbatches", {}).items()))
+          + "".join(f" The lossy modes of {n} planned at a budget of {b} MiB (no floor search)."
+                    for n, b in meta.get("budgets_mib", {}).items())
+          + "".join(f" Forced in the lossy modes of {n}: density {d} with bf16 compute."
+                    for n, d in meta.get("densities", {}).items()),
           ""]
     for res in meta.get("resumed", []):
         md += [f"Resumed: the runs {', '.join(res['runs'])} are those of `{res['command']}` "
@@ -417,6 +430,11 @@ def write(meta: dict, rows: list[dict], out: str) -> None:
 # ------------------------------------------------------------------------------ main
 
 
+def _pairs(text: str, kind) -> dict:
+    """``"wrn=16,lm=8"`` -> ``{"wrn": 16, "lm": 8}``."""
+    return {n: kind(v) for n, v in (kv.split("=") for kv in text.split(",") if kv)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", default="wrn,lm")
@@ -447,9 +465,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", default="", metavar="NAME=K,...",
                    help="force k microbatches in the lossy modes of these workloads (e.g. "
                         "wrn=16: BatchNorm over 8 of 128 samples); default: the planner's k")
+    p.add_argument("--budget", default="", metavar="NAME=MIB,...",
+                   help="plan the lossy modes of these workloads at this budget in MiB (e.g. "
+                        "wrn=7.99, 485.29 / 60.7) instead of a margin over the floor (not "
+                        "searched then)")
+    p.add_argument("--density", default="", metavar="NAME=D,...",
+                   help="force this density (and bf16 compute) in the lossy modes of these "
+                        "workloads instead of the floor's")
     ns = p.parse_args(argv)
-    ns.microbatches = {n: int(k) for n, k in (kv.split("=") for kv in ns.microbatches.split(",")
-                                              if kv)}
+    ns.microbatches = _pairs(ns.microbatches, int)
+    ns.budgets = _pairs(ns.budget, float)
+    ns.densities = _pairs(ns.density, float)
     ns.margins = [float(m) for m in ns.margins.split(",")]
     ns.all_allow = [a for a in ns.all_allow.split(",") if a]
     names = [n for n in ns.workloads.split(",") if n]
@@ -473,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "seed": ns.seed, "steps": steps,
             "margins": ns.margins, "lowering": ns.lowering, "time_limit": ns.time_limit,
-            "search": ns.search, "microbatches": ns.microbatches, "notes": ns.note}
+            "search": ns.search, "microbatches": ns.microbatches, "budgets_mib": ns.budgets,
+            "densities": ns.densities, "notes": ns.note}
     rows: list[dict] = []
     done: set = set()
     if ns.resume and (RESULTS / f"{out}.json").exists():
