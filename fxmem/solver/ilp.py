@@ -14,8 +14,11 @@ Variables per candidate ``i``: ``save[i]`` (binary), ``need[i]`` and ``again[i]`
 
 The memory rows are many (one per position) and dense, so they are generated lazily: solve with
 the rows at the worst positions of the warm start, evaluate the answer at every position, add the
-violated rows, solve again. HiGHS (``highspy``, in this process, through PuLP) solves; where
-``highspy`` is not installed, CBC (shipped with PuLP, a process per solve, warm-started by a greedy
+violated rows, solve again. The model is kept as plain arrays (:class:`_Model`): HiGHS
+(``highspy``, in this process) reads them directly -- built through PuLP's objects they took most
+of a solve's time on GPT-2 small's problems (8,000 candidates) -- with the columns and rows PuLP
+gave it; where ``highspy`` is not installed, CBC (shipped with PuLP: a PuLP problem is made from
+the arrays; a process per solve, warm-started by a greedy
 answer). The time limit returns the best feasible answer found, with the solver's optimality gap.
 
 HiGHS is the default because it plans better and faster: on the bench GPT decoder and WRN-28-2
@@ -55,17 +58,60 @@ def _pulp():
     return pulp
 
 
+class _Var:
+    """A column of the model (its index in the order of creation)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _Row:
+    """A linear expression built term by term as PuLP builds it: coefficients per column in the
+    order first met (a repeated column's coefficients added), constants added up."""
+
+    __slots__ = ("coef", "constant")
+
+    def __init__(self):
+        self.coef: dict[int, float] = {}
+        self.constant = 0.0
+
+    def add(self, value, times=1.0) -> _Row:
+        """``value`` (a column, or a number: a fixed decision) times ``times`` added (nothing
+        for ``times`` 0: PuLP keeps no term for a column times 0)."""
+        if times == 0:
+            return self
+        if isinstance(value, _Var):
+            j = value.index
+            self.coef[j] = self.coef[j] + times if j in self.coef else times
+        else:
+            self.constant += value * times
+        return self
+
+
 class _Model:
-    """The ILP with its lazily grown set of memory rows."""
+    """The ILP with its lazily grown set of memory rows, as plain arrays: HiGHS reads them in
+    process (``highspy``: no PuLP objects, which took most of a solve's time on GPT-2 small's
+    8,000-candidate problems); CBC through a PuLP problem made from them. Columns and rows are
+    those PuLP made when the model was built with it (the same names, bounds, coefficients and
+    order; HiGHS sees the columns sorted by name, as PuLP passed them), so the answers are the
+    same."""
 
     def __init__(self, problem: RecomputeProblem, objective: str):
-        pulp = _pulp()
         self.p = problem
-        self.pulp = pulp
         # memory rows in units that put the largest live total near 1e4: CBC's tolerances are
         # absolute, so neither bytes of a GiB-scale step nor MiB of a tiny one would do
         self.scale = max(1.0, float(problem.base.max()) / 1e4)
-        self.lp = pulp.LpProblem("fxmem_recompute", pulp.LpMinimize)
+        self.col_name: list[str] = []
+        self.col_low: list[float] = []
+        self.col_high: list[float] = []
+        self.col_integer: list[bool] = []
+        self.col_cost: dict[int, float] = {}
+        # rows: (coefficients {column: value}, lower, upper, name)
+        self.rows_data: list[tuple[dict[int, float], float, float, str | None]] = []
+        self.initial: dict[int, float] = {}
+        self.values: np.ndarray | None = None  # the last answer, per column
         n = problem.num_candidates
         self.save, self.need, self.again = [], [], []
         var = self._variable
@@ -75,73 +121,103 @@ class _Model:
             elif problem.never_save[i]:
                 s = 0
             else:
-                s = var(f"s{i}", 0, 1, "Binary")
+                s = var(f"s{i}", 0, 1, True)
             self.save.append(s)
             self.need.append(1 if problem.direct[i] else var(f"n{i}", 0, 1))
             self.again.append(var(f"a{i}", 0, 1))
+        save, need, again = self.save, self.need, self.again
         for i in range(n):
-            self.lp += self.again[i] >= self.need[i] - self.save[i]
-            if not isinstance(self.save[i], int):
-                self.lp += self.save[i] <= self.need[i]
+            # again[i] >= need[i] - save[i]
+            self._ge(_Row().add(again[i]).add(need[i], -1.0).add(save[i]), 0.0)
+            if not isinstance(save[i], int):  # save[i] <= need[i]
+                self._le(_Row().add(save[i]).add(need[i], -1.0), 0.0)
             for k in problem.inputs[i]:
-                if not problem.direct[k]:
-                    self.lp += self.need[k] >= self.need[i] - self.save[i]
-        self.pulled: dict[int, list[tuple[int, object]]] = {}  # target -> [(start, var)], sorted
+                if not problem.direct[k]:  # need[k] >= need[i] - save[i]
+                    self._ge(_Row().add(need[k]).add(need[i], -1.0).add(save[i]), 0.0)
+        self.pulled: dict[int, list[tuple[int, _Var]]] = {}  # target -> [(start, var)], sorted
         by_target: dict[int, list] = {}
         for p in problem.pulls:
-            open_ = self.need[p.by] - self.save[p.by] - self.save[p.target] \
-                - pulp.lpSum(self.save[j] for j in p.interior)
+            # open = need[by] - save[by] - save[target] - sum(save[interior])
+            open_ = _Row().add(need[p.by]).add(save[p.by], -1.0).add(save[p.target], -1.0)
+            inner = _Row()
+            for j in p.interior:
+                inner.add(save[j])
+            for j, c in inner.coef.items():
+                open_.add(_Var(j), -c)
+            open_.constant -= inner.constant
             if p.far:
-                self.lp += open_ <= 0
+                self._le(open_, 0.0)
             elif p.start < problem.need_start[p.target]:
                 by_target.setdefault(p.target, []).append((p.start, open_))
         for i, terms in by_target.items():
             starts = sorted({s for s, _ in terms})
             w = {s: var(f"w{i}_{s}", 0, 1) for s in starts}
             for a, b in zip(starts, starts[1:]):
-                self.lp += w[b] >= w[a]  # alive from an earlier start means alive later too
-            for s, term in terms:
-                self.lp += w[s] >= term
+                self._ge(_Row().add(w[b]).add(w[a], -1.0), 0.0)  # alive earlier: alive later
+            for s, term in terms:  # w[s] >= term
+                row = _Row().add(w[s])
+                for j, c in term.coef.items():
+                    row.add(_Var(j), -c)
+                row.constant -= term.constant
+                self._ge(row, 0.0)
             self.pulled[i] = [(s, w[s]) for s in starts]
         self.peak_var = None
         if objective == "time":  # in microseconds: CBC's absolute tolerances dwarf tiny objectives
-            self.lp += pulp.lpSum(
-                [1e6 * float(problem.cost[i]) * self.again[i] for i in range(n)]
-                + [1e6 * float(problem.save_cost[i]) * self.save[i] for i in range(n)
-                   if problem.save_cost[i] > 0 and not isinstance(self.save[i], int)])
+            for i in range(n):
+                if problem.cost[i] != 0:  # as PuLP: no term for a column times 0
+                    self.col_cost[again[i].index] = 1e6 * float(problem.cost[i])
+            for i in range(n):
+                if problem.save_cost[i] > 0 and not isinstance(save[i], int):
+                    self.col_cost[save[i].index] = 1e6 * float(problem.save_cost[i])
         else:  # minimise the peak
             self.peak_var = var("peak", 0, None)
-            self.lp += self.peak_var
+            self.col_cost[self.peak_var.index] = 1.0
         self.rows: set[int] = set()
 
-    def _variable(self, name, low, high, cat="Continuous"):
-        if hasattr(self.lp, "add_variable"):  # PuLP >= 3.3
-            return self.lp.add_variable(name, low, high, cat)
-        return self.pulp.LpVariable(name, low, high, cat=cat)
+    def _variable(self, name, low, high, integer=False) -> _Var:
+        self.col_name.append(name)
+        self.col_low.append(float(low))
+        self.col_high.append(np.inf if high is None else float(high))
+        self.col_integer.append(integer)
+        return _Var(len(self.col_name) - 1)
+
+    def _ge(self, row: _Row, rhs: float, name: str | None = None) -> None:
+        self.rows_data.append((row.coef, -(row.constant - rhs), np.inf, name))
+
+    def _le(self, row: _Row, rhs: float, name: str | None = None) -> None:
+        self.rows_data.append((row.coef, -np.inf, -(row.constant - rhs), name))
 
     def add_row(self, t: int, budget_scaled: float | None) -> None:
         if t in self.rows:
             return
         self.rows.add(t)
-        p = self.p
+        p, scale = self.p, self.scale
         keep = (p.fwd_end < t) & (t <= p.need_end)
         again = (p.need_start <= t) & (t <= p.need_end)
-        terms = [float(p.size[i]) / self.scale * self.save[i] for i in np.flatnonzero(keep)]
-        terms += [float(p.again_size[i]) / self.scale * self.again[i] for i in np.flatnonzero(again)]
         made = (p.need_start == t) & (p.transient > 0)
-        terms += [float(p.transient[i]) / self.scale * self.again[i] for i in np.flatnonzero(made)]
+        row = _Row()
+        for i in np.flatnonzero(keep):
+            row.add(self.save[i], float(p.size[i]) / scale)
+        for i in np.flatnonzero(again):
+            row.add(self.again[i], float(p.again_size[i]) / scale)
+        for i in np.flatnonzero(made):
+            row.add(self.again[i], float(p.transient[i]) / scale)
         for i, starts in self.pulled.items():
             if t < p.need_start[i]:
                 live = [w for s, w in starts if s <= t]
                 if live:
-                    terms.append(float(p.again_size[i]) / self.scale * live[-1])
-        bound = self.peak_var if budget_scaled is None else budget_scaled
-        self.lp += self.pulp.lpSum(terms) + float(p.base[t]) / self.scale <= bound, f"mem_{t}"
+                    row.add(live[-1], float(p.again_size[i]) / scale)
+        row.constant += float(p.base[t]) / scale
+        if budget_scaled is None:
+            row.add(self.peak_var, -1.0)
+            self._le(row, 0.0, f"mem_{t}")
+        else:
+            self._le(row, budget_scaled, f"mem_{t}")
 
     def warm_start(self, decision: Decision) -> None:
         for i, s in enumerate(self.save):
             if not isinstance(s, int):
-                s.setInitialValue(int(decision.saved[i]))
+                self.initial[s.index] = int(decision.saved[i])
 
     def solve(self, time_limit: float, gap: float) -> tuple[str, Decision | None, float | None]:
         """``(status, decision, gap)``: status "optimal" (within ``gap``), "feasible" (the
@@ -150,39 +226,106 @@ class _Model:
             return self._solve_highs(time_limit, gap)
         return self._solve_cbc(time_limit, gap)
 
+    def value(self, var) -> float:
+        if isinstance(var, int):
+            return float(var)
+        return float(self.values[var.index])
+
     def _decision(self) -> Decision:
-        saved = np.array([s if isinstance(s, int) else (s.value() or 0) > 0.5 for s in self.save])
+        saved = np.array([s if isinstance(s, int) else self.value(s) > 0.5 for s in self.save])
         return self.p.normalise(saved)
+
+    def _columns(self) -> list[int]:
+        """The columns in PuLP's order (sorted by name)."""
+        return sorted(range(len(self.col_name)), key=self.col_name.__getitem__)
 
     def _solve_highs(self, time_limit: float, gap: float):
         import highspy
 
-        solver = self.pulp.HiGHS(msg=False, timeLimit=max(0.5, float(time_limit)), gapRel=gap,
-                                 threads=1)
-        self.lp.solve(solver)
-        h = self.lp.solverModel
+        order = self._columns()
+        position = np.empty(len(order), dtype=np.int64)
+        position[order] = np.arange(len(order))
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("mip_rel_gap", float(gap))
+        h.setOptionValue("threads", 1)
+        h.setOptionValue("time_limit", float(max(0.5, float(time_limit))))
+        ncols = len(order)
+        cost = np.array([self.col_cost.get(j, 0.0) for j in order], dtype=np.float64)
+        low = np.array([self.col_low[j] for j in order], dtype=np.float64)
+        high = np.array([self.col_high[j] for j in order], dtype=np.float64)
+        h.addCols(ncols, cost, low, high, 0, np.zeros(0, dtype=np.int32),
+                  np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float64))
+        integer = np.array([k for k, j in enumerate(order) if self.col_integer[j]],
+                           dtype=np.int32)
+        if len(integer):
+            h.changeColsIntegrality(len(integer), integer, np.full(
+                len(integer), highspy.HighsVarType.kInteger.value, dtype=np.uint8))
+        starts, index, value, row_low, row_high = [], [], [], [], []
+        for coef, lo, hi, _ in self.rows_data:
+            starts.append(len(index))
+            for j, c in coef.items():
+                if c != 0:
+                    index.append(j)
+                    value.append(c)
+            row_low.append(lo)
+            row_high.append(hi)
+        index = position[np.array(index, dtype=np.int64)].astype(np.int32) if index \
+            else np.zeros(0, dtype=np.int32)
+        h.addRows(len(starts), np.array(row_low, dtype=np.float64),
+                  np.array(row_high, dtype=np.float64), len(index),
+                  np.array(starts, dtype=np.int32), index, np.array(value, dtype=np.float64))
+        h.run()
         status, info = h.getModelStatus(), h.getInfo()
+        if info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible:
+            self.values = np.asarray(h.getSolution().col_value, dtype=np.float64)[position]
         if status == highspy.HighsModelStatus.kOptimal:
             return "optimal", self._decision(), max(0.0, float(info.mip_gap))
         if info.primal_solution_status != highspy.SolutionStatus.kSolutionStatusFeasible:
             return h.modelStatusToString(status).lower(), None, None
         return "feasible", self._decision(), float(info.mip_gap)
 
+    def _pulp_problem(self):
+        """The model as a PuLP problem (for CBC), built as it was before the arrays."""
+        lp = pulp.LpProblem("fxmem_recompute", pulp.LpMinimize)
+        cols = []
+        for j, name in enumerate(self.col_name):
+            cat = "Binary" if self.col_integer[j] else "Continuous"
+            high = None if self.col_high[j] == np.inf else self.col_high[j]
+            v = (lp.add_variable(name, self.col_low[j], high, cat)
+                 if hasattr(lp, "add_variable") else pulp.LpVariable(name, self.col_low[j], high,
+                                                                     cat=cat))
+            if j in self.initial:
+                v.setInitialValue(self.initial[j])
+            cols.append(v)
+        lp += pulp.LpAffineExpression([(cols[j], c) for j, c in self.col_cost.items()])
+        for coef, lo, hi, name in self.rows_data:
+            expr = pulp.LpAffineExpression([(cols[j], c) for j, c in coef.items()])
+            if hi == np.inf:
+                lp += pulp.LpConstraint(expr, pulp.LpConstraintGE, name=name, rhs=lo)
+            else:
+                lp += pulp.LpConstraint(expr, pulp.LpConstraintLE, name=name, rhs=hi)
+        return lp, cols
+
     def _solve_cbc(self, time_limit: float, gap: float):
+        lp, cols = self._pulp_problem()
         fd, log_path = tempfile.mkstemp(suffix=".log", prefix="fxmem_cbc_")
         os.close(fd)
         with warnings.catch_warnings():  # the bundled CBC: PuLP 4 moves it to pulp[cbc]
             warnings.simplefilter("ignore", DeprecationWarning)
-            solver = self.pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit)),
-                                            gapRel=gap, warmStart=True, logPath=log_path, threads=1)
+            solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(time_limit)),
+                                       gapRel=gap, warmStart=True, logPath=log_path, threads=1)
         try:
-            status = self.lp.solve(solver)
+            status = lp.solve(solver)
             text = open(log_path).read()
         finally:
             os.unlink(log_path)
-        name = self.pulp.LpStatus[status]
+        name = pulp.LpStatus[status]
         if name != "Optimal":  # PuLP says "Optimal" also for a feasible answer at the time limit
             return name.lower(), None, None
+        self.values = np.array([v.value() or 0.0 for v in cols], dtype=np.float64)
+        # the next solve starts from this answer, as the PuLP problem kept its values
+        self.initial = {j: v.value() for j, v in enumerate(cols) if v.value() is not None}
         return _cbc_status(text), self._decision(), _cbc_gap(text)
 
 
@@ -317,7 +460,7 @@ def min_peak(problem: RecomputeProblem, *, time_limit: float = 30.0, gap: float 
         if problem.peak(decision) < problem.peak(best):
             best = decision
         memory = problem.memory(decision)
-        claimed = model.peak_var.value() * model.scale
+        claimed = model.value(model.peak_var) * model.scale
         violated = np.flatnonzero(memory > claimed + 1)
         if not len(violated):
             break
