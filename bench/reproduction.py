@@ -35,6 +35,10 @@ says); the plan at the budget is then made with that density and precision force
 (``sparse_density=``, ``precision="bf16"``) instead of fxmem's search of every density from 0.5
 down (five plans, each choosing k among up to 8 microbatch counts: too long on 2 CPU cores),
 unless ``--search``. The microbatch count and what is recomputed are fxmem's choice.
+``--budget wrn=7.99`` plans the lossy modes at that budget instead (no floor search: 485.29 MiB,
+the eager step's peak, over 60.7 is 7.99 MiB), ``--density wrn=0.1`` forces a density (with bf16)
+and ``--microbatches wrn=32`` a microbatch count: the floor's plan (one image per microbatch at
+density 0.05) does not train, BatchNorm normalising over one image.
 
 **Measured**: step 1 of each training run (step 0 plans and compiles) under
 :func:`fxmem.measure_memory`: the bytes the model, the batch and the optimizer hold at its start
@@ -48,6 +52,8 @@ run so a crash keeps what finished.
     python bench/reproduction.py                      # both workloads, default steps
     python bench/reproduction.py --workloads wrn --wrn-steps 22
     python bench/reproduction.py --quick              # a smoke run: tiny models, 2 steps
+    python bench/reproduction.py --out reproduction_wrn_60x --workloads wrn --wrn-steps 220 \
+        --budget wrn=7.99 --density wrn=0.1 --microbatches wrn=32   # bench/results/
 """
 
 from __future__ import annotations

@@ -23,3 +23,20 @@ def test_reproduction_quick_runs_end_to_end(tmp_path, monkeypatch):
     assert md.count("Command: `python bench/reproduction.py --quick") == 1
     assert "| lm | exact |" in md and "## Training on real data" in md
     assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_a_fixed_budget_and_density_plan_the_lossy_mode_without_a_floor_search(tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setattr(reproduction, "RESULTS", tmp_path)
+    monkeypatch.setattr(reproduction, "find_floor",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("searched")))
+    assert reproduction.main(["--quick", "--workloads", "lm", "--modes", "all",
+                              "--lowering", "eager", "--time-limit", "1", "--budget", "lm=64",
+                              "--density", "lm=0.5", "--out", "fixed"]) == 0
+    row = json.loads((tmp_path / "fixed.json").read_text())["runs"][0]
+    assert row["status"] == "ok", row.get("traceback")
+    assert row["floor"] is None and row["budget"] == 64 * 2**20
+    assert row["forced"] == {"sparse_density": 0.5, "precision": "bf16"}
+    assert row["bf16"] and abs(row["density"] - 0.5) < 0.01
+    assert row["measured_peak"] <= row["budget"]
+    assert "planned at a budget of 64.0 MiB" in (tmp_path / "fixed.md").read_text()
