@@ -213,3 +213,71 @@ def test_a_call_longer_than_the_budget_is_timed_once_a_short_one_many_times():
     calls.clear()
     assert step_costs._best_seconds(lambda: calls.append(1), torch.device("cpu")) < 0.01
     assert len(calls) == 51  # the warm-up and 50 (the cap) within 0.1 s
+
+
+@pytest.mark.parametrize("make, shapes, sliced", [
+    (lambda a, w: a @ w.t(), [(96, 16), (1001, 16)], [((96, 16), (16, 1001 % 64 + 64 * 4))]),
+    (lambda g, x: g.t() @ x, [(96, 1001), (96, 16)], [((1001 % 64 + 64 * 4, 96), (96, 16))]),
+    (lambda b, x, w: torch.addmm(b, x, w), [(1001,), (96, 16), (16, 1001)],
+     [((1001 % 64 + 64 * 4,), (96, 16), (16, 1001 % 64 + 64 * 4))]),
+    (torch.bmm, [(1001, 4, 8), (1001, 8, 4)],
+     [((1001 % 64 + 64 * 4, 4, 8), (1001 % 64 + 64 * 4, 8, 4))]),
+])
+def test_a_large_product_is_measured_on_a_slice_of_its_largest_output_dimension(
+        monkeypatch, make, shapes, sliced):
+    """Scaled by the whole extent over the slice's; the slice's extent the whole's modulo 64,
+    its inputs' strides the whole's (a transposed weight stays transposed)."""
+    gm = _graph(make, *[torch.randn(s) for s in shapes])
+    node = next(n for n in gm.graph.nodes if n.target in step_costs._SLICEABLE)
+    monkeypatch.setattr(step_costs, "SLICE_FLOPS", 1)  # every product is large
+    seen = []
+
+    def best(fn, device, **kw):
+        seen.append(fn)
+        return 0.5
+
+    monkeypatch.setattr(step_costs, "_best_seconds", best)
+    real = step_costs._slice_of
+    made = []
+    monkeypatch.setattr(step_costs, "_slice_of", lambda t, dim, extent, device: made.append(
+        real(t, dim, extent, device)) or made[-1])
+    seconds = measured_seconds(node)
+    assert len(seen) == 1 and seconds == pytest.approx(0.5 * 1001 / (1001 % 64 + 64 * 4))
+    values = {tuple(t.shape) for t in made}
+    assert values == {s for s in sliced[0] if s in values} and len(made) >= 1
+    for t in made:
+        whole = next(n for n in node.args if tuple(n.meta["val"].shape)[1:] == tuple(t.shape)[1:]
+                     or tuple(n.meta["val"].shape)[:1] == tuple(t.shape)[:1])
+        assert t.stride() == whole.meta["val"].stride()
+
+
+def test_a_slice_that_runs_too_fast_grows_then_the_product_is_measured_whole(monkeypatch):
+    gm = _graph(lambda a, b: a @ b, torch.randn(2048, 8), torch.randn(8, 8))
+    node = _one(gm, aten.mm.default)
+    monkeypatch.setattr(step_costs, "SLICE_FLOPS", 1)
+    calls = []
+    monkeypatch.setattr(step_costs, "_best_seconds", lambda fn, device, **kw: (
+        calls.append(fn) and 0) or 1e-6)
+    assert measured_seconds(node) == 1e-6  # 256 rows, then 1024, then the whole
+    assert len(calls) == 3
+    assert step_costs.sliced_seconds(_one(_graph(lambda a, b: a @ b, torch.randn(64, 8),
+                                                 torch.randn(8, 8)), aten.mm.default),
+                                      torch.device("cpu")) is None  # too small to slice
+
+
+def test_a_sliced_product_predicts_the_whole_within_the_noise():
+    """On the device: a slice's time scaled is near the whole's (wide bounds: a busy machine;
+    one thread: two threads' small slices wait on a shared core's other work)."""
+    gm = _graph(lambda a, w: a @ w.t(), torch.randn(256, 256), torch.randn(4001, 256))
+    node = _one(gm, aten.mm.default)
+    old = step_costs.SLICE_FLOPS, step_costs.SLICE_MIN_S, torch.get_num_threads()
+    step_costs.SLICE_FLOPS, step_costs.SLICE_MIN_S = 1e8, 0.0
+    torch.set_num_threads(1)
+    try:
+        sliced = step_costs.sliced_seconds(node, torch.device("cpu"))
+        a, w = torch.randn(256, 256), torch.randn(4001, 256)
+        whole = step_costs._best_seconds(lambda: a @ w.t(), torch.device("cpu"), calls=5)
+    finally:
+        step_costs.SLICE_FLOPS, step_costs.SLICE_MIN_S = old[:2]
+        torch.set_num_threads(old[2])
+    assert sliced is not None and whole / 3 < sliced < 3 * whole
