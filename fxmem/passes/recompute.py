@@ -141,16 +141,23 @@ def remove_dead(gm: torch.fx.GraphModule) -> int:
 def sink_recomputed(gm: torch.fx.GraphModule, names: set[str]) -> int:
     """Move each named node to just before its first user, last nodes first; returns moves."""
     moved = 0
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # each node's place, kept in the graph's order as nodes move: a moved node takes a key
+    # between its new neighbours' (all keys renumbered only when floats run out between them)
+    order = {n: float(i) for i, n in enumerate(gm.graph.nodes)}
     for node in reversed([n for n in gm.graph.nodes if n.name in names]):
         users = list(node.users)
         if not users:
             continue
         first = min(users, key=lambda u: order[u])
         if node.next is not first:
+            before = order[first.prev] if first.prev in order else order[first] - 1.0
             first.prepend(node)
             moved += 1
-            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            key = (before + order[first]) / 2
+            if before < key < order[first]:
+                order[node] = key
+            else:
+                order = {n: float(i) for i, n in enumerate(gm.graph.nodes)}
     gm.graph.lint()
     gm.recompile()
     return moved
