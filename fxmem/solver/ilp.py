@@ -29,6 +29,7 @@ solver time (40 against 57 s and 27 against 53 s over each step's floor and plan
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -90,28 +91,34 @@ class _Row:
         return self
 
 
-class _Model:
-    """The ILP with its lazily grown set of memory rows, as plain arrays: HiGHS reads them in
-    process (``highspy``: no PuLP objects, which took most of a solve's time on GPT-2 small's
-    8,000-candidate problems); CBC through a PuLP problem made from them. Columns and rows are
-    those PuLP made when the model was built with it (the same names, bounds, coefficients and
-    order; HiGHS sees the columns sorted by name, as PuLP passed them), so the answers are the
-    same."""
+def _rows_csr(rows) -> tuple[np.ndarray, ...]:
+    """Rows ``(coefficients, lower, upper, name)`` as arrays: starts, columns (in the order of
+    creation), values, lower and upper bounds; zero coefficients left out."""
+    starts, index, value, low, high = [], [], [], [], []
+    for coef, lo, hi, _ in rows:
+        starts.append(len(index))
+        for j, c in coef.items():
+            if c != 0:
+                index.append(j)
+                value.append(c)
+        low.append(lo)
+        high.append(hi)
+    return (np.array(starts, dtype=np.int64), np.array(index, dtype=np.int64),
+            np.array(value, dtype=np.float64), np.array(low, dtype=np.float64),
+            np.array(high, dtype=np.float64))
 
-    def __init__(self, problem: RecomputeProblem, objective: str):
-        self.p = problem
-        # memory rows in units that put the largest live total near 1e4: CBC's tolerances are
-        # absolute, so neither bytes of a GiB-scale step nor MiB of a tiny one would do
-        self.scale = max(1.0, float(problem.base.max()) / 1e4)
+
+class _Structure:
+    """What a model's columns and rows are before its objective and memory rows: the same for
+    every problem of one step (the planner's rounds change only the base, the budget and the
+    objective), so built once per step (:func:`_structure`)."""
+
+    def __init__(self, problem: RecomputeProblem):
         self.col_name: list[str] = []
         self.col_low: list[float] = []
         self.col_high: list[float] = []
         self.col_integer: list[bool] = []
-        self.col_cost: dict[int, float] = {}
-        # rows: (coefficients {column: value}, lower, upper, name)
         self.rows_data: list[tuple[dict[int, float], float, float, str | None]] = []
-        self.initial: dict[int, float] = {}
-        self.values: np.ndarray | None = None  # the last answer, per column
         n = problem.num_candidates
         self.save, self.need, self.again = [], [], []
         var = self._variable
@@ -161,18 +168,15 @@ class _Model:
                 row.constant -= term.constant
                 self._ge(row, 0.0)
             self.pulled[i] = [(s, w[s]) for s in starts]
-        self.peak_var = None
-        if objective == "time":  # in microseconds: CBC's absolute tolerances dwarf tiny objectives
-            for i in range(n):
-                if problem.cost[i] != 0:  # as PuLP: no term for a column times 0
-                    self.col_cost[again[i].index] = 1e6 * float(problem.cost[i])
-            for i in range(n):
-                if problem.save_cost[i] > 0 and not isinstance(save[i], int):
-                    self.col_cost[save[i].index] = 1e6 * float(problem.save_cost[i])
-        else:  # minimise the peak
-            self.peak_var = var("peak", 0, None)
-            self.col_cost[self.peak_var.index] = 1.0
-        self.rows: set[int] = set()
+
+    def csr(self) -> tuple[np.ndarray, ...]:
+        """The rows as arrays (starts, columns, values, lower, upper; zero coefficients left
+        out, as PuLP leaves them out), made once."""
+        if self._csr is None:
+            self._csr = _rows_csr(self.rows_data)
+        return self._csr
+
+    _csr = None
 
     def _variable(self, name, low, high, integer=False) -> _Var:
         self.col_name.append(name)
@@ -186,6 +190,73 @@ class _Model:
 
     def _le(self, row: _Row, rhs: float, name: str | None = None) -> None:
         self.rows_data.append((row.coef, -np.inf, -(row.constant - rhs), name))
+
+
+_STRUCTURES: collections.OrderedDict[tuple, tuple[tuple, _Structure]] = collections.OrderedDict()
+_STRUCTURES_KEPT = 8
+
+
+def _structure(problem: RecomputeProblem) -> _Structure:
+    """The :class:`_Structure` of ``problem``, kept for the few latest: keyed by the identity of
+    its inputs and pulls (immutable; a problem the planner derives with another base or costs
+    shares them; kept with it, so an identity is not reused while kept) and the contents of the
+    arrays it reads."""
+    arrays = tuple(np.array(a) for a in (problem.must_save, problem.never_save, problem.direct,
+                                         problem.need_start))
+    fields = (problem.inputs, problem.pulls)  # tuples of ints and frozen pulls
+    key = (*map(id, fields), *(hash(a.tobytes()) for a in arrays))
+    kept = _STRUCTURES.get(key)
+    if kept is not None and all(np.array_equal(a, b) for a, b in zip(arrays, kept[0][2:])):
+        _STRUCTURES.move_to_end(key)
+        return kept[1]
+    shape = _Structure(problem)
+    _STRUCTURES[key] = ((*fields, *arrays), shape)
+    while len(_STRUCTURES) > _STRUCTURES_KEPT:
+        _STRUCTURES.popitem(last=False)
+    return shape
+
+
+class _Model:
+    """The ILP with its lazily grown set of memory rows, as plain arrays: HiGHS reads them in
+    process (``highspy``: no PuLP objects, which took most of a solve's time on GPT-2 small's
+    8,000-candidate problems); CBC through a PuLP problem made from them. Columns and rows are
+    those PuLP made when the model was built with it (the same names, bounds, coefficients and
+    order; HiGHS sees the columns sorted by name, as PuLP passed them), so the answers are the
+    same."""
+
+    def __init__(self, problem: RecomputeProblem, objective: str):
+        self.p = problem
+        # memory rows in units that put the largest live total near 1e4: CBC's tolerances are
+        # absolute, so neither bytes of a GiB-scale step nor MiB of a tiny one would do
+        self.scale = max(1.0, float(problem.base.max()) / 1e4)
+        shape = self.shape = _structure(problem)
+        self.col_name = list(shape.col_name)
+        self.col_low = list(shape.col_low)
+        self.col_high = list(shape.col_high)
+        self.col_integer = list(shape.col_integer)
+        self.col_cost: dict[int, float] = {}
+        # rows: (coefficients {column: value}, lower, upper, name)
+        self.rows_data = list(shape.rows_data)
+        self.initial: dict[int, float] = {}
+        self.values: np.ndarray | None = None  # the last answer, per column
+        self.save, self.need, self.again = shape.save, shape.need, shape.again
+        self.pulled = shape.pulled
+        save, again, n = self.save, self.again, problem.num_candidates
+        var = self._variable
+        self.peak_var = None
+        if objective == "time":  # in microseconds: CBC's absolute tolerances dwarf tiny objectives
+            for i in range(n):
+                if problem.cost[i] != 0:  # as PuLP: no term for a column times 0
+                    self.col_cost[again[i].index] = 1e6 * float(problem.cost[i])
+            for i in range(n):
+                if problem.save_cost[i] > 0 and not isinstance(save[i], int):
+                    self.col_cost[save[i].index] = 1e6 * float(problem.save_cost[i])
+        else:  # minimise the peak
+            self.peak_var = var("peak", 0, None)
+            self.col_cost[self.peak_var.index] = 1.0
+        self.rows: set[int] = set()
+
+    _variable, _ge, _le = _Structure._variable, _Structure._ge, _Structure._le
 
     def add_row(self, t: int, budget_scaled: float | None) -> None:
         if t in self.rows:
@@ -261,20 +332,12 @@ class _Model:
         if len(integer):
             h.changeColsIntegrality(len(integer), integer, np.full(
                 len(integer), highspy.HighsVarType.kInteger.value, dtype=np.uint8))
-        starts, index, value, row_low, row_high = [], [], [], [], []
-        for coef, lo, hi, _ in self.rows_data:
-            starts.append(len(index))
-            for j, c in coef.items():
-                if c != 0:
-                    index.append(j)
-                    value.append(c)
-            row_low.append(lo)
-            row_high.append(hi)
-        index = position[np.array(index, dtype=np.int64)].astype(np.int32) if index \
-            else np.zeros(0, dtype=np.int32)
-        h.addRows(len(starts), np.array(row_low, dtype=np.float64),
-                  np.array(row_high, dtype=np.float64), len(index),
-                  np.array(starts, dtype=np.int32), index, np.array(value, dtype=np.float64))
+        kept = self.shape.csr()
+        more = _rows_csr(self.rows_data[len(self.shape.rows_data):])
+        starts = np.concatenate([kept[0], more[0] + len(kept[1])]).astype(np.int32)
+        index = position[np.concatenate([kept[1], more[1]])].astype(np.int32)
+        value, row_low, row_high = (np.concatenate([k, m]) for k, m in zip(kept[2:], more[2:]))
+        h.addRows(len(starts), row_low, row_high, len(index), starts, index, value)
         h.run()
         status, info = h.getModelStatus(), h.getInfo()
         if info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible:
