@@ -323,7 +323,9 @@ def _slice_of(t: torch.Tensor, dim: int, extent: int, device: torch.device) -> t
         return None  # broadcast: random values cannot be written into it
     span = 0 if 0 in size else 1 + sum((s - 1) * st for s, st in zip(size, stride))
     view = torch.empty(span, device=device, dtype=t.dtype).as_strided(size, stride)
-    return view.normal_() if t.dtype.is_floating_point else view.zero_()
+    # uniform, not normal: normal_ on a strided view is ~8x slower (0.78 s for a slice of
+    # GPT-2's transposed vocabulary gradient), and the values do not change a product's time
+    return view.uniform_(-1, 1) if t.dtype.is_floating_point else view.zero_()
 
 
 def sliced_seconds(node: torch.fx.Node, device: torch.device) -> float | None:
