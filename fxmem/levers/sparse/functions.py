@@ -52,15 +52,18 @@ class _SparseLinear(torch.autograd.Function):
         x, values, indices = ctx.saved_tensors
         out_features, in_features = ctx.shape
         g2 = grad.reshape(-1, out_features)
-        dt = g2.dtype  # under bf16 casts the forward's product (and so grad) is bf16, x may not be
+        # in the gradient's dtype: under bf16 casts the forward's product (and so grad) is bf16,
+        # x may not be. type_as, not .to(g2.dtype): TorchDynamo bakes a dtype read in Python into
+        # the graph, and the backend's graphs are traced in fp32, then run under autocast
         gx = gv = gb = None
         if ctx.needs_input_grad[0]:
-            gx = (g2 @ densify(values, indices, ctx.shape).to(dt)).view(
-                *grad.shape[:-1], in_features).to(x.dtype)
+            gx = (g2 @ densify(values, indices, ctx.shape).type_as(g2)).view(
+                *grad.shape[:-1], in_features).type_as(x)
         if ctx.needs_input_grad[1]:
-            gv = _values_grad(g2.t() @ x.reshape(-1, in_features).to(dt), indices).to(values.dtype)
+            gv = _values_grad(g2.t() @ x.reshape(-1, in_features).type_as(g2),
+                              indices).type_as(values)
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            gb = g2.sum(0).to(values.dtype)
+            gb = g2.sum(0).type_as(values)
         return gx, gv, None, gb, None
 
 
@@ -81,15 +84,15 @@ class _SparseConv2d(torch.autograd.Function):
         # in the gradient's dtype, as the linear's backward: under bf16 casts the forward's
         # convolution (and so grad) is bf16 while x and the dense weight may be fp32; left mixed,
         # Inductor ran this backward on fp32 copies of its operands (WRN-28-2, bf16 + density
-        # 0.05: 2.4 MB per 8 images more than the memory model's bf16 convolution)
-        dt = grad.dtype
+        # 0.05: 2.4 MB per 8 images more than the memory model's bf16 convolution); type_as as
+        # in the linear's backward
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x.to(dt), densify(values, indices, shape).to(dt),
+            grad, x.type_as(grad), densify(values, indices, shape).type_as(grad),
             [shape[0]] if has_bias else None,
             list(stride), list(padding), list(dilation), False, [0, 0], groups, mask)
-        gx = gx.to(x.dtype) if need[0] else None
-        gv = _values_grad(gw, indices).to(values.dtype) if need[1] else None
-        gb = gb.to(values.dtype) if mask[2] else None
+        gx = gx.type_as(x) if need[0] else None
+        gv = _values_grad(gw, indices).type_as(values) if need[1] else None
+        gb = gb.type_as(values) if mask[2] else None
         return gx, gv, None, gb, None, None, None, None, None
 
 
