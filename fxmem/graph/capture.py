@@ -345,8 +345,12 @@ def _capture_failure(exc, model, args, kwargs, loss_fn, device) -> CaptureError:
         lines.append(f"TorchDynamo finds {len(breaks)} graph break(s):")
         lines += [f"  - {reason} at {where}" for reason, where in breaks]
     lines.append(
-        "fxmem needs the step as one graph: remove data-dependent Python control flow "
-        "(if/while on tensor values), .item()/.tolist()/.numpy() calls and prints of tensors"
+        "fxmem.optimize needs the step as one graph: remove data-dependent Python control flow "
+        "(if/while on tensor values), .item()/.tolist()/.numpy() calls and prints of tensors; "
+        "or keep the breaks and compile the model with the fxmem backend, "
+        "torch.compile(model, backend='fxmem', options={'budget': ...}), which plans the graphs "
+        "between the breaks under one shared budget (recompute and precision; for the sparse "
+        "lever sparsify the model first with fxmem.sparsify)"
     )
     return CaptureError("\n".join(lines), breaks)
 
