@@ -17,13 +17,15 @@ backward graphs as follows (:class:`StepCosts` holds the constants):
   process: planning stays deterministic within it. Where an op cannot run (the meta device, an
   error), the roofline's time. A large matrix product (``mm``, ``addmm``, ``bmm`` of at least
   ``4 * SLICE_FLOPS``) is measured on a slice of its largest output dimension (the batch of a
-  ``bmm``, else the rows or the columns), its inputs' strides kept, and the time scaled by the
-  whole extent over the slice's (:func:`sliced_seconds`); the slice grows until one call lasts
-  ``SLICE_MIN_S``, so the product is measured whole where the device runs it faster than that
-  (a GPU). On one core of the 2-core EPYC a product's time per row or column is flat from an
-  eighth of GPT-2's vocabulary products (50257 columns, 2048 x 768 inputs: 1.7-2.5 s whole) to
-  the whole, within the machine's noise (0.93-1.03 of the whole's time at a sixteenth); measured
-  whole, with the warm-up call, they took 30 of the 40 s of a GPT-2 exploration's step times.
+  ``bmm``, else the rows or the columns; ``1 / SLICE_PARTS`` of it at least, and its extent the
+  whole's modulo 64), its inputs' strides kept, and the time scaled by the whole extent over
+  the slice's (:func:`sliced_seconds`); on a CPU, where an output over 32 MiB is mapped afresh
+  at every call, the slice of such a product writes into a new mapping too. The slice grows
+  until one call lasts ``SLICE_MIN_S``, so a product is measured whole where the device runs it
+  faster than that (a GPU). On one core of the 2-core EPYC, GPT-2's vocabulary products (2048 x
+  768 by 768 x 50257 and their gradients' products, 1.7-2.4 s each) measured on a sixteenth
+  came within 2-5% of the whole's time; measured whole, with the warm-up call, they took 30 of
+  the 40 s of a GPT-2 exploration's step times.
 - **Indexing ops** (``index``, ``index_put``/``index_put_``, ``gather``, the masked
   accumulating index put of an embedding's backward; the sparse lever's transient dense weight
   is an accumulating ``index_put`` and its values' gradient an ``index``): Inductor lowers them
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import operator
 import time
 from collections.abc import Iterable
@@ -90,17 +93,15 @@ _INDEXING = {aten.index_put.default, aten.index_put_.default, aten.index.Tensor,
 # signature (with torch's thread count) -> seconds (None: could not run): one per process
 _MEASURED: dict[tuple, float | None] = {}
 #: A product of at least 4x this many FLOPs is measured on a slice of about this many first.
-SLICE_FLOPS = 2e9
+SLICE_FLOPS = 8e9
 #: A slice is grown (x4) until one call lasts this long; one that reaches half the product's
 #: extent first is not used (the product is measured whole).
 SLICE_MIN_S = 0.025
 #: A slice is this fraction of the product at least (1 / SLICE_PARTS of its extent).
-SLICE_PARTS = 8
+SLICE_PARTS = 16
 _SLICEABLE = {aten.mm.default, aten.addmm.default, aten.bmm.default}
 _SLICE_MIN_EXTENT = 256  # a slice's rows (columns, batch) at least: a thin product runs slower
-# glibc maps an allocation over 32 MiB (its largest mmap threshold) afresh at every call, and the
-# page faults of a new output cost ~1.3 ms per MiB inside a CPU product: a slice of a product
-# whose output is over 32 MiB is made to hold over 32 MiB too
+# glibc maps an allocation over 32 MiB (its largest mmap threshold) afresh at every call
 _MAPPED_BYTES = 32 * 2**20
 
 
@@ -282,11 +283,12 @@ def _best_seconds(fn, device: torch.device, calls: int = 50, budget_s: float = 0
     return best
 
 
-def _slice_dims(node: torch.fx.Node) -> tuple[int, list[tuple[int, int]]] | None:
+def _slice_dims(node: torch.fx.Node) -> tuple[int, int, list[tuple[int, int]]] | None:
     """How to slice a product's largest output dimension (the batch of a ``bmm``, else its rows
     or its columns: the other operand, packed whole at every call, is then the smaller): its
-    extent and, per argument, the dimension of that argument it is (``(argument index, dim)``);
-    None for other ops and arguments that are not plain tensors of a product's ranks."""
+    extent, the output's dimension and, per argument, the dimension of that argument it is
+    (``(argument index, dim)``); None for other ops and arguments that are not plain tensors of
+    a product's ranks."""
     if node.target not in _SLICEABLE:
         return None
     args = map_arg(node.args, node_value)
@@ -310,7 +312,7 @@ def _slice_dims(node: torch.fx.Node) -> tuple[int, list[tuple[int, int]]] | None
         bias_dim = out_dim - (2 - bias.dim())
         if bias_dim >= 0 and bias.shape[bias_dim] != 1:
             dims = [*dims, (0, bias_dim)]
-    return extent, dims
+    return extent, out_dim, dims
 
 
 def _slice_of(t: torch.Tensor, dim: int, extent: int, device: torch.device) -> torch.Tensor | None:
@@ -328,27 +330,51 @@ def _slice_of(t: torch.Tensor, dim: int, extent: int, device: torch.device) -> t
     return view.uniform_(-1, 1) if t.dtype.is_floating_point else view.zero_()
 
 
+def _into_fresh(op, args, kwargs, shape: tuple, dtype: torch.dtype) -> None:
+    """``op``'s out= form into a new anonymous mapping of ``shape``: its pages faulted in as the
+    product writes them, as a whole output allocated afresh is."""
+    import mmap
+
+    count = math.prod(shape)
+    mapping = mmap.mmap(-1, max(1, count * dtype.itemsize))
+    try:
+        out = torch.frombuffer(mapping, dtype=dtype, count=count).view(shape)
+        op.overloadpacket.out(*args, **kwargs, out=out)
+        del out
+    finally:
+        try:
+            mapping.close()
+        except BufferError:  # still exported: closed when collected
+            pass
+
+
 def sliced_seconds(node: torch.fx.Node, device: torch.device) -> float | None:
     """Seconds of a large matrix product (``mm``, ``addmm``, ``bmm`` of at least ``4 *
     SLICE_FLOPS``) from a slice of its largest output dimension: measured on about
     ``SLICE_FLOPS`` (256 at least along it) first, grown x4 until one call lasts
     ``SLICE_MIN_S``, and scaled by the whole extent over the slice's. None where it is not
     sliced (another op, a smaller product, a slice that reaches half the extent first: measure it
-    whole)."""
+    whole). A call's fixed costs are scaled with the rest: a slice of rows of a product whose
+    other operand is large (GPT-2's 2048 x 50257 by 50257 x 768, its 154 MB weight packed at
+    each call) reads up to ~10% over the whole; extrapolating along two slices instead read
+    0.89-1.2 of the whole at load 2.5."""
     found = _slice_dims(node)
     if found is None:
         return None
     flops = node_flops(node)
     if flops < 4 * SLICE_FLOPS:
         return None
-    whole, dims = found
+    whole, out_dim, dims = found
     extent = max(-(-whole // SLICE_PARTS), -(-int(whole * SLICE_FLOPS) // flops))
     out = node.meta.get("val")
     if not isinstance(out, torch.Tensor):
         return None
-    out_bytes = _tensor_bytes(out)
-    if device.type == "cpu" and out_bytes > _MAPPED_BYTES:  # the slice's output mapped afresh
-        extent = max(extent, int(_MAPPED_BYTES * whole // out_bytes) + 1)  # at each call too
+    # a CPU allocates an output over 32 MiB afresh at every call (glibc maps it anew: its page
+    # faults cost ~1.3 ms per MiB inside a product): the slice writes into a new mapping too
+    fresh = device.type == "cpu" and _tensor_bytes(out) > _MAPPED_BYTES
+    if fresh and not out.is_contiguous():  # else its own output is mapped afresh: over 32 MiB
+        extent = max(extent, int(_MAPPED_BYTES * whole // _tensor_bytes(out)) + 1)
+        fresh = False
     # the slice's extent is the whole's modulo 64: an odd extent runs slower per row (column)
     # than a multiple of 64 (GPT-2's vocabulary product: 52 us per column at 50257 and 25129
     # columns, 37 at 50176 and 25088; a 6283-column slice 56, a 6336-column one 37)
@@ -361,16 +387,23 @@ def sliced_seconds(node: torch.fx.Node, device: torch.device) -> float | None:
     fakes = list(map_arg(node.args, node_value))
     kwargs = map_arg(node.kwargs, node_value)
     cut = {at for at, _ in dims}
+    args = [a if i in cut else _materialize(a, device) for i, a in enumerate(fakes)]
+
+    def timed(e: int) -> float:  # seconds of the slice of extent e
+        sliced = list(args)
+        for at, dim in dims:
+            sliced[at] = _slice_of(fakes[at], dim, e, device)
+            if sliced[at] is None:
+                raise ValueError("a broadcast input")
+        if fresh:
+            shape = (*out.shape[:out_dim], e, *out.shape[out_dim + 1:])
+            return _best_seconds(lambda: _into_fresh(node.target, sliced, kwargs, shape,
+                                                     out.dtype), device)
+        return _best_seconds(lambda: node.target(*sliced, **kwargs), device)
+
     try:
-        args = [a if i in cut else _materialize(a, device) for i, a in enumerate(fakes)]
         while 2 * extent <= whole:
-            sliced = list(args)
-            for at, dim in dims:
-                sliced[at] = _slice_of(fakes[at], dim, extent, device)
-                if sliced[at] is None:
-                    return None
-            seconds = _best_seconds(lambda: node.target(*sliced, **kwargs), device)
-            del sliced
+            seconds = timed(extent)
             if seconds >= SLICE_MIN_S:
                 return seconds * whole / extent
             extent = aligned(4 * extent)

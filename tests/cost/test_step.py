@@ -281,3 +281,19 @@ def test_a_sliced_product_predicts_the_whole_within_the_noise():
         step_costs.SLICE_FLOPS, step_costs.SLICE_MIN_S = old[:2]
         torch.set_num_threads(old[2])
     assert sliced is not None and whole / 3 < sliced < 3 * whole
+
+
+def test_a_slice_of_a_large_output_writes_into_a_new_mapping(monkeypatch):
+    """On a CPU an output over 32 MiB is mapped afresh at every call: a slice of such a product
+    writes into a new mapping too (here every output counts as large)."""
+    gm = _graph(lambda a, w: a @ w.t(), torch.randn(64, 32), torch.randn(1001, 32))
+    node = _one(gm, aten.mm.default)
+    monkeypatch.setattr(step_costs, "SLICE_FLOPS", 1)
+    monkeypatch.setattr(step_costs, "SLICE_MIN_S", 0.0)
+    monkeypatch.setattr(step_costs, "_MAPPED_BYTES", 0)
+    shapes = []
+    real = step_costs._into_fresh
+    monkeypatch.setattr(step_costs, "_into_fresh", lambda op, args, kwargs, shape, dtype: (
+        shapes.append(shape), real(op, args, kwargs, shape, dtype))[1])
+    assert measured_seconds(node) > 0
+    assert shapes and set(shapes) == {(64, 1001 % 64 + 64 * 4)}
