@@ -285,3 +285,22 @@ def test_a_solve_prints_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert out == "status optimal\n"
+
+
+def test_a_budget_under_the_base_is_infeasible_without_a_solve(monkeypatch):
+    """Every position holds its base whatever is recomputed: a budget under it (a floor search's
+    1 byte) gets the answer the solver gives, without building the model."""
+    import fxmem.solver.ilp as ilp
+    from fxmem.solver.memo import clear_solutions
+
+    clear_solutions()
+    p = chain_problem([300, 120, 500, 80], [0.004, 0.001, 0.009, 0.002])
+    with monkeypatch.context() as m:
+        m.setattr(ilp, "_base_over", lambda problem, budget: False)  # the solver says so
+        solved = solve_ilp(p, 1, time_limit=5)
+    clear_solutions()
+    monkeypatch.setattr(ilp, "_Model", None)  # building it would fail
+    quick = solve_ilp(p, 1, time_limit=5)
+    assert quick.status == solved.status == "infeasible" and not quick.feasible
+    assert (quick.decision.saved == solved.decision.saved).all() and quick.peak == solved.peak
+    clear_solutions()
