@@ -93,7 +93,7 @@ _INDEXING = {aten.index_put.default, aten.index_put_.default, aten.index.Tensor,
 # signature (with torch's thread count) -> seconds (None: could not run): one per process
 _MEASURED: dict[tuple, float | None] = {}
 #: A product of at least 4x this many FLOPs is measured on a slice of about this many first.
-SLICE_FLOPS = 8e9
+SLICE_FLOPS = 4e9
 #: A slice is grown (x4) until one call lasts this long; one that reaches half the product's
 #: extent first is not used (the product is measured whole).
 SLICE_MIN_S = 0.025
@@ -330,6 +330,16 @@ def _slice_of(t: torch.Tensor, dim: int, extent: int, device: torch.device) -> t
     return view.uniform_(-1, 1) if t.dtype.is_floating_point else view.zero_()
 
 
+def _whole_of(t, device: torch.device):
+    """A real tensor like ``t`` (filled as a slice is: uniform is faster than normal), or
+    ``_materialize``'s where it is not a plain tensor."""
+    if isinstance(t, torch.Tensor) and t.dim() > 0:
+        whole = _slice_of(t, 0, int(t.shape[0]), device)
+        if whole is not None:
+            return whole
+    return _materialize(t, device)
+
+
 def _into_fresh(op, args, kwargs, shape: tuple, dtype: torch.dtype) -> None:
     """``op``'s out= form into a new anonymous mapping of ``shape``: its pages faulted in as the
     product writes them, as a whole output allocated afresh is."""
@@ -387,7 +397,7 @@ def sliced_seconds(node: torch.fx.Node, device: torch.device) -> float | None:
     fakes = list(map_arg(node.args, node_value))
     kwargs = map_arg(node.kwargs, node_value)
     cut = {at for at, _ in dims}
-    args = [a if i in cut else _materialize(a, device) for i, a in enumerate(fakes)]
+    args = [a if i in cut else _whole_of(a, device) for i, a in enumerate(fakes)]
 
     def timed(e: int) -> float:  # seconds of the slice of extent e
         sliced = list(args)
