@@ -120,11 +120,14 @@ def find_floor(model, opt, x, y, allow, ns, coupling: str, microbatches: int | N
         module.plan_for(x, y)
     except fxmem.BudgetError as exc:
         text = str(exc)
-        density = re.search(r"sparsified at density ([0-9.]+)", text)
+        # the sparse lever reached the floor: its error leads (the dense floor after ';')
+        density = re.search(r"sparsified at density ([0-9.]+), the sparse lever's sparsest;",
+                            text)
         return {"floor": int(exc.floor), "unoptimized": exc.unoptimized,
                 "holders": dict(exc.holders), "message": text,
                 "density": float(density.group(1)) if density else None,
-                "bf16": "bfloat16 compute casts" in text,
+                # bf16 reached the floor: its error leads (with the exact levers' after ';')
+                "bf16": "bfloat16 compute casts, the precision lever;" in text,
                 "seconds": time.perf_counter() - t0}
     raise AssertionError("a 1-byte budget was met")
 

@@ -114,10 +114,17 @@ def combined_error(exact: BudgetError, low: BudgetError, casts: ComputeCasts) ->
     floors = [f for f in (exact.floor, low.floor) if f is not None]
     floor = min(floors) if floors else None
     holders = low.holders if floor is not None and floor == low.floor else exact.holders
-    message = (f"{low}\n(with {casts.dtype_name} compute casts, the precision lever; the exact "
-               "levers alone: "
-               + (f"smallest feasible budget {format_bytes(exact.floor)}, {exact.floor} bytes)"
-                  if exact.floor is not None else "no floor known)"))
+    if floor is not None and floor == exact.floor and floor != low.floor:  # exact is lower:
+        # its error leads, so the first line names the floor the error carries
+        message = (f"{exact}\n(with {casts.dtype_name} compute casts, the precision lever: "
+                   + (f"smallest feasible budget {format_bytes(low.floor)}, {low.floor} bytes, "
+                      "higher: the casts' copies cost more than they save here)"
+                      if low.floor is not None else "no floor known)"))
+    else:
+        message = (f"{low}\n(with {casts.dtype_name} compute casts, the precision lever; the "
+                   "exact levers alone: "
+                   + (f"smallest feasible budget {format_bytes(exact.floor)}, {exact.floor} "
+                      "bytes)" if exact.floor is not None else "no floor known)"))
     return BudgetError(message, floor=floor, holders=holders,
                        unoptimized=exact.unoptimized if exact.unoptimized is not None
                        else low.unoptimized)

@@ -96,10 +96,16 @@ def combined_sparse_error(other: BudgetError, sparse: BudgetError,
     floors = [f for f in (other.floor, sparse.floor) if f is not None]
     floor = min(floors) if floors else None
     holders = sparse.holders if floor is not None and floor == sparse.floor else other.holders
-    message = (f"{sparse}\n(with the model sparsified at density {density:g}, the sparse lever's "
-               "sparsest; without it: "
-               + (f"smallest feasible budget {format_bytes(other.floor)}, {other.floor} bytes)"
-                  if other.floor is not None else "no floor known)"))
+    if floor is not None and floor == other.floor and floor != sparse.floor:  # dense is lower
+        message = (f"{other}\n(with the model sparsified at density {density:g}, the sparse "
+                   "lever's sparsest: "
+                   + (f"smallest feasible budget {format_bytes(sparse.floor)}, {sparse.floor} "
+                      "bytes, higher)" if sparse.floor is not None else "no floor known)"))
+    else:
+        message = (f"{sparse}\n(with the model sparsified at density {density:g}, the sparse "
+                   "lever's sparsest; without it: "
+                   + (f"smallest feasible budget {format_bytes(other.floor)}, {other.floor} "
+                      "bytes)" if other.floor is not None else "no floor known)"))
     return BudgetError(message, floor=floor, holders=holders,
                        unoptimized=other.unoptimized if other.unoptimized is not None
                        else sparse.unoptimized)
