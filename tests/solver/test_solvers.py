@@ -248,13 +248,13 @@ def test_an_identical_problem_gets_the_kept_answer(monkeypatch):
     from fxmem.solver.memo import clear_solutions, fingerprint
 
     calls = []
-    real = ilp._Model.solve
+    real = ilp._solve
 
-    def counted(self, time_limit, gap):
-        calls.append(len(self.rows))
-        return real(self, time_limit, gap)
+    def counted(model, time_limit, gap):
+        calls.append(len(model.rows))
+        return real(model, time_limit, gap)
 
-    monkeypatch.setattr(ilp._Model, "solve", counted)
+    monkeypatch.setattr(ilp, "_solve", counted)
     clear_solutions()
     p = chain_problem([300, 120, 500, 80], [0.004, 0.001, 0.009, 0.002])
     budget = save_all(p).peak - 200
