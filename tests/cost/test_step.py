@@ -1,5 +1,5 @@
-"""A whole step's predicted time (fxmem.cost.step): measured matrix products, fused pointwise ops,
-the microbatch loop's costs."""
+"""A whole step's predicted time (fxmem.cost.step): measured matrix products (fxmem.cost.op_timing),
+fused pointwise ops, the microbatch loop's costs."""
 
 import time
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fxmem.cost import op_timing
 from fxmem.cost import step as step_costs
 from fxmem.cost.model import cpu_spec, node_time
-from fxmem.cost.step import StepCosts, measured_seconds, node_step_seconds, step_seconds
+from fxmem.cost.op_timing import measured_seconds
+from fxmem.cost.step import StepCosts, node_step_seconds, step_seconds
 
 aten = torch.ops.aten
 
@@ -24,23 +26,23 @@ def _one(gm, target):
 
 @pytest.fixture(autouse=True)
 def _fresh():
-    kept = dict(step_costs._MEASURED)
-    step_costs.clear_measured()
+    kept = dict(op_timing._MEASURED)
+    op_timing.clear_measured()
     yield
-    step_costs.clear_measured()
-    step_costs._MEASURED.update(kept)
+    op_timing.clear_measured()
+    op_timing._MEASURED.update(kept)
 
 
 def test_a_matrix_product_is_measured_once_per_signature(monkeypatch):
     gm = _graph(lambda a, b: torch.relu(a @ b), torch.randn(32, 16), torch.randn(16, 8))
     mm = _one(gm, aten.mm.default)
     calls = []
-    monkeypatch.setattr(step_costs, "_best_seconds", lambda fn, device, **kw: (
+    monkeypatch.setattr(op_timing, "_best_seconds", lambda fn, device, **kw: (
         calls.append(fn()) and 0) or 1.5e-3)
     spec = cpu_spec()
     assert node_step_seconds(mm, spec, StepCosts()) == 1.5e-3
     assert node_step_seconds(mm, spec, StepCosts()) == 1.5e-3
-    assert len(calls) == 1 and step_costs.measured_count() == 1  # kept for the process
+    assert len(calls) == 1 and op_timing.measured_count() == 1  # kept for the process
     assert calls[0].shape == (32, 8)  # run on real inputs like the traced ones
     assert node_step_seconds(mm, spec, StepCosts(measure=False)) == node_time(mm, spec)
 
@@ -113,10 +115,10 @@ def test_an_accumulating_index_put_is_measured_on_valid_indices(monkeypatch):
     gm = _graph(densify, torch.randn(16), torch.arange(16))
     node = _one(gm, aten.index_put.default)
     seen = []
-    real = step_costs._best_seconds
-    monkeypatch.setattr(step_costs, "_index_args", lambda n, d, _f=step_costs._index_args: (
+    real = op_timing._best_seconds
+    monkeypatch.setattr(op_timing, "_index_args", lambda n, d, _f=op_timing._index_args: (
         seen.append(_f(n, d)) or seen[-1]))
-    monkeypatch.setattr(step_costs, "_best_seconds", lambda fn, device, **kw: real(fn, device))
+    monkeypatch.setattr(op_timing, "_best_seconds", lambda fn, device, **kw: real(fn, device))
     assert measured_seconds(node) > 0
     (_, [index], _, _), _ = seen[0]
     assert index.min() >= 0 and index.max() < 64 and index.unique().numel() > 1
@@ -208,10 +210,10 @@ def test_a_call_longer_than_the_budget_is_timed_once_a_short_one_many_times():
         calls.append(1)
         time.sleep(0.03)
 
-    assert step_costs._best_seconds(slow, torch.device("cpu"), budget_s=0.01) >= 0.03
+    assert op_timing._best_seconds(slow, torch.device("cpu"), budget_s=0.01) >= 0.03
     assert len(calls) == 2  # the warm-up and one timed call
     calls.clear()
-    assert step_costs._best_seconds(lambda: calls.append(1), torch.device("cpu")) < 0.01
+    assert op_timing._best_seconds(lambda: calls.append(1), torch.device("cpu")) < 0.01
     assert len(calls) == 51  # the warm-up and 50 (the cap) within 0.1 s
 
 
@@ -228,18 +230,18 @@ def test_a_large_product_is_measured_on_a_slice_of_its_largest_output_dimension(
     """Scaled by the whole extent over the slice's; the slice's extent the whole's modulo 64,
     its inputs' strides the whole's (a transposed weight stays transposed)."""
     gm = _graph(make, *[torch.randn(s) for s in shapes])
-    node = next(n for n in gm.graph.nodes if n.target in step_costs._SLICEABLE)
-    monkeypatch.setattr(step_costs, "SLICE_FLOPS", 1)  # every product is large
+    node = next(n for n in gm.graph.nodes if n.target in op_timing._SLICEABLE)
+    monkeypatch.setattr(op_timing, "SLICE_FLOPS", 1)  # every product is large
     seen = []
 
     def best(fn, device, **kw):
         seen.append(fn)
         return 0.5
 
-    monkeypatch.setattr(step_costs, "_best_seconds", best)
-    real = step_costs._slice_of
+    monkeypatch.setattr(op_timing, "_best_seconds", best)
+    real = op_timing._slice_of
     made = []
-    monkeypatch.setattr(step_costs, "_slice_of", lambda t, dim, extent, device: made.append(
+    monkeypatch.setattr(op_timing, "_slice_of", lambda t, dim, extent, device: made.append(
         real(t, dim, extent, device)) or made[-1])
     seconds = measured_seconds(node)
     assert len(seen) == 1 and seconds == pytest.approx(0.5 * 1001 / (1001 % 64 + 64 * 4))
@@ -254,13 +256,13 @@ def test_a_large_product_is_measured_on_a_slice_of_its_largest_output_dimension(
 def test_a_slice_that_runs_too_fast_grows_then_the_product_is_measured_whole(monkeypatch):
     gm = _graph(lambda a, b: a @ b, torch.randn(2048, 8), torch.randn(8, 8))
     node = _one(gm, aten.mm.default)
-    monkeypatch.setattr(step_costs, "SLICE_FLOPS", 1)
+    monkeypatch.setattr(op_timing, "SLICE_FLOPS", 1)
     calls = []
-    monkeypatch.setattr(step_costs, "_best_seconds", lambda fn, device, **kw: (
+    monkeypatch.setattr(op_timing, "_best_seconds", lambda fn, device, **kw: (
         calls.append(fn) and 0) or 1e-6)
     assert measured_seconds(node) == 1e-6  # 256 rows, then 1024, then the whole
     assert len(calls) == 3
-    assert step_costs.sliced_seconds(_one(_graph(lambda a, b: a @ b, torch.randn(64, 8),
+    assert op_timing.sliced_seconds(_one(_graph(lambda a, b: a @ b, torch.randn(64, 8),
                                                  torch.randn(8, 8)), aten.mm.default),
                                       torch.device("cpu")) is None  # too small to slice
 
@@ -270,15 +272,15 @@ def test_a_sliced_product_predicts_the_whole_within_the_noise():
     one thread: two threads' small slices wait on a shared core's other work)."""
     gm = _graph(lambda a, w: a @ w.t(), torch.randn(256, 256), torch.randn(4001, 256))
     node = _one(gm, aten.mm.default)
-    old = step_costs.SLICE_FLOPS, step_costs.SLICE_MIN_S, torch.get_num_threads()
-    step_costs.SLICE_FLOPS, step_costs.SLICE_MIN_S = 1e8, 0.0
+    old = op_timing.SLICE_FLOPS, op_timing.SLICE_MIN_S, torch.get_num_threads()
+    op_timing.SLICE_FLOPS, op_timing.SLICE_MIN_S = 1e8, 0.0
     torch.set_num_threads(1)
     try:
-        sliced = step_costs.sliced_seconds(node, torch.device("cpu"))
+        sliced = op_timing.sliced_seconds(node, torch.device("cpu"))
         a, w = torch.randn(256, 256), torch.randn(4001, 256)
-        whole = step_costs._best_seconds(lambda: a @ w.t(), torch.device("cpu"), calls=5)
+        whole = op_timing._best_seconds(lambda: a @ w.t(), torch.device("cpu"), calls=5)
     finally:
-        step_costs.SLICE_FLOPS, step_costs.SLICE_MIN_S = old[:2]
+        op_timing.SLICE_FLOPS, op_timing.SLICE_MIN_S = old[:2]
         torch.set_num_threads(old[2])
     assert sliced is not None and whole / 3 < sliced < 3 * whole
 
@@ -288,12 +290,12 @@ def test_a_slice_of_a_large_output_writes_into_a_new_mapping(monkeypatch):
     writes into a new mapping too (here every output counts as large)."""
     gm = _graph(lambda a, w: a @ w.t(), torch.randn(64, 32), torch.randn(1001, 32))
     node = _one(gm, aten.mm.default)
-    monkeypatch.setattr(step_costs, "SLICE_FLOPS", 1)
-    monkeypatch.setattr(step_costs, "SLICE_MIN_S", 0.0)
-    monkeypatch.setattr(step_costs, "_MAPPED_BYTES", 0)
+    monkeypatch.setattr(op_timing, "SLICE_FLOPS", 1)
+    monkeypatch.setattr(op_timing, "SLICE_MIN_S", 0.0)
+    monkeypatch.setattr(op_timing, "_MAPPED_BYTES", 0)
     shapes = []
-    real = step_costs._into_fresh
-    monkeypatch.setattr(step_costs, "_into_fresh", lambda op, args, kwargs, shape, dtype: (
+    real = op_timing._into_fresh
+    monkeypatch.setattr(op_timing, "_into_fresh", lambda op, args, kwargs, shape, dtype: (
         shapes.append(shape), real(op, args, kwargs, shape, dtype))[1])
     assert measured_seconds(node) > 0
     assert shapes and set(shapes) == {(64, 1001 % 64 + 64 * 4)}
