@@ -136,8 +136,8 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
         with reuse.scope(("fp32", None)):  # the dense fp32 step's analysis serves its k > 1
             ks, skipped = _microbatch_counts(model, args, kwargs, allow, lowering, loss_fn)
         dens = _densities(model, allow, densities, skipped)
-        if bar is not None:
-            bar.total = len(dens) * len(precisions) * len(ks)
+        if bar is not None:  # search="needed": one tier of k at a time, grown as tiers are
+            bar.total = len(ks) if search == "needed" else len(dens) * len(precisions) * len(ks)
             bar.refresh()
         points: list[JointPoint] = []
 
@@ -159,6 +159,9 @@ def explore(model: torch.nn.Module, *args, budget: int | str,
                     if enough():
                         lossy_skipped = True
                         break
+                    if bar is not None and search == "needed" and points:  # the next tier
+                        bar.total += len(ks)
+                        bar.refresh()
                     with reuse.scope((precision, density)):
                         points += _variant(weights, precision, density, ks, allow, budget,
                                            floors, skipped, bar, dict(

@@ -91,7 +91,31 @@ def test_a_budget_only_a_lossy_combination_meets_picks_it(floors):
     assert e.chosen in e.front
 
 
-def test_exact_is_chosen_over_lossy_when_both_fit():
+class _Bar:
+    """A stand-in for the tqdm bar: what its total and count were."""
+
+    def __init__(self, total):
+        self.total, self.n, self.totals = total, 0, [total]
+
+    def update(self, n):
+        self.n += n
+
+    def refresh(self):
+        self.totals.append(self.total)
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_exact_is_chosen_over_lossy_when_both_fit(monkeypatch):
+    from fxmem.planning import joint
+
+    bars = []
+    monkeypatch.setattr(joint, "_bar", lambda progress, total: bars.append(_Bar(total))
+                        or bars[-1])
     model, args, opt = _tiny()
     e = explore(model, *args, budget=10**9, allow=("recompute", "microbatch", "precision"),
                 optimizer=opt, floors=False, **FAST)
@@ -108,6 +132,9 @@ def test_exact_is_chosen_over_lossy_when_both_fit():
     needed = explore(model, *args, budget=10**9, allow=("recompute", "microbatch", "precision"),
                      optimizer=opt, floors=False, search="needed", **FAST)
     assert [p.precision for p in needed.points] == ["fp32"] and needed.chosen == e.chosen
+    # its progress bar counted the tier it planned (fp32, each k), not bf16's too, and ended full
+    assert bars[-1].total == bars[-1].n == bars[0].total // 2
+    assert bars[0].total == bars[0].n
     assert any("bf16 compute: not planned (search='needed'" in s for s in needed.skipped)
     assert needed.floor is None
 
