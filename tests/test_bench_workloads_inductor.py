@@ -14,9 +14,11 @@ from tests.test_bench_workloads import BOUNDS_TIME_LIMIT, TIME_LIMIT
 
 
 # the bench's architectures with fewer of their blocks: an Inductor compile costs about its
-# graph's length (tens of seconds per graph on a 2-core CPU), not its batch
-SMALL = {"gpt_decoder": dict(batch=8, seq=128, n_layer=2), "wrn_28_2": dict(batch=16, depth=10),
-         "hf_gpt2": dict(batch=4, seq=128, n_layer=2)}
+# graph's length (tens of seconds per graph on a 2-core CPU), not its batch. One of the GPTs'
+# layers: a plan between the floor and the peak still recomputes, and the gradients still meet
+# the tolerance (WRN-10-2 is the least depth a WRN has)
+SMALL = {"gpt_decoder": dict(batch=8, seq=128, n_layer=1), "wrn_28_2": dict(batch=16, depth=10),
+         "hf_gpt2": dict(batch=4, seq=128, n_layer=1)}
 
 
 def _deviation(expected, got):
@@ -46,7 +48,7 @@ def _backend_budget(model, args, kwargs):
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_backend_bench_workload_gradients_through_inductor(name):
     """The bench architectures through torch.compile(backend="fxmem") at a smaller batch and depth
-    (2 of the GPTs' layers, WRN-10-2), dropout on, something recomputed: gradients equal eager
+    (1 of the GPTs' layers, WRN-10-2), dropout on, something recomputed: gradients equal eager
     PyTorch's. Inductor's CPU convolutions round differently from eager's, so for the WideResNet
     the bound is Inductor's own deviation (fxmem must add no error of its own)."""
     import torch._dynamo
