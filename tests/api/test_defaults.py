@@ -69,8 +69,9 @@ def test_llama_at_a_quarter_of_its_eager_peak_fits_with_the_defaults():
 @pytest.mark.slow
 def test_the_floor_with_microbatching_is_the_smallest_budget_that_plans():
     """BudgetError.floor over every allowed lever (the split with the smallest floor), not the
-    whole batch's: a budget at the floor plans, 5% under it does not."""
-    model, kwargs = _llama(batch=8, seq=64)
+    whole batch's: a budget at the floor plans, 5% under it does not. One layer: the floor
+    searches (whole, then per microbatch count) cost about the graph's length."""
+    model, kwargs = _llama(batch=8, seq=64, layers=1)
     options = dict(lowering="eager", time_limit=5.0)
     with pytest.raises(fxmem.BudgetError) as whole:
         fxmem.optimize(model, 1, allow=("recompute",), **options).plan_for(**kwargs)
