@@ -14,9 +14,7 @@ what the solver chose and recompute the rest. By default TorchInductor compiles 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,105 +24,25 @@ import torch.fx
 from fxmem.graph import torch_compat
 from fxmem.graph.torch_compat import pytree
 from fxmem.budget import BudgetError, parse_budget
-from fxmem.graph.capture import _check_loss, _held_tensors, _model_device, loss_from_output
-from fxmem.graph.compile_path import compiled_code_path
+from fxmem.graph.capture import _model_device
 from fxmem.errors import FxmemError, StepInputError
 from fxmem.api.backend import PlanLog, PlanReady, make_backend
 from fxmem.api.proxy import ModelProxy
 from fxmem.levers.microbatch.lever import MicrobatchDecision, MicrobatchLever
 from fxmem.levers.microbatch.runtime import COUPLING_CHOICES
-from fxmem.levers.precision import ComputeCasts, PrecisionLever, casting, exact_first, run_with_casts
+from fxmem.levers.precision import ComputeCasts, PrecisionLever, casting, exact_first
 from fxmem.levers.precision.fallback import check_precision, check_stored_bits
 from fxmem.levers.precision.loss_scale import (LossScaler, LossScaling, check_loss_scaling,
                                                loss_scale_line)
 from fxmem.levers.sparse.fallback import SparseFallback, check_sparse_density
 from fxmem.planning.options import EXACT_LEVERS, PlanOptions, StepContext, check_allow
 from fxmem.planning.planner import Plan, optimizer_bytes
+from fxmem.api.step_module import StepModule, own_code, rebuild_output
 
 __all__ = ["optimize", "floor", "OptimizedModule"]
 
 
 log = logging.getLogger(__name__)
-
-
-class _StepModule(torch.nn.Module):
-    """The model and its loss as one module with flat tensor inputs: (loss, *held outputs).
-    ``casts``: the precision lever's compute casts (the step then runs under torch.autocast), or
-    None (the model's own dtypes)."""
-
-    def __init__(self, model, loss_fn, leaves, spec, slots, casts: ComputeCasts | None = None):
-        super().__init__()
-        self.model = model
-        self.loss_fn, self.leaves, self.spec, self.slots = loss_fn, leaves, spec, slots
-        self.casts = casts
-
-    def _output(self, tensors):
-        leaves = list(self.leaves)
-        for slot, t in zip(self.slots, tensors):
-            leaves[slot] = t
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        if self.loss_fn is not None:
-            output = self.loss_fn(self.model, *args, **kwargs)
-            _check_loss(output)
-            return output, output
-        output = self.model(*args, **kwargs)
-        return output, loss_from_output(output)
-
-    def forward(self, *tensors):
-        if self.casts is not None:  # the precision lever: the joint graph holds autocast's casts
-            return run_with_casts(self.casts, self._flat, tensors)
-        output, loss = self._output(tensors)
-        # other outputs are returned detached: the caller holds them, the backward ignores them
-        return (loss, *(h.detach() for h in _held_tensors(output, loss)))
-
-    def _flat(self, tensors):
-        output, loss = self._output(tensors)
-        return (loss, *(h.detach() for h in _held_tensors(output, loss)))
-
-    def output_layout(self, tensors):
-        """How the model's output is built, found by running it once on fake tensors."""
-        from fxmem.graph.capture import _call_with_state
-
-        FakeTensorMode = torch_compat.FAKE_TENSOR_MODE()
-        state = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        with compiled_code_path(), \
-                FakeTensorMode(allow_non_fake_inputs=True) as mode:  # params as fake copies: in-place
-            # updates must not reach the model; closure tensors (a loss_fn's targets) are read
-            fake_state = {k: mode.from_tensor(v) for k, v in state.items()}
-            fakes = [mode.from_tensor(t) for t in tensors]
-            output, loss = _call_with_state(self.model, fake_state, self._output, fakes)
-            return _layout(output, loss, _held_tensors(output, loss))
-
-
-def _layout(output, loss, held):
-    """How to rebuild the model's output from (loss, *held): a small recipe, no tensors."""
-    if isinstance(output, torch.Tensor):
-        return ("tensor",)
-    if isinstance(output, Mapping):
-        keys = [k for k, v in output.items() if isinstance(v, torch.Tensor)]
-        return ("mapping", type(output), keys, [output[k] is loss for k in keys])
-    if isinstance(output, (tuple, list)):
-        return ("sequence", type(output), [x is loss for x in output
-                                           if isinstance(x, torch.Tensor)])
-    return ("namespace",)
-
-
-def _rebuild(layout, loss, held):
-    kind = layout[0]
-    if kind == "tensor":
-        return loss
-    rest = iter(held)
-    if kind == "mapping":
-        _, cls, keys, is_loss = layout
-        values = {k: (loss if flag else next(rest)) for k, flag in zip(keys, is_loss)}
-        try:
-            return cls(**values)
-        except TypeError:
-            return dict(values)
-    if kind == "sequence":
-        _, cls, is_loss = layout
-        return cls(loss if flag else next(rest) for flag in is_loss)
-    return types.SimpleNamespace(loss=loss, outputs=tuple(held))
 
 
 @dataclasses.dataclass
@@ -254,7 +172,7 @@ class OptimizedModule(ModelProxy):
             with torch_compat.one_graph_capture():  # a warning in forward is no graph break
                 if compiled.run_micro is not None:
                     loss, held = compiled.run_micro(tensors)
-                    return _rebuild(compiled.layout, loss, held)
+                    return rebuild_output(compiled.layout, loss, held)
                 outputs = compiled.fn(*tensors)
         except torch_compat.DYNAMO_BACKEND_COMPILER_FAILED() as exc:
             self._compiled.pop(key, None)
@@ -270,7 +188,7 @@ class OptimizedModule(ModelProxy):
             raise _capture_failure(exc, self.module, args_, kwargs_, self._loss_fn,
                                    _model_device(self.module)) from exc
         loss = outputs[0] if compiled.scaler is None else compiled.scaler.watch(outputs[0])
-        return _rebuild(compiled.layout, loss, outputs[1:])
+        return rebuild_output(compiled.layout, loss, outputs[1:])
 
     def plan_for(self, *args, **kwargs) -> Plan:
         """The plan for a step on these inputs, made without generating kernels or running the
@@ -318,7 +236,7 @@ class OptimizedModule(ModelProxy):
             if t.device != device:
                 raise StepInputError(f"an input is on {t.device} but the model is on {device}")
         constants = [None if isinstance(x, torch.Tensor) else x for x in leaves]
-        step = _StepModule(self.module, self._loss_fn, constants, spec, slots, casts=casts)
+        step = StepModule(self.module, self._loss_fn, constants, spec, slots, casts=casts)
         try:
             layout = step.output_layout(tensors)
         except FxmemError:
@@ -355,7 +273,7 @@ class OptimizedModule(ModelProxy):
                                hint=lever.hint if lever is not None else None,
                                annotate=PrecisionLever(casts).annotate if casts else None,
                                draws=micro.draws if micro is not None else None)
-        fn = torch.compile(_own_code(step), backend=backend, fullgraph=True, dynamic=False)
+        fn = torch.compile(own_code(step), backend=backend, fullgraph=True, dynamic=False)
         run_micro = lever.runtime(fn, micro) if lever is not None else None
         scaler = None if stop_after_plan else self._scaler_for(casts)
         if scaler is not None and run_micro is not None:  # each microbatch's backward scaled
@@ -376,19 +294,6 @@ class OptimizedModule(ModelProxy):
 
 def _is_fp16(casts: ComputeCasts | None) -> bool:
     return casts is not None and casts.dtype == torch.float16
-
-
-_compiles = itertools.count()
-
-
-def _own_code(step: _StepModule):
-    """The step's forward as a function with a code object of its own. TorchDynamo caches
-    compiled graphs per code object and stops recompiling one after a few guard failures; every
-    plan (module, budget, input signature) is a compile of its own, not a recompile."""
-    template = _StepModule.forward
-    code = template.__code__.replace(co_name=f"fxmem_step_{next(_compiles)}")
-    function = types.FunctionType(code, template.__globals__, code.co_name)
-    return types.MethodType(function, step)
 
 
 def _signature(leaves, spec, slots) -> tuple:
