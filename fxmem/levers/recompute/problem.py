@@ -122,9 +122,17 @@ def build_problem(
         pull_window = max(64, (len(storages.op_names) - storages.backward_start) // 8)
     pulls = _pulls(len(c.cands), c.inputs, c.direct, c.need_start, c.need_end, pull_window)
     keep_idx = np.flatnonzero(c.need_end >= 0)
-    remap = {int(old): new for new, old in enumerate(keep_idx)}
     traits = _traits(c, keep_idx, table, costs, optional, replay_random, saveable)
-    problem = RecomputeProblem(
+    problem = _kept_problem(c, keep_idx, traits, pulls, _base(timeline, c, release),
+                            storages.backward_start, save_cost)
+    return ProblemMap(problem=problem, candidate_nodes=problem.names, labels=timeline.labels)
+
+
+def _kept_problem(c, keep_idx, traits: dict, pulls, base, backward_start: int,
+                  save_cost: Mapping[str, float]) -> RecomputeProblem:
+    """The problem over the candidates ``keep_idx`` (those the backward reads), renumbered."""
+    remap = {int(old): new for new, old in enumerate(keep_idx)}
+    return RecomputeProblem(
         names=tuple(c.creator[c.cands[k]] for k in keep_idx),
         size=c.size[keep_idx],
         cost=traits["cost"],
@@ -135,8 +143,8 @@ def build_problem(
         inputs=tuple(tuple(remap[j] for j in c.inputs[k] if j in remap) for k in keep_idx),
         must_save=traits["must_save"],
         never_save=traits["never_save"],
-        base=_base(timeline, c, release),
-        backward_start=storages.backward_start,
+        base=base,
+        backward_start=backward_start,
         block=traits["block"],
         transient=traits["transient"],
         save_cost=np.array([save_cost.get(c.creator[c.cands[k]], 0.0) for k in keep_idx],
@@ -149,7 +157,6 @@ def build_problem(
             for p in pulls if p.target in remap and p.by in remap
         ),
     )
-    return ProblemMap(problem=problem, candidate_nodes=problem.names, labels=timeline.labels)
 
 
 @dataclasses.dataclass
