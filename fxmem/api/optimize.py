@@ -334,22 +334,19 @@ def optimize(
     """A module whose training step's peak memory stays under ``budget`` (bytes or "2GiB").
 
     ``allow`` names the levers a plan may use; by default the exact ones, recompute and
-    microbatch (a step whose forward mixes samples, such as BatchNorm in training, is run whole
-    unless ``microbatch_coupling`` allows it; a BudgetError then says whether a split would have
-    fitted). ``strategy`` picks the solver ("ilp", "greedy", "checkpoint-blocks", "save-all");
+    microbatch. ``strategy`` picks the solver ("ilp", "greedy", "checkpoint-blocks", "save-all");
     ``lowering`` compiles the rewritten graphs with TorchInductor ("inductor", the default) or
     runs them as FX code ("eager": the memory model's own semantics, for debugging).
-    ``cost="profile"`` times the graph's ops on the device instead of the roofline estimate.
-    With ``"microbatch"`` in ``allow`` the plan may split the batch into k microbatches whose
+    ``cost="profile"`` times the graph's ops instead of the roofline estimate. With
+    ``"microbatch"`` in ``allow`` the plan may split the batch into k microbatches whose
     gradients accumulate (k chosen with recomputation, the fastest predicted pair under the
     budget); ``microbatches=k`` forces k. Ops that mix samples (BatchNorm in training) are refused
-    unless ``microbatch_coupling="per-microbatch"``. ``batch_dims`` ({input path such as
-    "args[0]" or "kwargs['labels']": dim or None}) overrides the batch dimension found.
-    ``safety_margin`` plans for that fraction under the budget: kernels allocate scratch memory the
-    graph does not show (CPU dropout draws a float mask before its bool one; oneDNN reorders), a
-    few KiB to MiB at the peak. Default (:func:`fxmem.planning.options.default_margin`): 1%, and 3% for
-    Inductor on a GPU, whose buffers fxmem models from Inductor's fusion, layout and buffer-pool
-    rules (:mod:`fxmem.memory.inductor`) but has not measured against Triton's.
+    unless ``microbatch_coupling="per-microbatch"`` (a BudgetError then says whether a split would
+    have fitted). ``batch_dims`` ({input path such as "args[0]" or "kwargs['labels']": dim or
+    None}) overrides the batch dimension found.
+    ``safety_margin`` plans for that fraction under the budget, for kernels' scratch memory the
+    graph does not show; default :func:`fxmem.planning.options.default_margin` (1%; 3% for
+    Inductor on a GPU, whose buffers fxmem has not measured against Triton's).
     ``precision="fp16"`` casts to fp16 whatever the budget, as ``"bf16"`` does below; its
     backward then runs with dynamic loss scaling in the user's own loop (``loss_scaling="auto"``,
     or a :class:`~fxmem.levers.precision.LossScaling` with other options; state in
@@ -371,10 +368,9 @@ def optimize(
     eager PyTorch does, so the step's values and gradients equal eager's under the same seed;
     False lets Inductor fuse them into its kernels with its own seeded generator, as
     ``torch.compile`` does by default (a recomputed random op still reproduces the forward's
-    values, but they differ from eager's; on a CPU not faster: Inductor's kernels holding random
-    ops are not vectorised). A step split into microbatches draws its random ops for the whole
-    batch once and each microbatch reads its slice, so dropout is split exactly (with
-    ``exact_random=True`` or ``lowering="eager"``; with False, dropout is a coupling).
+    values, but they differ from eager's; not faster on a CPU). A step split into microbatches
+    draws its random ops for the whole batch once and each microbatch reads its slice: dropout
+    is split exactly (a coupling if False).
     """
     if not isinstance(model, torch.nn.Module):
         raise StepInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -384,23 +380,27 @@ def optimize(
     scaling = check_loss_scaling(loss_scaling)
     forced_dtype = check_precision(precision, allow)
     forced_density = check_sparse_density(sparse_density, allow)
+    store_8bit = check_stored_bits(stored_bits, allow) == 8
+    allow = _with_forced_microbatches(allow, microbatches, microbatch_coupling)
     options = PlanOptions(budget=parse_budget(budget), allow=allow, strategy=strategy,
                           lowering=lowering, time_limit=time_limit,
-                          safety_margin=safety_margin, cost=cost,
-                          store_8bit=check_stored_bits(stored_bits, allow) == 8)
-    if microbatch_coupling not in COUPLING_CHOICES:
-        raise ValueError(f"microbatch_coupling must be one of {COUPLING_CHOICES}, "
-                         f"got {microbatch_coupling!r}")
-    if microbatches is not None and (not isinstance(microbatches, int) or microbatches < 1):
-        raise ValueError(f"microbatches must be a positive int, got {microbatches!r}")
-    if microbatches and microbatches > 1 and "microbatch" not in allow:
-        allow = allow | {"microbatch"}
-    options = dataclasses.replace(options, allow=allow)
+                          safety_margin=safety_margin, cost=cost, store_8bit=store_8bit)
     return OptimizedModule(model, options, optimizer=optimizer, loss_fn=loss_fn,
                            loss_scaling=scaling,
                            microbatches=microbatches, microbatch_coupling=microbatch_coupling,
                            batch_dims=batch_dims, exact_random=exact_random,
                            precision=forced_dtype, sparse_density=forced_density)
+
+
+def _with_forced_microbatches(allow: frozenset, microbatches, coupling: str) -> frozenset:
+    """``allow`` with the microbatch lever when ``microbatches`` forces k > 1; the microbatch
+    options checked."""
+    if coupling not in COUPLING_CHOICES:
+        raise ValueError(f"microbatch_coupling must be one of {COUPLING_CHOICES}, "
+                         f"got {coupling!r}")
+    if microbatches is not None and (not isinstance(microbatches, int) or microbatches < 1):
+        raise ValueError(f"microbatches must be a positive int, got {microbatches!r}")
+    return allow | {"microbatch"} if microbatches and microbatches > 1 else allow
 
 
 def floor(
